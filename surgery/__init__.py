@@ -1,0 +1,3 @@
+"""surgery: architecture surgery for transformer language models."""
+
+__version__ = "0.1.0"

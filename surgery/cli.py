@@ -1,0 +1,61 @@
+"""The `surgery` entry point.
+
+`surgery fit|validate|test --config RECIPE.yaml` runs a recipe through Lightning's `LightningCLI`;
+the other subcommands (eval, export, verify, publish, bench) are plain argparse commands, each a
+module in `surgery.commands` with `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from surgery.errors import SurgeryError
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# name -> (module, one-line help); imported only when called, so `surgery --help` stays fast.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "eval": ("surgery.commands.eval", "cross-entropy and perplexity of a model on held-out data"),
+}
+
+
+def run_lightning(argv: list[str]) -> int:
+    from surgery.lightning_cli import SurgeryCLI
+
+    SurgeryCLI(args=argv)
+    return 0
+
+
+def _usage() -> str:
+    lines = ["usage: surgery {fit,validate,test} --config RECIPE.yaml [overrides]", "       surgery COMMAND ...", "", "commands:"]
+    lines += [f"  {n:<9} run a Lightning recipe ({n})" for n in LIGHTNING_SUBCOMMANDS[:3]]
+    lines += [f"  {n:<9} {help_}" for n, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name = argv[0]
+    try:
+        if name in LIGHTNING_SUBCOMMANDS:
+            return run_lightning(argv)
+        if name not in COMMANDS:
+            print(f"surgery: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+            return 2
+        module = importlib.import_module(COMMANDS[name][0])
+        parser = argparse.ArgumentParser(prog=f"surgery {name}", description=COMMANDS[name][1])
+        module.add_arguments(parser)
+        return module.run(parser.parse_args(argv[1:]))
+    except SurgeryError as err:
+        print(f"surgery {name}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

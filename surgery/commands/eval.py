@@ -1,0 +1,40 @@
+"""`surgery eval MODEL_DIR --data SOURCE`: held-out cross-entropy (nats/token) and perplexity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="model directory (save_pretrained), .ckpt, or Hub name")
+    parser.add_argument("--data", default="stdlib", help="'stdlib', a local .txt/.jsonl/.parquet path, or a Hub dataset")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's own)")
+    parser.add_argument("--block-size", type=int, default=256, help="tokens per evaluated block")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-blocks", type=int, default=None, help="evaluate only the first N validation blocks")
+    parser.add_argument("--json", type=Path, default=None, help="also write the result to this JSON file")
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from surgery.data import TokenBlocks
+    from surgery.evaluate import cross_entropy
+    from surgery.loading import load_causal_lm
+
+    model = load_causal_lm(args.model)
+    data = TokenBlocks(args.data, args.tokenizer or args.model, args.block_size, args.batch_size, max_val_blocks=args.max_blocks)
+    result = {"model": args.model, "data": args.data, "block_size": args.block_size}
+    result.update(cross_entropy(model, data.split("validation"), args.batch_size, progress=True))
+    table = Table(title=f"{args.model} on {args.data} (validation split)")
+    for col in ("cross-entropy (nats/token)", "perplexity", "tokens"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{result['loss']:.4f}", f"{result['perplexity']:.3f}", str(result["tokens"]))
+    Console().print(table)
+    print(json.dumps(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0

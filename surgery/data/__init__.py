@@ -1,0 +1,5 @@
+from surgery.data.corpus import Corpus, load_documents
+from surgery.data.datamodule import TokenBlocks
+from surgery.data.tokenizer import get_tokenizer
+
+__all__ = ["Corpus", "TokenBlocks", "get_tokenizer", "load_documents"]

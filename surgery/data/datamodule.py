@@ -1,0 +1,129 @@
+"""Packed, fixed-length token blocks with an end-of-text token between documents."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from surgery.data.corpus import Corpus, fingerprint, load_documents
+from surgery.data.tokenizer import eos_id, get_tokenizer
+from surgery.errors import SurgeryError
+from surgery.paths import cache_dir
+
+
+def tokenize_split(corpus: Corpus, tokenizer, split: str) -> np.ndarray:
+    """All documents of a split as one int32 array, each document followed by end-of-text.
+
+    Cached on disk, keyed by the corpus fingerprint and a hash of the tokenizer.
+    """
+    tok_hash = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:12]
+    path = cache_dir() / "tokens" / f"{fingerprint(corpus)}-{tok_hash}-{split}.npy"
+    if path.exists():
+        return np.load(path)
+    eos = eos_id(tokenizer)
+    chunks: list[np.ndarray] = []
+    for doc in tqdm(load_documents(corpus, split), desc=f"tokenizing {corpus.source} ({split})", unit="doc", mininterval=2.0):
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        chunks.append(np.asarray(ids + [eos], dtype=np.int32))
+    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, tokens)
+    tmp.replace(path)
+    return tokens
+
+
+class Blocks(Dataset):
+    """Non-overlapping `block_size` windows of a token array; item i is a LongTensor (block_size,)."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, max_blocks: int | None = None):
+        self.tokens, self.block_size = tokens, block_size
+        self.n = len(tokens) // block_size
+        if max_blocks is not None:
+            self.n = min(self.n, max_blocks)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        s = i * self.block_size
+        return torch.from_numpy(self.tokens[s : s + self.block_size].astype(np.int64))
+
+
+class TokenBlocks(L.LightningDataModule):
+    """Token blocks from a corpus for causal-LM training.
+
+    Args:
+        data: "stdlib" (the running Python's standard library, the offline default), a local
+            .txt/.jsonl/.parquet file or directory, or a Hub dataset name (streamed).
+        tokenizer: a Hub name or local path, or "bpe-N" to train an N-entry byte-level BPE on the corpus.
+        block_size: tokens per training example.
+        batch_size: examples per batch.
+        val_fraction: share of files held out for validation (split by a hash of the path).
+        max_val_blocks: cap on validation blocks (the first ones, in a fixed order); None for all.
+        text_field: field holding text in .jsonl/.parquet rows and Hub datasets.
+        max_documents: cap on streamed Hub documents per split.
+        seed: seed of the training order.
+    """
+
+    def __init__(
+        self,
+        data: str = "stdlib",
+        tokenizer: str = "bpe-4096",
+        block_size: int = 256,
+        batch_size: int = 16,
+        val_fraction: float = 0.02,
+        max_val_blocks: int | None = None,
+        text_field: str = "text",
+        max_documents: int | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if block_size <= 0 or batch_size <= 0:
+            raise SurgeryError(f"data.block_size and data.batch_size must be positive (got {block_size}, {batch_size})")
+        self.corpus = Corpus(data, val_fraction, text_field, max_documents)
+        self.corpus.files()  # fail early on a missing path
+        self.tokenizer_spec = tokenizer
+        self.block_size, self.batch_size = block_size, batch_size
+        self.max_val_blocks, self.seed = max_val_blocks, seed
+        self._tokenizer = None
+        self._splits: dict[str, Blocks] = {}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = get_tokenizer(self.tokenizer_spec, self.corpus)
+        return self._tokenizer
+
+    def split(self, name: str) -> Blocks:
+        if name not in self._splits:
+            tokens = tokenize_split(self.corpus, self.tokenizer, name)
+            blocks = Blocks(tokens, self.block_size, self.max_val_blocks if name == "validation" else None)
+            if len(blocks) == 0:
+                raise SurgeryError(
+                    f"the {name} split of {self.corpus.source!r} has {len(tokens)} tokens, fewer than one "
+                    f"block of {self.block_size}: add text, lower data.block_size or raise data.val_fraction"
+                )
+            self._splits[name] = blocks
+        return self._splits[name]
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.split("train")
+        self.split("validation")
+
+    def train_dataloader(self) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.split("train"), batch_size=self.batch_size, shuffle=True, drop_last=True, generator=gen)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.split("validation"), batch_size=self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

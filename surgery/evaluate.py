@@ -1,0 +1,31 @@
+"""Held-out cross-entropy (nats/token) and perplexity of a causal LM."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def cross_entropy(model: torch.nn.Module, blocks: Dataset, batch_size: int = 16, progress: bool = False) -> dict:
+    """Mean next-token cross-entropy over every predicted token of `blocks` (each a (T,) LongTensor).
+
+    Returns {"loss": nats/token, "perplexity": exp(loss), "tokens": number of predicted tokens}.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    batches = DataLoader(blocks, batch_size=batch_size)
+    for batch in tqdm(batches, desc="evaluating", disable=not progress):
+        batch = batch.to(device)
+        logits = model(batch).logits[:, :-1].float()
+        targets = batch[:, 1:]
+        total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+        count += targets.numel()
+    model.train(was_training)
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}

@@ -1,0 +1,104 @@
+"""The Lightning module that trains a Hugging Face causal LM: next-token loss, AdamW, warm-up + cosine."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
+
+from surgery.errors import SurgeryError
+from surgery.loading import load_causal_lm
+
+
+def build_model(init: str | None, config: dict[str, Any] | None, vocab_size: int | None) -> PreTrainedModel:
+    """`init` names a pretrained model (Hub, directory, .ckpt); without it, a fresh GPT-2 from `config`."""
+    if init:
+        model = load_causal_lm(init)
+        if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
+            raise SurgeryError(
+                f"the tokenizer has {vocab_size} entries but model {init!r} embeds only "
+                f"{model.get_input_embeddings().num_embeddings}: set data.tokenizer to the model's own tokenizer"
+            )
+        return model
+    cfg = GPT2Config(**{"vocab_size": vocab_size or 50257, **(config or {})})
+    return GPT2LMHeadModel(cfg)
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up to 1, then cosine down to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class CausalLM(L.LightningModule):
+    """Trains `model` on token blocks with the mean next-token cross-entropy (nats/token).
+
+    Args:
+        init: pretrained model to start from (Hub name, local directory or .ckpt); None trains from scratch.
+        config: GPT2Config fields for a model trained from scratch (vocab size comes from the tokenizer).
+        lr: peak learning rate. min_lr_ratio: final lr as a share of `lr`.
+        warmup_steps: linear warm-up steps. weight_decay, betas: AdamW settings (no decay on biases,
+            norms and embeddings' positions).
+        tokenizer: set by the CLI from the data module; saved beside the exported model.
+    """
+
+    def __init__(
+        self,
+        init: str | None = None,
+        config: dict[str, Any] | None = None,
+        lr: float = 6e-4,
+        min_lr_ratio: float = 0.1,
+        warmup_steps: int = 100,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        tokenizer: Any = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.tokenizer = tokenizer
+        self.model = build_model(init, config, len(tokenizer) if tokenizer is not None else None)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids).logits
+
+    def lm_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(batch, labels=batch).loss
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self.lm_loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.log("val/loss", self.lm_loss(batch), prog_bar=True, batch_size=batch.shape[0], sync_dist=True)
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.log("test/loss", self.lm_loss(batch), batch_size=batch.shape[0], sync_dist=True)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: cosine_with_warmup(s, hp.warmup_steps, int(total), hp.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["hf_config"] = self.model.config.to_dict()
+
+    def export_model(self) -> PreTrainedModel:
+        """The model to save at the end of a run (surgeries override this to fold their changes in)."""
+        return self.model

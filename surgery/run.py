@@ -1,0 +1,55 @@
+"""The run directory: the exported model, `metrics.json`, plots. Written at the end of `surgery fit`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+
+from surgery.evaluate import cross_entropy
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+class ExportRun(L.Callback):
+    """At the end of fit: save the exported model and tokenizer to `<run_dir>/model`, evaluate it on the
+    validation split and write `<run_dir>/metrics.json` (plus whatever the module adds via `run_metrics`).
+
+    Args:
+        enabled: turn the export off (e.g. for quick experiments).
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._start = 0.0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.time()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.enabled or not trainer.is_global_zero:
+            return
+        run_dir = Path(trainer.default_root_dir)
+        out = run_dir / "model"
+        model = pl_module.export_model()
+        model.save_pretrained(out)
+        if getattr(pl_module, "tokenizer", None) is not None:
+            pl_module.tokenizer.save_pretrained(out)
+        dm = trainer.datamodule
+        batch_size, block_size = dm.batch_size, dm.block_size
+        metrics = {
+            "steps": trainer.global_step,
+            "tokens_seen": trainer.global_step * batch_size * block_size * trainer.accumulate_grad_batches * trainer.world_size,
+            "train_time_s": round(time.time() - self._start, 1),
+            "val": cross_entropy(model, dm.split("validation"), batch_size),
+        }
+        if hasattr(pl_module, "run_metrics"):
+            metrics.update(pl_module.run_metrics(exported=model))
+        write_json(run_dir / "metrics.json", metrics)
+        print(f"exported {out} | val loss {metrics['val']['loss']:.4f} nats/token | metrics in {run_dir / 'metrics.json'}")
