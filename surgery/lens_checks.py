@@ -1,0 +1,127 @@
+"""Residual-stream checks on a TransformerLens model loaded by `surgery.lens.load_hooked`.
+
+Shapes: tokens (batch, pos); residual vectors (..., d_model); logits (..., d_vocab). Works with a
+TransformerLens 4.x `TransformerBridge` or a 3.x `HookedTransformer` (same hook names and W_* properties).
+
+Direct logit attribution (DLA). The final residual stream is a sum of components c: token and position
+embeddings, every attention head (z_h @ W_O[h]), every attention output bias b_O, every MLP output.
+- The true direct contribution of c is `DE_c = f(r) - f(r - c)`: the change of the logits when c alone is
+  removed from the final residual r, with f = final norm (if any) + unembedding recomputed.
+- The frozen-scale attribution is the usual linearization with the cached `ln_final.hook_scale`:
+  `DLA_c = (c - mean(c)) / scale * w_f @ W_U` (for a model without normalization, `c @ W_U`).
+`dla_relative_error` = ||sum_c DE_c + f(0) - logits|| / ||logits||: zero up to float error exactly when f is
+affine (an LN-free model), and the size of the interaction the per-token scale adds otherwise.
+`dla_frozen_scale_error` = sum_c ||DLA_c - DE_c|| / sum_c ||DE_c||: how wrong the frozen-scale DLA of each
+component is. (The sum of the DLA_c with the *cached* scale equals the logits by construction for both kinds
+of model, `dla_cached_scale_sum_error`, so it cannot tell them apart.) Sums run in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def final_norm_params(hooked) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(w, b) of the final LayerNorm, or None for a model without normalization."""
+    sd = hooked.state_dict()
+    for w, b in (("ln_final.weight", "ln_final.bias"), ("ln_final.w", "ln_final.b")):
+        if w in sd:
+            return sd[w], sd[b]
+    return None
+
+
+def final_map(hooked):
+    """f(r): final residual (..., d_model) -> logits (..., d_vocab), in float64, recomputing the final norm."""
+    w_u, b_u = hooked.W_U.detach().double(), hooked.b_U.detach().double()
+    norm = final_norm_params(hooked)
+    if norm is None:
+        return lambda r: r @ w_u + b_u
+    w, b = (t.detach().double() for t in norm)
+    eps = hooked.cfg.eps
+
+    def f(r):
+        r = r - r.mean(-1, keepdim=True)
+        return (r / (r.pow(2).mean(-1, keepdim=True) + eps).sqrt() * w + b) @ w_u + b_u
+
+    return f
+
+
+def residual_components(hooked, cache) -> tuple[list[str], list[int], torch.Tensor]:
+    """(labels, layer of each (-1 for embeddings), stack (n_components, batch, pos, d_model) in float64)."""
+    labels, layers, parts = ["embed", "pos_embed"], [-1, -1], [cache["hook_embed"], cache["hook_pos_embed"]]
+    for layer in range(hooked.cfg.n_layers):
+        attn = hooked.blocks[layer].attn
+        z = cache[f"blocks.{layer}.attn.hook_z"].double()  # (batch, pos, head, d_head)
+        heads = torch.einsum("bphd,hdm->hbpm", z, attn.W_O.detach().double())
+        for h in range(hooked.cfg.n_heads):
+            labels.append(f"L{layer}H{h}"), layers.append(layer), parts.append(heads[h])
+        b_o = attn.b_O.detach().double().expand_as(parts[0])
+        labels += [f"L{layer}.b_O", f"L{layer}.mlp"]
+        layers += [layer, layer]
+        parts += [b_o, cache[f"blocks.{layer}.hook_mlp_out"]]
+    return labels, layers, torch.stack([p.double() for p in parts])
+
+
+@torch.no_grad()
+def dla_check(hooked, tokens: torch.Tensor) -> dict:
+    """DLA errors (see module docstring) on `tokens` (batch, pos); per-layer errors under `per_layer`."""
+    logits, cache = hooked.run_with_cache(tokens)
+    logits = logits.double()
+    labels, layers, stack = residual_components(hooked, cache)
+    resid = cache[f"blocks.{hooked.cfg.n_layers - 1}.hook_resid_post"].double()
+    f = final_map(hooked)
+    full, f0 = f(resid), f(torch.zeros_like(resid[..., :1, :1, :]).expand_as(resid))
+    norm = final_norm_params(hooked)
+    w_u = hooked.W_U.detach().double()
+    if norm is None:
+        frozen_of = lambda c: c @ w_u  # noqa: E731
+        frozen_const = hooked.b_U.detach().double()
+    else:
+        scale = cache["ln_final.hook_scale"].double()  # (batch, pos, 1)
+        w, b = (t.detach().double() for t in norm)
+        frozen_of = lambda c: ((c - c.mean(-1, keepdim=True)) / scale * w) @ w_u  # noqa: E731
+        frozen_const = b @ w_u + hooked.b_U.detach().double()
+    de_sum = torch.zeros_like(full)
+    frozen_sum = frozen_const.expand_as(full).clone()
+    n_layers = hooked.cfg.n_layers
+    err_by_layer, de_by_layer = torch.zeros(n_layers + 1, dtype=torch.float64), torch.zeros(n_layers + 1, dtype=torch.float64)
+    for c, layer in zip(stack, layers):
+        de = full - f(resid - c)
+        frozen = frozen_of(c)
+        de_sum += de
+        frozen_sum += frozen
+        err_by_layer[layer + 1] += (frozen - de).norm()
+        de_by_layer[layer + 1] += de.norm()
+    logits_norm = logits.norm()
+    return {
+        "dla_relative_error": ((de_sum + f0 - logits).norm() / logits_norm).item(),
+        "dla_frozen_scale_error": (err_by_layer.sum() / de_by_layer.sum()).item(),
+        "dla_cached_scale_sum_error": ((frozen_sum - logits).norm() / logits_norm).item(),
+        "residual_sum_error": ((stack.sum(0) - resid).norm() / resid.norm()).item(),
+        "n_components": len(labels),
+        "per_layer": {
+            "layer": ["embed"] + list(range(n_layers)),
+            "dla_frozen_scale_error": (err_by_layer / de_by_layer.clamp_min(1e-300)).tolist(),
+        },
+    }
+
+
+@torch.no_grad()
+def logit_agreement(hf_model, hooked, tokens: torch.Tensor) -> dict:
+    """Max abs and relative (Frobenius) difference of HF and TransformerLens logits, fp32, on (batch, pos) tokens."""
+    hf_logits = hf_model(tokens).logits.float()
+    tl_logits = hooked(tokens).float()
+    diff = hf_logits - tl_logits
+    return {
+        "hf_tl_max_abs_logit_diff": diff.abs().max().item(),
+        "hf_tl_relative_logit_diff": (diff.norm() / hf_logits.norm()).item(),
+        "max_abs_logit": hf_logits.abs().max().item(),
+    }
+
+
+@torch.no_grad()
+def attention_sink_mass(hooked, tokens: torch.Tensor) -> list[float]:
+    """Per layer: mean share of attention that queries at positions >= 1 put on position 0 (all heads)."""
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(hooked.cfg.n_layers)]
+    _, cache = hooked.run_with_cache(tokens, names_filter=lambda n: n in names)
+    return [cache[n][:, :, 1:, 0].mean().item() for n in names]  # pattern: (batch, head, query, key)

@@ -1,0 +1,61 @@
+"""Tiny GPT-2 models for the lens tests: random ones with LayerNorms, and LN-free exports built by hand.
+
+`make_ln_free` follows the export contract of `surgery.remove_ln.export` (ln_1/ln_2: weight 1e6, bias 0;
+ln_f: weight 1e6 * w / sigma, bias b; eps 1e12; `config.surgery_ln_free`), with a random affine folded
+into c_attn / c_fc, so the result is a genuinely LN-free model: no per-token scale anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+SCALE, EPS = 1e6, 1e12
+
+
+def tiny_gpt2(seed: int = 0, **shape) -> GPT2LMHeadModel:
+    """A random GPT-2 (default 2 layers, d 32, 2 heads, vocab 64, 64 positions) with random LN affines."""
+    torch.manual_seed(seed)
+    kw = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    kw.update(shape)
+    model = GPT2LMHeadModel(GPT2Config(**kw)).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0.0, 0.1)
+        model.transformer.wte.weight.normal_(0.0, 0.5)  # larger embeddings: logits of order 1
+    return model
+
+
+@torch.no_grad()
+def make_ln_free(model: GPT2LMHeadModel, seed: int = 1) -> GPT2LMHeadModel:
+    """Turn `model` (changed in place) into an LN-free export."""
+    gen = torch.Generator().manual_seed(seed)
+    d = model.config.n_embd
+    for block in model.transformer.h:
+        for ln, proj in ((block.ln_1, block.attn.c_attn), (block.ln_2, block.mlp.c_fc)):
+            gain = 1.0 + 0.5 * torch.rand(d, generator=gen)  # a trained affine and 1/sigma, folded into the reader
+            shift = 0.1 * torch.randn(d, generator=gen)
+            proj.bias += shift @ proj.weight
+            proj.weight *= gain[:, None]
+            ln.weight.fill_(SCALE)
+            ln.bias.zero_()
+            ln.eps = EPS
+    tokens = torch.randint(0, model.config.vocab_size, (4, 32), generator=gen)
+    sigma = _final_residual_std(model, tokens)
+    ln_f = model.transformer.ln_f
+    ln_f.weight.copy_(SCALE * ln_f.weight / sigma)
+    ln_f.eps = EPS
+    model.config.layer_norm_epsilon = EPS
+    model.config.surgery_ln_free = {"scale": SCALE}
+    return model
+
+
+def _final_residual_std(model: GPT2LMHeadModel, tokens: torch.Tensor) -> float:
+    captured = {}
+    handle = model.transformer.ln_f.register_forward_hook(lambda m, args, out: captured.setdefault("x", args[0]))
+    model(tokens)
+    handle.remove()
+    x = captured["x"]
+    return (x - x.mean(-1, keepdim=True)).pow(2).mean().sqrt().item()
