@@ -1,0 +1,116 @@
+"""The recurrences behind the linear-cost mixers, each as a fast form and a sequential reference.
+
+Two recurrences cover all mixers:
+
+- the selective scan (Mamba-1), per channel e and state entry n:
+  ``h_t = a_t * h_{t-1} + u_t``  with ``a_t = exp(dt_t A)`` and ``u_t = dt_t B_t x_t``; ``y_t = sum_n C_t h_t``.
+- gated linear attention (GLA; retention is the case of a fixed per-head decay), per head:
+  ``S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t`` with ``S`` of shape (K, V) and ``g_t <= 0``.
+
+The fast forms never exponentiate a positive number, so they are as stable as the sequential loops and
+agree with them to float32 rounding (tests: max abs diff < 1e-5).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------- selective scan
+def selective_scan_sequential(a: torch.Tensor, u: torch.Tensor, c: torch.Tensor, h0: torch.Tensor | None = None):
+    """Reference: one step at a time.
+
+    a, u: (B, T, E, N) decay in (0, 1] and input; c: (B, T, N); h0: (B, E, N) or None (zeros).
+    Returns y (B, T, E) and the final state (B, E, N).
+    """
+    h = torch.zeros_like(a[:, 0]) if h0 is None else h0
+    ys = []
+    for t in range(a.shape[1]):
+        h = a[:, t] * h + u[:, t]
+        ys.append(torch.einsum("ben,bn->be", h, c[:, t]))
+    return torch.stack(ys, 1), h
+
+
+def _inclusive_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hillis-Steele scan over dim 1 of the affine maps h -> a_t h + b_t: returns the composed maps
+    (A_t, B_t) with h_t = A_t h_0 + B_t. log2(T) vectorised passes, products of decays only."""
+    step = 1
+    while step < a.shape[1]:
+        b = torch.cat([b[:, :step], a[:, step:] * b[:, :-step] + b[:, step:]], 1)
+        a = torch.cat([a[:, :step], a[:, step:] * a[:, :-step]], 1)
+        step *= 2
+    return a, b
+
+
+def selective_scan_chunked(
+    a: torch.Tensor, u: torch.Tensor, c: torch.Tensor, h0: torch.Tensor | None = None, chunk: int = 64
+):
+    """Same result as `selective_scan_sequential`: a vectorised scan inside chunks of `chunk` steps,
+    the state carried from chunk to chunk. Shapes as there."""
+    h = torch.zeros_like(a[:, 0]) if h0 is None else h0
+    ys = []
+    for s in range(0, a.shape[1], chunk):
+        A, Bc = _inclusive_scan(a[:, s : s + chunk], u[:, s : s + chunk])
+        hs = A * h[:, None] + Bc  # (B, L, E, N)
+        ys.append(torch.einsum("blen,bln->ble", hs, c[:, s : s + chunk]))
+        h = hs[:, -1]
+    return torch.cat(ys, 1), h
+
+
+# ----------------------------------------------------------------------------------- gated linear attention
+def gla_recurrent(q, k, v, g, s0: torch.Tensor | None = None):
+    """Reference: one step at a time.
+
+    q, k: (B, H, T, K); v: (B, H, T, V); g: log decay <= 0, (B, H, T, K) or (B|1, H, T, 1) (one decay per head);
+    s0: (B, H, K, V) or None. Returns o (B, H, T, V) and the final state (B, H, K, V).
+    """
+    Bsz, H, T, K = q.shape
+    S = q.new_zeros(Bsz, H, K, v.shape[-1]) if s0 is None else s0
+    g = g.expand(Bsz, H, T, g.shape[-1])
+    out = []
+    for t in range(T):
+        S = g[:, :, t, :, None].exp() * S + k[:, :, t, :, None] * v[:, :, t, None, :]
+        out.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t], S))
+    return torch.stack(out, 2), S
+
+
+def gla_chunked(q, k, v, g, s0: torch.Tensor | None = None, chunk: int = 32):
+    """Same result as `gla_recurrent` (shapes as there) in chunks of `chunk` tokens: exact attention-like
+    products inside a chunk, the (K, V) state passed between chunks. With one decay per head
+    (g of last size 1) the intra-chunk decay is a (L, L) matrix, otherwise (L, L, K)."""
+    Bsz, H, T, K = q.shape
+    S = q.new_zeros(Bsz, H, K, v.shape[-1]) if s0 is None else s0
+    g = g.expand(Bsz, H, T, g.shape[-1])
+    outs = []
+    for s in range(0, T, chunk):
+        qc, kc, vc = q[:, :, s : s + chunk], k[:, :, s : s + chunk], v[:, :, s : s + chunk]
+        b = g[:, :, s : s + chunk].cumsum(2)  # (B, H, L, K|1), <= 0 and decreasing
+        L = qc.shape[2]
+        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+        diff = b[:, :, :, None] - b[:, :, None, :]  # (B, H, L, L, K|1): b_t - b_s, <= 0 where s <= t
+        decay = diff.masked_fill(~causal[..., None], float("-inf")).exp()
+        if g.shape[-1] == 1:
+            att = (qc @ kc.transpose(-1, -2)) * decay[..., 0]
+        else:
+            att = torch.einsum("bhtk,bhsk,bhtsk->bhts", qc, kc, decay)
+        o = att @ vc + (qc * b.exp()) @ S
+        last = b[:, :, -1:]  # (B, H, 1, K|1)
+        S = last.transpose(-1, -2).exp() * S if g.shape[-1] == 1 else last[:, :, 0, :, None].exp() * S
+        S = S + (kc * (last - b).exp()).transpose(-1, -2) @ vc
+        outs.append(o)
+    return torch.cat(outs, 2), S
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, past: torch.Tensor | None):
+    """Depthwise causal convolution. x: (B, E, T); weight: (E, 1, W); past: (B, E, W-1) inputs before x
+    (zeros when None). Returns (y (B, E, T), the last W-1 inputs (B, E, W-1) for the next call)."""
+    W = weight.shape[-1]
+    past = x.new_zeros(x.shape[0], x.shape[1], W - 1) if past is None else past
+    full = torch.cat([past, x], -1)
+    y = F.conv1d(full, weight, bias, groups=x.shape[1])
+    return y, full[..., full.shape[-1] - (W - 1) :]
