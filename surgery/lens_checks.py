@@ -62,6 +62,20 @@ def residual_components(hooked, cache) -> tuple[list[str], list[int], torch.Tens
     return labels, layers, torch.stack([p.double() for p in parts])
 
 
+def frozen_attribution(hooked, cache):
+    """(DLA: component (..., batch, pos, d_model) -> logits contribution, constant logits term), float64.
+
+    With a final LayerNorm the cached `ln_final.hook_scale` (batch, pos, 1) is frozen; without one the map is exact.
+    """
+    norm = final_norm_params(hooked)
+    w_u, b_u = hooked.W_U.detach().double(), hooked.b_U.detach().double()
+    if norm is None:
+        return (lambda c: c @ w_u), b_u
+    scale = cache["ln_final.hook_scale"].double()
+    w, b = (t.detach().double() for t in norm)
+    return (lambda c: ((c - c.mean(-1, keepdim=True)) / scale * w) @ w_u), b @ w_u + b_u
+
+
 @torch.no_grad()
 def dla_check(hooked, tokens: torch.Tensor) -> dict:
     """DLA errors (see module docstring) on `tokens` (batch, pos); per-layer errors under `per_layer`."""
@@ -71,16 +85,7 @@ def dla_check(hooked, tokens: torch.Tensor) -> dict:
     resid = cache[f"blocks.{hooked.cfg.n_layers - 1}.hook_resid_post"].double()
     f = final_map(hooked)
     full, f0 = f(resid), f(torch.zeros_like(resid[..., :1, :1, :]).expand_as(resid))
-    norm = final_norm_params(hooked)
-    w_u = hooked.W_U.detach().double()
-    if norm is None:
-        frozen_of = lambda c: c @ w_u  # noqa: E731
-        frozen_const = hooked.b_U.detach().double()
-    else:
-        scale = cache["ln_final.hook_scale"].double()  # (batch, pos, 1)
-        w, b = (t.detach().double() for t in norm)
-        frozen_of = lambda c: ((c - c.mean(-1, keepdim=True)) / scale * w) @ w_u  # noqa: E731
-        frozen_const = b @ w_u + hooked.b_U.detach().double()
+    frozen_of, frozen_const = frozen_attribution(hooked, cache)
     de_sum = torch.zeros_like(full)
     frozen_sum = frozen_const.expand_as(full).clone()
     n_layers = hooked.cfg.n_layers
@@ -125,3 +130,37 @@ def attention_sink_mass(hooked, tokens: torch.Tensor) -> list[float]:
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(hooked.cfg.n_layers)]
     _, cache = hooked.run_with_cache(tokens, names_filter=lambda n: n in names)
     return [cache[n][:, :, 1:, 0].mean().item() for n in names]  # pattern: (batch, head, query, key)
+
+
+# What an LN-free export must satisfy (fp32): logits within 1e-4 of HF's, DLA exact to float error.
+LN_FREE_THRESHOLDS = {"hf_tl_max_abs_logit_diff": 1e-4, "dla_relative_error": 1e-5}
+
+
+def ln_free_failures(result: dict) -> list[str]:
+    """Which LN-free criteria a result of `logit_agreement` + `dla_check` (+ has_normalization) misses."""
+    fails = [f"{k} = {result[k]:.3g} >= {v:g}" for k, v in LN_FREE_THRESHOLDS.items() if not result[k] < v]
+    if result.get("has_normalization"):
+        fails.append("has_normalization is true (a per-token scale remains)")
+    return fails
+
+
+def verify_ln_free(hf_model, tokens: torch.Tensor | None = None, seed: int = 0) -> dict:
+    """Test helper: load an LN-free HF model into TransformerLens and assert the LN-free criteria.
+
+    `tokens` (batch, pos) default to 2 random sequences of min(32, n_positions) tokens. Returns the numbers;
+    raises AssertionError naming each failed criterion.
+    """
+    from surgery.lens import has_normalization, load_hooked
+
+    if tokens is None:
+        cfg = hf_model.config
+        gen = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, cfg.vocab_size, (2, min(32, cfg.n_positions)), generator=gen)
+    hooked = load_hooked(hf_model)
+    result = {"has_normalization": has_normalization(hooked)}
+    result.update(logit_agreement(hf_model, hooked, tokens))
+    result.update(dla_check(hooked, tokens))
+    failures = ln_free_failures(result)
+    if failures:
+        raise AssertionError("LN-free checks failed: " + "; ".join(failures))
+    return result

@@ -59,3 +59,36 @@ def _final_residual_std(model: GPT2LMHeadModel, tokens: torch.Tensor) -> float:
     handle.remove()
     x = captured["x"]
     return (x - x.mean(-1, keepdim=True)).pow(2).mean().sqrt().item()
+
+
+def write_text_corpus(path, n_docs: int = 300) -> str:
+    """A .jsonl corpus of `n_docs` chunks of standard-library source (about 2% of documents are validation)."""
+    import json
+    import sysconfig
+    from pathlib import Path
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("[a-m]*.py"))
+    text = "".join(f.read_text(errors="ignore") for f in files[:40])
+    chunk = max(200, len(text) // n_docs)
+    Path(path).write_text("".join(json.dumps({"text": text[i * chunk : (i + 1) * chunk]}) + "\n" for i in range(n_docs)))
+    return str(path)
+
+
+def save_model_dirs(root, corpus_path: str, vocab: int = 300):
+    """(baseline_dir, ln_free_dir): a tiny GPT-2 with LayerNorms and an LN-free one, each with a BPE tokenizer."""
+    from pathlib import Path
+
+    from surgery.data.corpus import Corpus
+    from surgery.data.tokenizer import train_bpe
+
+    tokenizer = train_bpe(Corpus(corpus_path), vocab)
+    dirs = []
+    for name, ln_free in (("baseline", False), ("ln_free", True)):
+        model = tiny_gpt2(vocab_size=len(tokenizer))
+        if ln_free:
+            make_ln_free(model)
+        out = Path(root) / name
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        dirs.append(str(out))
+    return tuple(dirs)

@@ -1,0 +1,100 @@
+"""`surgery verify MODEL_DIR [--baseline ORIGINAL_DIR] --out DIR`: residual-stream checks in TransformerLens.
+
+Loads each model into TransformerLens (`surgery.lens.load_hooked`, offline), runs every check of
+`surgery.lens_report.verify_model` on held-out text, prints a side-by-side table and writes `report.json`,
+`report.md`, `dla_error_per_layer.png` and `patching_scatter.png` into `--out`.
+Exit status 1 when MODEL_DIR is an LN-free export that fails its checks
+(`surgery.lens_checks.LN_FREE_THRESHOLDS`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="model directory written by save_pretrained (an LN-free export, or any GPT-2)")
+    parser.add_argument("--baseline", default=None, help="the original model directory, checked side by side")
+    parser.add_argument("--out", type=Path, required=True, help="directory for report.json, report.md and plots")
+    parser.add_argument("--data", default="stdlib", help="held-out text: 'stdlib' or a local .txt/.jsonl/.parquet path")
+    parser.add_argument("--block-size", type=int, default=128, help="tokens per held-out block (capped at the context)")
+    parser.add_argument("--val-blocks", type=int, default=32, help="validation blocks for cross-entropy")
+    parser.add_argument("--dla-blocks", type=int, default=4, help="blocks for logits, DLA and attention-sink checks")
+    parser.add_argument("--seg-len", type=int, default=32, help="segment length of the induction prompts")
+    parser.add_argument("--prompts", type=int, default=16, help="number of induction prompts")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def check_same_vocabulary(model, tokenizer, baseline, base_tokenizer, model_dir: str, baseline_dir: str) -> None:
+    from surgery.errors import SurgeryError
+
+    a, b = model.config.vocab_size, baseline.config.vocab_size
+    same_tok = tokenizer is None or base_tokenizer is None or tokenizer.get_vocab() == base_tokenizer.get_vocab()
+    if a != b or not same_tok:
+        what = f"vocabulary sizes {a} and {b}" if a != b else "different tokenizers"
+        raise SurgeryError(
+            f"{model_dir!r} and baseline {baseline_dir!r} have {what}: the baseline must be the model the LN-free "
+            "export was made from (same tokenizer)"
+        )
+
+
+def run(args) -> int:
+    import torch
+
+    from surgery.data import TokenBlocks
+    from surgery.errors import SurgeryError
+    from surgery.lens import is_ln_free, load_hf, load_hooked, transformer_lens_version
+    from surgery.lens_checks import LN_FREE_THRESHOLDS, ln_free_failures
+    from surgery.lens_report import VerifySettings, plot, print_table, verify_model, write_markdown
+
+    torch.manual_seed(args.seed)
+    models = {"model": (args.model, *load_hf(args.model))}
+    if args.baseline is not None:
+        models["baseline"] = (args.baseline, *load_hf(args.baseline))
+        check_same_vocabulary(models["model"][1], models["model"][2], models["baseline"][1], models["baseline"][2], args.model, args.baseline)
+    n_ctx = min(m.config.n_positions for _, m, _ in models.values())
+    block_size = min(args.block_size, n_ctx)
+    if 2 * args.seg_len > n_ctx:
+        raise SurgeryError(f"--seg-len {args.seg_len} makes {2 * args.seg_len}-token prompts, longer than the context ({n_ctx})")
+    data = TokenBlocks(args.data, tokenizer=args.model, block_size=block_size, max_val_blocks=args.val_blocks)
+    blocks = data.split("validation")
+    vocab = min(m.config.vocab_size for _, m, _ in models.values())
+    if int(blocks.tokens.max()) >= vocab:
+        raise SurgeryError(f"the tokenizer of {args.model!r} produces ids up to {int(blocks.tokens.max())}, beyond the model's vocabulary ({vocab})")
+    settings = VerifySettings(dla_blocks=args.dla_blocks, seg_len=args.seg_len, n_prompts=args.prompts, seed=args.seed)
+
+    results, names = {}, {}
+    for key, (path, hf_model, tokenizer) in models.items():
+        label = f"{key} ({'LN-free' if is_ln_free(hf_model) else 'with LN'})"
+        hooked = load_hooked(hf_model, tokenizer=tokenizer)
+        results[label] = verify_model(hf_model, hooked, blocks, settings)
+        names[label] = path
+    title = f"surgery verify: {args.model}" + (f" vs {args.baseline}" if args.baseline else "")
+    print_table(results, title)
+
+    model_label = next(iter(results))
+    failures = ln_free_failures(results[model_label]) if is_ln_free(models["model"][1]) else []
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "models": names,
+        "data": args.data,
+        "block_size": block_size,
+        "validation_blocks": len(blocks),
+        "settings": vars(settings),
+        "transformer_lens": transformer_lens_version(),
+        "ln_free_thresholds": LN_FREE_THRESHOLDS,
+        "failures": failures,
+        "results": results,
+    }
+    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(args.out / "report.md", results, title, settings, block_size)
+    plot(args.out, results)
+    print(f"wrote {args.out / 'report.json'}, report.md and plots")
+    if failures:
+        print("LN-free checks FAILED: " + "; ".join(failures))
+        return 1
+    if is_ln_free(models["model"][1]):
+        print("LN-free checks passed: " + ", ".join(f"{k} < {v:g}" for k, v in LN_FREE_THRESHOLDS.items()) + ", no normalization")
+    return 0

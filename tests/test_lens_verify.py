@@ -1,0 +1,102 @@
+"""`surgery verify`: report files, the side-by-side table, LN-free criteria, and user-facing errors.
+
+Thresholds are those of the issue: hf_tl_max_abs_logit_diff < 1e-4 and dla_relative_error < 1e-5 for an LN-free
+model; for a model with LayerNorm the DLA error must be clearly larger (> 1e-2; measured ~0.9).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from lens_models import make_ln_free, save_model_dirs, tiny_gpt2, write_text_corpus
+
+from surgery.cli import main
+
+ARGS = ["--block-size", "64", "--seg-len", "16", "--prompts", "6", "--val-blocks", "8", "--dla-blocks", "2"]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("verify")
+    corpus = write_text_corpus(root / "corpus.jsonl")
+    baseline, ln_free = save_model_dirs(root, corpus)
+    return {"root": root, "corpus": corpus, "baseline": baseline, "ln_free": ln_free}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+
+
+def test_verify_ln_free_against_baseline(dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["verify", dirs["ln_free"], "--baseline", dirs["baseline"], "--out", str(out), "--data", dirs["corpus"], *ARGS])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "dla_relative_error" in printed and "baseline (with LN)" in printed and "LN-free checks passed" in printed
+    report = json.loads((out / "report.json").read_text())
+    free, base = report["results"]["model (LN-free)"], report["results"]["baseline (with LN)"]
+    assert free["has_normalization"] is False and base["has_normalization"] is True
+    assert free["hf_tl_max_abs_logit_diff"] < 1e-4 and base["hf_tl_max_abs_logit_diff"] < 1e-4
+    assert free["dla_relative_error"] < 1e-5 < 1e-2 < base["dla_relative_error"]
+    for r in (free, base):
+        assert len(r["attention_sink_mass"]) == 2 and all(0.0 <= m <= 1.0 for m in r["attention_sink_mass"])
+        assert len(r["patching"]["activation_patching"]) == len(r["patching"]["attribution_patching"]) == 4
+        assert r["validation"]["tokens"] == report["validation_blocks"] * 63 > 0  # 63 predicted tokens per block
+    assert report["failures"] == [] and report["transformer_lens"]
+    md = (out / "report.md").read_text()
+    assert "| dla_relative_error |" in md and "| has_normalization | false | true |" in md
+    assert (out / "dla_error_per_layer.png").stat().st_size > 1000
+    assert (out / "patching_scatter.png").stat().st_size > 1000
+
+
+def test_verify_another_shape_without_baseline(dirs, tmp_path):
+    """Nothing depends on one shape: 3 layers, 6 heads, d_model 48, 100 positions."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(dirs["ln_free"])
+    model_dir = tmp_path / "other"
+    make_ln_free(tiny_gpt2(n_layer=3, n_head=6, n_embd=48, n_positions=100, vocab_size=len(tok))).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    assert main(["verify", str(model_dir), "--out", str(out), "--data", dirs["corpus"], *ARGS]) == 0
+    result = json.loads((out / "report.json").read_text())["results"]["model (LN-free)"]
+    assert result["dla_relative_error"] < 1e-5 and len(result["attention_sink_mass"]) == 3
+    assert len(result["patching"]["activation_patching"]) == 18
+
+
+def test_error_ln_free_flag_over_real_layernorms(dirs, tmp_path, capsys):
+    """A config that claims LN-free while its LayerNorms keep eps 1e-5 (they still normalize per token)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(dirs["ln_free"])
+    hf = tiny_gpt2(vocab_size=len(tok))
+    hf.config.surgery_ln_free = {"scale": 1e6}
+    hf.save_pretrained(tmp_path / "broken")
+    tok.save_pretrained(tmp_path / "broken")
+    rc = main(["verify", str(tmp_path / "broken"), "--out", str(tmp_path / "out"), "--data", dirs["corpus"], *ARGS])
+    assert rc == 2
+    assert "layer_norm_epsilon = 1e-05 (an LN-free export uses 1e12)" in capsys.readouterr().err
+
+
+def test_error_not_a_model_directory(dirs, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["verify", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+    assert "is not a model directory (no config.json" in capsys.readouterr().err
+    assert main(["verify", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_error_baseline_vocabulary_mismatch(dirs, tmp_path, capsys):
+    other = save_model_dirs(tmp_path, dirs["corpus"], vocab=290)[0]
+    rc = main(["verify", dirs["ln_free"], "--baseline", other, "--out", str(tmp_path / "out"), "--data", dirs["corpus"], *ARGS])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "have vocabulary sizes" in err and "the baseline must be the model the LN-free export was made from" in err
+
+
+def test_error_prompts_longer_than_context(dirs, tmp_path, capsys):
+    rc = main(["verify", dirs["ln_free"], "--out", str(tmp_path / "out"), "--seg-len", "40"])
+    assert rc == 2
+    assert "80-token prompts, longer than the context (64)" in capsys.readouterr().err
