@@ -169,11 +169,12 @@ def load_hooked(path_or_model, tokenizer=None, device: str | torch.device = "cpu
     tokenizer = tokenizer if tokenizer is not None else dir_tokenizer
     ln_free = is_ln_free(hf_model.config)
     cfg, state = tl_config(hf_model.config, ln_free), tl_state_dict(hf_model)
-    try:
-        from transformer_lens.model_bridge import TransformerBridge
-    except ImportError:  # TransformerLens 3.x
+    import transformer_lens
+
+    if hasattr(transformer_lens, "HookedTransformer"):  # TransformerLens 3.x (4.x removed it)
         return _load_hooked_transformer(cfg, state, tokenizer, device)
     import transformer_lens.model_bridge.sources.native  # noqa: F401  (attaches boot_native)
+    from transformer_lens.model_bridge import TransformerBridge
     from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
 
     bridge = TransformerBridge.boot_native(cfg, tokenizer=tokenizer, device=device)
