@@ -156,6 +156,13 @@ def transformer_lens_version() -> str:
     return importlib.metadata.version("transformer_lens")
 
 
+def _major_version() -> int:
+    import transformer_lens
+
+    version = getattr(transformer_lens, "__version__", None) or transformer_lens_version()
+    return int(version.split(".")[0])
+
+
 def load_hooked(path_or_model, tokenizer=None, device: str | torch.device = "cpu"):
     """A TransformerLens model for a GPT-2 directory or in-memory `transformers` GPT-2, offline.
 
@@ -169,9 +176,7 @@ def load_hooked(path_or_model, tokenizer=None, device: str | torch.device = "cpu
     tokenizer = tokenizer if tokenizer is not None else dir_tokenizer
     ln_free = is_ln_free(hf_model.config)
     cfg, state = tl_config(hf_model.config, ln_free), tl_state_dict(hf_model)
-    import transformer_lens
-
-    if hasattr(transformer_lens, "HookedTransformer"):  # TransformerLens 3.x (4.x removed it)
+    if _major_version() < 4:  # TransformerLens 3.x: HookedTransformer (4.x removed it)
         return _load_hooked_transformer(cfg, state, tokenizer, device)
     import transformer_lens.model_bridge.sources.native  # noqa: F401  (attaches boot_native)
     from transformer_lens.model_bridge import TransformerBridge
