@@ -24,11 +24,11 @@ class MambaMixer(nn.Module):
     Args:
         d_model: residual width. d_state: SSM state size N per channel. d_conv: causal conv width.
         expand: E / d_model. dt_rank: rank of the step-size projection (default ceil(d_model / 16)).
-        chunk: chunk length of the CPU scan (memory ~ B * chunk * E * N floats per pass).
+        chunk: chunk length of the CPU scan (default ceil(sqrt(T)): about 2 sqrt(T) vectorised steps).
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 dt_rank: int | None = None, chunk: int = 64, **_ignored):
+                 dt_rank: int | None = None, chunk: int | None = None, **_ignored):
         super().__init__()
         self.d_model, self.d_state, self.d_conv, self.chunk = d_model, d_state, d_conv, chunk
         self.d_inner = E = expand * d_model

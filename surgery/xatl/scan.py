@@ -13,6 +13,8 @@ agree with them to float32 rounding (tests: max abs diff < 1e-5).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -32,30 +34,37 @@ def selective_scan_sequential(a: torch.Tensor, u: torch.Tensor, c: torch.Tensor,
     return torch.stack(ys, 1), h
 
 
-def _inclusive_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hillis-Steele scan over dim 1 of the affine maps h -> a_t h + b_t: returns the composed maps
-    (A_t, B_t) with h_t = A_t h_0 + B_t. log2(T) vectorised passes, products of decays only."""
-    step = 1
-    while step < a.shape[1]:
-        b = torch.cat([b[:, :step], a[:, step:] * b[:, :-step] + b[:, step:]], 1)
-        a = torch.cat([a[:, :step], a[:, step:] * a[:, :-step]], 1)
-        step *= 2
-    return a, b
-
-
 def selective_scan_chunked(
-    a: torch.Tensor, u: torch.Tensor, c: torch.Tensor, h0: torch.Tensor | None = None, chunk: int = 64
+    a: torch.Tensor, u: torch.Tensor, c: torch.Tensor, h0: torch.Tensor | None = None, chunk: int | None = None
 ):
-    """Same result as `selective_scan_sequential`: a vectorised scan inside chunks of `chunk` steps,
-    the state carried from chunk to chunk. Shapes as there."""
-    h = torch.zeros_like(a[:, 0]) if h0 is None else h0
-    ys = []
-    for s in range(0, a.shape[1], chunk):
-        A, Bc = _inclusive_scan(a[:, s : s + chunk], u[:, s : s + chunk])
-        hs = A * h[:, None] + Bc  # (B, L, E, N)
-        ys.append(torch.einsum("blen,bln->ble", hs, c[:, s : s + chunk]))
-        h = hs[:, -1]
-    return torch.cat(ys, 1), h
+    """Same result as `selective_scan_sequential` (shapes as there) in about 2*sqrt(T) vectorised steps
+    instead of T: (1) scan every chunk of `chunk` steps from a zero state, all chunks at once, also keeping
+    the running decay product P; (2) carry the state across chunk boundaries; (3) add P_t * (state at the
+    chunk's start) everywhere. Only products of decays in (0, 1] appear, so it is as stable as the loop.
+    `chunk` defaults to ceil(sqrt(T))."""
+    Bsz, T, E, N = a.shape
+    L = chunk or max(1, math.ceil(math.sqrt(T)))
+    nC = -(-T // L)
+    pad = nC * L - T
+    if pad:  # identity steps: decay 1, input 0
+        a = F.pad(a, (0, 0, 0, 0, 0, pad), value=1.0)
+        u, c = F.pad(u, (0, 0, 0, 0, 0, pad)), F.pad(c, (0, 0, 0, pad))
+    a, u = a.view(Bsz, nC, L, E, N), u.view(Bsz, nC, L, E, N)
+    h, p = torch.zeros_like(a[:, :, 0]), torch.ones_like(a[:, :, 0])
+    local, prod = [], []
+    for i in range(L):  # (1) all chunks in parallel
+        h, p = a[:, :, i] * h + u[:, :, i], p * a[:, :, i]
+        local.append(h)
+        prod.append(p)
+    local, prod = torch.stack(local, 2), torch.stack(prod, 2)  # (B, nC, L, E, N)
+    carry = torch.zeros_like(a[:, 0, 0]) if h0 is None else h0
+    starts = []
+    for k in range(nC):  # (2) chunk boundaries
+        starts.append(carry)
+        carry = prod[:, k, -1] * carry + local[:, k, -1]
+    hs = local + prod * torch.stack(starts, 1)[:, :, None]  # (3)
+    y = torch.einsum("bclen,bcln->bcle", hs, c.view(Bsz, nC, L, N)).reshape(Bsz, nC * L, E)
+    return y[:, :T], carry
 
 
 # ----------------------------------------------------------------------------------- gated linear attention

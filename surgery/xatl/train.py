@@ -1,0 +1,168 @@
+"""Training a hybrid GPT-2 with cross-architecture transfer: the module and the freeze -> unfreeze schedule.
+
+Transferred weights start frozen (requires_grad False: AdamW leaves them bit-identical) while the mixers
+train; at the unfreeze step they join training as their own parameter groups, with their own linear
+warm-up from that step (the XATL recipe). The step is fixed (`UnfreezeSchedule.step`) or chosen when the
+relative improvement of the mean training loss between consecutive windows falls below `threshold`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+
+from surgery.errors import SurgeryError
+from surgery.lm import CausalLM, cosine_with_warmup
+from surgery.loading import load_causal_lm
+from surgery.xatl.model import HybridGPT2LMHeadModel, hybrid_config_from
+from surgery.xatl.transfer import DEFAULT_COMPONENTS, transfer_shared_weights
+
+
+@dataclass
+class UnfreezeSchedule:
+    """When transferred weights start training.
+
+    Args:
+        step: optimizer step at which to unfreeze (None: only the threshold decides).
+        threshold: unfreeze when (prev_window_loss - window_loss) / prev_window_loss < threshold
+            (None: only `step` decides). window: training steps per window.
+        warmup_steps: linear lr warm-up of the transferred weights after unfreezing.
+        lr_ratio: their peak lr as a share of the model's lr schedule.
+    """
+
+    step: int | None = 100
+    threshold: float | None = None
+    window: int = 50
+    warmup_steps: int = 50
+    lr_ratio: float = 1.0
+
+
+class UnfreezeTransferred(L.Callback):
+    """Unfreezes `pl_module.transferred` when the schedule says so; its state lives in the checkpoint."""
+
+    def __init__(self, schedule: UnfreezeSchedule):
+        if schedule.step is None and schedule.threshold is None:
+            raise SurgeryError("unfreeze schedule needs a step or a threshold (or set freeze: false)")
+        self.schedule = schedule
+        self.window_losses: list[float] = []
+        self.prev_window_loss: float | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.unfrozen_at is not None:
+            return
+        s, step = self.schedule, trainer.global_step
+        reason = None
+        if s.step is not None and step >= s.step:
+            reason = f"step {s.step}"
+        elif s.threshold is not None:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self.window_losses.append(float(loss))
+            if len(self.window_losses) >= s.window:
+                cur = sum(self.window_losses) / len(self.window_losses)
+                self.window_losses = []
+                if self.prev_window_loss is not None:
+                    rel = (self.prev_window_loss - cur) / self.prev_window_loss
+                    if rel < s.threshold:
+                        reason = f"relative improvement {rel:.4f} < {s.threshold}"
+                self.prev_window_loss = cur
+        if reason:
+            pl_module.unfreeze(step)
+            print(f"xatl: unfroze {len(pl_module.transferred)} transferred tensors at step {step} ({reason})")
+
+    def state_dict(self) -> dict:
+        return {"window_losses": self.window_losses, "prev_window_loss": self.prev_window_loss}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.window_losses = list(state["window_losses"])
+        self.prev_window_loss = state["prev_window_loss"]
+
+
+class XatlLM(CausalLM):
+    """A HybridGPT2LMHeadModel twin of `source` (same width, depth, vocabulary), trained with the
+    next-token loss of `CausalLM`.
+
+    Args:
+        source: the GPT-2 to take the architecture (and the weights) from: Hub name, directory, .ckpt.
+        mixer: "mamba" | "retention" | "gla". mixer_config: the mixer's options (e.g. {"d_state": 16}).
+        attn_layers: blocks that keep softmax attention (copied whole with "attn_layers").
+        transfer: components copied from the source (see transfer_shared_weights); [] trains the same
+            architecture from scratch (the control).
+        freeze: freeze the transferred weights until `unfreeze` says otherwise.
+        lr, min_lr_ratio, warmup_steps, weight_decay, betas: as in `CausalLM` (for the mixers).
+    """
+
+    def __init__(self, source: str, mixer: str = "mamba", mixer_config: dict[str, Any] | None = None,
+                 attn_layers: list[int] | None = None, transfer: list[str] = list(DEFAULT_COMPONENTS),
+                 freeze: bool = True, unfreeze: UnfreezeSchedule | None = None, lr: float = 1e-3,
+                 min_lr_ratio: float = 0.1, warmup_steps: int = 50, weight_decay: float = 0.1,
+                 betas: tuple[float, float] = (0.9, 0.95), tokenizer: Any = None):
+        L.LightningModule.__init__(self)
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.tokenizer = tokenizer
+        src = load_causal_lm(source)
+        if tokenizer is not None and len(tokenizer) > src.config.vocab_size:
+            raise SurgeryError(f"the tokenizer has {len(tokenizer)} entries but {source!r} embeds only "
+                               f"{src.config.vocab_size}: set data.tokenizer to the source's tokenizer")
+        self.model = HybridGPT2LMHeadModel(hybrid_config_from(src.config, mixer, mixer_config, attn_layers))
+        self.report = transfer_shared_weights(src, self.model, transfer)
+        self.transferred = self.report.parameter_names if freeze else []
+        self.unfreeze_schedule = unfreeze or UnfreezeSchedule()
+        self.unfrozen_at: int | None = None if self.transferred else 0
+        self._set_transferred_trainable(self.unfrozen_at is not None)
+
+    def _set_transferred_trainable(self, on: bool) -> None:
+        params = dict(self.model.named_parameters())
+        for name in self.transferred:
+            params[name].requires_grad_(on)
+
+    def unfreeze(self, step: int) -> None:
+        self.unfrozen_at = step
+        self._set_transferred_trainable(True)
+
+    def configure_callbacks(self):
+        return [UnfreezeTransferred(self.unfreeze_schedule)] if self.transferred else []
+
+    def configure_optimizers(self):
+        hp, moved = self.hparams, set(self.transferred)
+        groups = {(t, d): [] for t in (False, True) for d in (True, False)}
+        for n, p in self.model.named_parameters():
+            groups[(n in moved, p.ndim >= 2)].append(p)
+        order = [(t, d) for t in (False, True) for d in (True, False) if groups[(t, d)]]
+        opt = torch.optim.AdamW([{"params": groups[k], "weight_decay": hp.weight_decay if k[1] else 0.0}
+                                 for k in order], lr=hp.lr, betas=tuple(hp.betas))
+        total = int(self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches)
+        sch = self.unfreeze_schedule
+
+        def mixer_lr(s: int) -> float:
+            return cosine_with_warmup(s, hp.warmup_steps, total, hp.min_lr_ratio)
+
+        def transferred_lr(s: int) -> float:  # 0 while frozen, then its own warm-up
+            if self.unfrozen_at is None or s < self.unfrozen_at:
+                return 0.0
+            ramp = min(1.0, (s - self.unfrozen_at + 1) / max(1, sch.warmup_steps))
+            return sch.lr_ratio * ramp * cosine_with_warmup(s, 0, total, hp.min_lr_ratio)
+
+        lambdas = [transferred_lr if k[0] and self.transferred else mixer_lr for k in order]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("xatl/frozen", float(self.unfrozen_at is None))
+        return loss
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["xatl_unfrozen_at"] = self.unfrozen_at
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.unfrozen_at = checkpoint.get("xatl_unfrozen_at")
+        self._set_transferred_trainable(self.unfrozen_at is not None)
+
+    def run_metrics(self, exported=None, val=None) -> dict:
+        return {"xatl": {"mixer": self.hparams.mixer, "transfer": list(self.hparams.transfer),
+                         "transferred_params": self.report.num_params, "frozen_tensors": len(self.transferred),
+                         "unfrozen_at": self.unfrozen_at}}
