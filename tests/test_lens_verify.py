@@ -88,6 +88,12 @@ def test_error_not_a_model_directory(dirs, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_error_model_without_tokenizer(dirs, tmp_path, capsys):
+    tiny_gpt2().save_pretrained(tmp_path / "no_tok")
+    assert main(["verify", str(tmp_path / "no_tok"), "--out", str(tmp_path / "out"), "--data", dirs["corpus"], *ARGS]) == 2
+    assert "no tokenizer.json in" in capsys.readouterr().err
+
+
 def test_error_baseline_vocabulary_mismatch(dirs, tmp_path, capsys):
     other = save_model_dirs(tmp_path, dirs["corpus"], vocab=290)[0]
     rc = main(["verify", dirs["ln_free"], "--baseline", other, "--out", str(tmp_path / "out"), "--data", dirs["corpus"], *ARGS])

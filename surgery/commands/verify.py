@@ -19,6 +19,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--baseline", default=None, help="the original model directory, checked side by side")
     parser.add_argument("--out", type=Path, required=True, help="directory for report.json, report.md and plots")
     parser.add_argument("--data", default="stdlib", help="held-out text: 'stdlib' or a local .txt/.jsonl/.parquet path")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: MODEL_DIR's own)")
     parser.add_argument("--block-size", type=int, default=128, help="tokens per held-out block (capped at the context)")
     parser.add_argument("--val-blocks", type=int, default=32, help="validation blocks for cross-entropy")
     parser.add_argument("--dla-blocks", type=int, default=4, help="blocks for logits, DLA and attention-sink checks")
@@ -58,7 +59,10 @@ def run(args) -> int:
     block_size = min(args.block_size, n_ctx)
     if 2 * args.seg_len > n_ctx:
         raise SurgeryError(f"--seg-len {args.seg_len} makes {2 * args.seg_len}-token prompts, longer than the context ({n_ctx})")
-    data = TokenBlocks(args.data, tokenizer=args.model, block_size=block_size, max_val_blocks=args.val_blocks)
+    tokenizer_dir = args.tokenizer or args.model
+    if not (Path(tokenizer_dir) / "tokenizer.json").exists():
+        raise SurgeryError(f"no tokenizer.json in {tokenizer_dir!r}: save the tokenizer there, or pass --tokenizer DIR")
+    data = TokenBlocks(args.data, tokenizer=tokenizer_dir, block_size=block_size, max_val_blocks=args.val_blocks)
     blocks = data.split("validation")
     vocab = min(m.config.vocab_size for _, m, _ in models.values())
     if int(blocks.tokens.max()) >= vocab:
