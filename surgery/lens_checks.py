@@ -125,6 +125,26 @@ def logit_agreement(hf_model, hooked, tokens: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
+def hf_scale_spread(hf_model, tokens: torch.Tensor) -> float:
+    """Largest relative spread over tokens, (max - min) / mean, of the per-token divisor sqrt(var + eps) of any
+    LayerNorm of the HF model: ~var/(2 eps) ~ 1e-12 for an LN-free export, order 1 when LayerNorm still normalizes."""
+    spreads = []
+
+    def hook(module, args, out):
+        x = args[0].double()
+        scale = (x.var(-1, unbiased=False) + module.eps).sqrt()
+        spreads.append(((scale.max() - scale.min()) / scale.mean()).item())
+
+    handles = [m.register_forward_hook(hook) for m in hf_model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    try:
+        hf_model(tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(spreads, default=0.0)
+
+
+@torch.no_grad()
 def attention_sink_mass(hooked, tokens: torch.Tensor) -> list[float]:
     """Per layer: mean share of attention that queries at positions >= 1 put on position 0 (all heads)."""
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(hooked.cfg.n_layers)]
@@ -132,12 +152,13 @@ def attention_sink_mass(hooked, tokens: torch.Tensor) -> list[float]:
     return [cache[n][:, :, 1:, 0].mean().item() for n in names]  # pattern: (batch, head, query, key)
 
 
-# What an LN-free export must satisfy (fp32): logits within 1e-4 of HF's, DLA exact to float error.
-LN_FREE_THRESHOLDS = {"hf_tl_max_abs_logit_diff": 1e-4, "dla_relative_error": 1e-5}
+# What an LN-free export must satisfy (fp32): logits within 1e-4 of HF's, DLA exact to float error, and the HF
+# model's per-token LN divisor constant to 1e-6 (the eps trick's own error is var / (2 eps) ~ 1e-9 for std 100).
+LN_FREE_THRESHOLDS = {"hf_tl_max_abs_logit_diff": 1e-4, "dla_relative_error": 1e-5, "hf_scale_spread": 1e-6}
 
 
 def ln_free_failures(result: dict) -> list[str]:
-    """Which LN-free criteria a result of `logit_agreement` + `dla_check` (+ has_normalization) misses."""
+    """Which LN-free criteria a result of `logit_agreement`, `dla_check`, `hf_scale_spread`, has_normalization misses."""
     fails = [f"{k} = {result[k]:.3g} >= {v:g}" for k, v in LN_FREE_THRESHOLDS.items() if not result[k] < v]
     if result.get("has_normalization"):
         fails.append("has_normalization is true (a per-token scale remains)")
@@ -157,7 +178,7 @@ def verify_ln_free(hf_model, tokens: torch.Tensor | None = None, seed: int = 0) 
         gen = torch.Generator().manual_seed(seed)
         tokens = torch.randint(0, cfg.vocab_size, (2, min(32, cfg.n_positions)), generator=gen)
     hooked = load_hooked(hf_model)
-    result = {"has_normalization": has_normalization(hooked)}
+    result = {"has_normalization": has_normalization(hooked), "hf_scale_spread": hf_scale_spread(hf_model, tokens)}
     result.update(logit_agreement(hf_model, hooked, tokens))
     result.update(dla_check(hooked, tokens))
     failures = ln_free_failures(result)

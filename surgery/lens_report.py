@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from surgery.lens import has_normalization
-from surgery.lens_checks import attention_sink_mass, dla_check, logit_agreement
+from surgery.lens_checks import attention_sink_mass, dla_check, hf_scale_spread, logit_agreement
 from surgery.lens_patching import induction_prompts, patching_effects
 
 
@@ -29,7 +29,7 @@ def verify_model(hf_model, hooked, blocks, settings: VerifySettings) -> dict:
     from surgery.evaluate import cross_entropy
 
     tokens = torch.stack([blocks[i] for i in range(min(settings.dla_blocks, len(blocks)))])
-    result = {"has_normalization": has_normalization(hooked)}
+    result = {"has_normalization": has_normalization(hooked), "hf_scale_spread": hf_scale_spread(hf_model, tokens)}
     result.update(logit_agreement(hf_model, hooked, tokens))
     result.update(dla_check(hooked, tokens))
     result["attention_sink_mass"] = attention_sink_mass(hooked, tokens)
@@ -55,6 +55,7 @@ def table_rows(results: dict[str, dict]) -> list[list[str]]:
 
     rows = [
         row("has_normalization", lambda r: r["has_normalization"]),
+        row("hf_scale_spread (per-token LN divisor)", lambda r: r["hf_scale_spread"]),
         row("hf_tl_max_abs_logit_diff", lambda r: r["hf_tl_max_abs_logit_diff"]),
         row("hf_tl_relative_logit_diff", lambda r: r["hf_tl_relative_logit_diff"]),
         row("dla_relative_error", lambda r: r["dla_relative_error"]),
@@ -84,6 +85,9 @@ def print_table(results: dict[str, dict], title: str) -> None:
 
 
 DEFINITIONS = """\
+- `has_normalization`: a `hook_scale` or `hook_normalized` remains in the TransformerLens model.
+- `hf_scale_spread`: (max - min) / mean over tokens of sqrt(var + eps) at the HF model's LayerNorms (largest over
+  norms): ~0 when the eps trick removes the per-token scale, order 1 for a real LayerNorm.
 - `hf_tl_max_abs_logit_diff`: max |HF logits - TransformerLens logits| (fp32) on the DLA blocks.
 - `dla_relative_error`: ||sum_c DE_c + f(0) - logits|| / ||logits||, DE_c = f(r) - f(r - c) the direct effect of
   component c (embeddings, each head, each b_O, each MLP) on the logits, f = final norm + unembedding. Zero up to

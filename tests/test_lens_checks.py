@@ -16,6 +16,7 @@ from surgery.lens_checks import (
     attention_sink_mass,
     dla_check,
     frozen_attribution,
+    hf_scale_spread,
     residual_components,
     verify_ln_free,
 )
@@ -131,6 +132,12 @@ def test_attention_sink_mass_matches_hf_attentions():
         attns = hf(tokens, output_attentions=True).attentions  # per layer (batch, head, query, key)
     ref = [a[:, :, 1:, 0].mean().item() for a in attns]
     assert attention_sink_mass(load_hooked(hf), tokens) == pytest.approx(ref, abs=1e-6)
+
+
+def test_hf_scale_spread():
+    models = _models()
+    assert hf_scale_spread(models["ln_free"], _tokens()) < 1e-9
+    assert hf_scale_spread(models["with_ln"], _tokens()) > 0.1
 
 
 def test_verify_ln_free_helper():

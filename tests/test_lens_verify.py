@@ -38,6 +38,7 @@ def test_verify_ln_free_against_baseline(dirs, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     free, base = report["results"]["model (LN-free)"], report["results"]["baseline (with LN)"]
     assert free["has_normalization"] is False and base["has_normalization"] is True
+    assert free["hf_scale_spread"] < 1e-9 < 0.1 < base["hf_scale_spread"]
     assert free["hf_tl_max_abs_logit_diff"] < 1e-4 and base["hf_tl_max_abs_logit_diff"] < 1e-4
     assert free["dla_relative_error"] < 1e-5 < 1e-2 < base["dla_relative_error"]
     for r in (free, base):
