@@ -1,0 +1,124 @@
+"""LN-tuning a causal LM with Lightning: `LNTuneLM` (a `CausalLM` that trains only LayerNorm entries)
+and `StdlibPart` (token blocks of one package of the standard library, e.g. `email`), so a model
+pretrained on the whole standard library can be adapted to one part of it.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery.data.corpus import Corpus
+from surgery.data.datamodule import TokenBlocks
+from surgery.errors import SurgeryError
+from surgery.evaluate import cross_entropy
+from surgery.ln_tune.fisher import fisher_scores, next_token_log_likelihood
+from surgery.ln_tune.mask import EntryMask
+from surgery.ln_tune.params import ln_parameters
+from surgery.ln_tune.tune import LNTuneConfig, export, ln_tune, trainable_parameters
+from surgery.lm import CausalLM
+
+
+@dataclass(frozen=True)
+class StdlibPartCorpus(Corpus):
+    """The .py files under one directory of the standard library. Files are split by the same hash of
+    their path relative to the standard library as the whole-stdlib corpus, so with the same
+    `val_fraction` the held-out files are the ones pretraining held out."""
+
+    part: str = "email"
+
+    def files(self) -> list[Path]:
+        path = self.root() / self.part
+        if not path.is_dir():
+            raise SurgeryError(f"the standard library has no directory {self.part!r} (looked in {self.root()})")
+        return sorted(path.rglob("*.py"))
+
+    def root(self) -> Path:
+        return Path(sysconfig.get_paths()["stdlib"])
+
+
+class StdlibPart(TokenBlocks):
+    """`TokenBlocks` of one standard-library package. Args as `TokenBlocks`, plus `part` (e.g. "email")."""
+
+    def __init__(self, part: str = "email", tokenizer: str = "checkpoints/tiny-gpt2-stdlib", block_size: int = 256,
+                 batch_size: int = 8, val_fraction: float = 0.2, max_val_blocks: int | None = None, seed: int = 0):
+        super().__init__("stdlib", tokenizer, block_size, batch_size, val_fraction, max_val_blocks, seed=seed)
+        self.corpus = StdlibPartCorpus(f"stdlib:{part}", val_fraction, part=part)
+        self.corpus.files()
+
+
+class LNTuneLM(CausalLM):
+    """Trains only LayerNorm gains and biases of a pretrained causal LM (the tied unembedding stays frozen).
+
+    Args:
+        init: the pretrained model (directory, Hub name or .ckpt).
+        selection: "all" LN entries, "fisher" (top `fraction` by empirical Fisher on `fisher_samples`
+            training blocks), "random" (`fraction` drawn with `seed`) or "mask" (the file `mask`).
+        weight_decay: AdamW decay on every trainable entry (entries outside the mask never move).
+        lr etc.: as `CausalLM`; LN-tuning wants 1e-3..1e-2.
+    The mask in force is saved to `<run_dir>/masks.safetensors` at the start of fit.
+    """
+
+    def __init__(self, init: str, selection: str = "all", fraction: float = 0.1, mask: str | None = None,
+                 fisher_samples: int = 32, seed: int = 0, lr: float = 3e-3, min_lr_ratio: float = 0.1,
+                 warmup_steps: int = 20, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                 tokenizer: Any = None):
+        if selection not in ("all", "fisher", "random", "mask"):
+            raise SurgeryError(f"selection must be all, fisher, random or mask, got {selection!r}")
+        if selection == "mask" and not mask:
+            raise SurgeryError("selection 'mask' needs model.init_args.mask: the masks.safetensors of an earlier run")
+        super().__init__(init=init, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
+                         weight_decay=weight_decay, betas=betas, tokenizer=tokenizer)
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.mask = ln_tune(self.model, LNTuneConfig(head=None))
+        self.val_before: dict | None = None
+        self.trainable = trainable_parameters(self.model, self.mask)
+        self._prepared = False
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or self._prepared:
+            return
+        self._prepared = True
+        hp, dm = self.hparams, self.trainer.datamodule
+        if hp.selection == "fisher":
+            blocks = [dm.split("train")[i] for i in range(min(hp.fisher_samples, len(dm.split("train"))))]
+            scores = fisher_scores(self.model, [torch.stack(blocks[i : i + 8]) for i in range(0, len(blocks), 8)],
+                                   next_token_log_likelihood)
+            mask = EntryMask.top_k(scores, fraction=hp.fraction)
+        elif hp.selection == "random":
+            mask = EntryMask.random({n: p.shape for n, p in ln_parameters(self.model).items()}, hp.fraction, seed=hp.seed)
+        elif hp.selection == "mask":
+            mask = EntryMask.load(hp.mask)
+        else:
+            mask = self.mask
+        self.mask = ln_tune(self.model, LNTuneConfig(head=None, mask=mask))
+        self.mask.save(Path(self.trainer.default_root_dir) / "masks.safetensors")
+        self.trainable = trainable_parameters(self.model, self.mask)
+        self.val_before = cross_entropy(self.model, dm.split("validation"), dm.batch_size)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=hp.lr,
+                                betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        from surgery.lm import cosine_with_warmup
+
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: cosine_with_warmup(s, hp.warmup_steps, int(total), hp.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        self.mask.restore(self.model)
+
+    def export_model(self):
+        self.mask.remove_hooks()
+        return export(self.model)
+
+    def run_metrics(self, exported, val: dict) -> dict:
+        return {"ln_tune": {"selection": self.hparams.selection, "trainable": self.trainable,
+                            "ln_entries": self.mask.total(), "val_before": self.val_before}}
