@@ -61,8 +61,8 @@ class _Copier:
         self.report = TransferReport()
 
     @torch.no_grad()
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, src_name: str, note: str = "") -> None:
-        dst_name = self.names.get(id(dst), "<slice>")
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, src_name: str, note: str = "", dst_name: str = "") -> None:
+        dst_name = dst_name or self.names.get(id(dst), "the target")
         if dst.shape != src.shape:
             raise SurgeryError(f"cannot copy {src_name} {tuple(src.shape)} into {dst_name} {tuple(dst.shape)}: "
                                "shapes differ" + (f" ({note})" if note else ""))
@@ -83,12 +83,12 @@ class _Copier:
     def rows(self, dst: nn.Linear, rows: slice, w: torch.Tensor, b: torch.Tensor | None, dst_path: str,
              src_name: str, hint: str) -> None:
         """Copy a (out, in) weight and its bias into rows `rows` of a Linear."""
-        self.copy(dst.weight[rows], w, src_name, hint)
         whole = rows == slice(0, dst.out_features)
         note = "" if whole else f"rows {rows.start}:{rows.stop} of {dst.out_features}"
+        self.copy(dst.weight[rows], w, src_name, hint, f"{dst_path}.weight" + (f"[{note}]" if note else ""))
         self.record(f"{dst_path}.weight", src_name, w.numel(), note, whole)
         if b is not None and dst.bias is not None:
-            self.copy(dst.bias[rows], b, src_name + " bias")
+            self.copy(dst.bias[rows], b, src_name + " bias", hint, f"{dst_path}.bias")
             self.record(f"{dst_path}.bias", src_name + " bias", b.numel(), note, whole)
         elif b is not None:
             self.report.notes.append(f"{src_name} bias not copied ({dst_path} has no bias)")

@@ -1,0 +1,32 @@
+"""Every XATL recipe parses and shows its full configuration (`--print_config`)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from surgery.lightning_cli import SurgeryCLI
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes" / "xatl").glob("*.yaml"))
+
+
+def test_the_recipes_exist():
+    names = {p.name for p in RECIPES}
+    for mixer in ("mamba", "retention", "gla"):
+        assert f"quickstart-{mixer}.yaml" in names and f"gpt2-{mixer}.yaml" in names
+    assert "quickstart-mamba-scratch.yaml" in names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_print_config(recipe, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        SurgeryCLI(args=["fit", "--config", str(recipe), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    model = config["model"]
+    assert model["class_path"] == "surgery.xatl.train.XatlLM"
+    args = model["init_args"]
+    assert args["mixer"] in recipe.name and args["unfreeze"]["warmup_steps"] > 0  # defaults shown in full
+    assert args["freeze"] == bool(args["transfer"])
+    if recipe.name.startswith("quickstart"):
+        assert args["source"] == "checkpoints/tiny-gpt2-stdlib" and config["trainer"]["accelerator"] == "cpu"
