@@ -20,9 +20,12 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     blocks: str  # the ModuleList of transformer blocks
-    block_norms: tuple[str, ...]  # per-block norms, in forward order (relative to a block)
+    attn_norm: str  # the norm before attention, relative to a block
+    mlp_norm: str  # the norm before the MLP, relative to a block
     attn: str  # relative to a block
     mlp: str  # relative to a block
+    attn_in: str  # the fused Q/K/V input projection, relative to a block
+    mlp_in: str  # the MLP's input projection, relative to a block
     final_norm: str
     tok_emb: str
     pos_emb: str | None
@@ -34,9 +37,12 @@ GPT2 = Family(
     name="gpt2",
     model_types=("gpt2",),
     blocks="transformer.h",
-    block_norms=("ln_1", "ln_2"),
+    attn_norm="ln_1",
+    mlp_norm="ln_2",
     attn="attn",
     mlp="mlp",
+    attn_in="attn.c_attn",
+    mlp_in="mlp.c_fc",
     final_norm="transformer.ln_f",
     tok_emb="transformer.wte",
     pos_emb="transformer.wpe",
@@ -75,5 +81,5 @@ def blocks(model: nn.Module) -> nn.ModuleList:
 def norm_paths(model: nn.Module) -> list[str]:
     """Dotted paths of every norm, in forward order: block by block, then the final norm."""
     fam = family_of(model)
-    paths = [f"{fam.blocks}.{i}.{n}" for i in range(len(blocks(model))) for n in fam.block_norms]
+    paths = [f"{fam.blocks}.{i}.{n}" for i in range(len(blocks(model))) for n in (fam.attn_norm, fam.mlp_norm)]
     return paths + [fam.final_norm]

@@ -13,8 +13,10 @@ from surgery.errors import SurgeryError
 from surgery.loading import load_causal_lm
 
 
-def build_model(init: str | None, config: dict[str, Any] | None, vocab_size: int | None) -> PreTrainedModel:
-    """`init` names a pretrained model (Hub, directory, .ckpt); without it, a fresh GPT-2 from `config`."""
+def build_model(init: str | None, config: dict[str, Any] | None, tokenizer: Any = None) -> PreTrainedModel:
+    """`init` names a pretrained model (Hub, directory, .ckpt); without it, a fresh GPT-2 from `config`
+    whose vocabulary and end-of-text id are the tokenizer's."""
+    vocab_size = len(tokenizer) if tokenizer is not None else None
     if init:
         model = load_causal_lm(init)
         if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
@@ -23,7 +25,10 @@ def build_model(init: str | None, config: dict[str, Any] | None, vocab_size: int
                 f"{model.get_input_embeddings().num_embeddings}: set data.tokenizer to the model's own tokenizer"
             )
         return model
-    cfg = GPT2Config(**{"vocab_size": vocab_size or 50257, **(config or {})})
+    special = {}
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        special = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    cfg = GPT2Config(**{"vocab_size": vocab_size or 50257, **special, **(config or {})})
     return GPT2LMHeadModel(cfg)
 
 
@@ -61,7 +66,7 @@ class CausalLM(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
-        self.model = build_model(init, config, len(tokenizer) if tokenizer is not None else None)
+        self.model = build_model(init, config, tokenizer)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids).logits
@@ -83,8 +88,9 @@ class CausalLM(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim < 2]
+        params = [p for p in self.parameters() if p.requires_grad]  # every model the module trains
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr,

@@ -19,7 +19,7 @@ def write_json(path: Path, data: dict) -> None:
 
 class ExportRun(L.Callback):
     """At the end of fit: save the exported model and tokenizer to `<run_dir>/model`, evaluate it on the
-    validation split and write `<run_dir>/metrics.json` (plus whatever the module adds via `run_metrics`).
+    validation split and write `<run_dir>/metrics.json` (plus whatever the module adds via `run_metrics(exported, val)`).
 
     Args:
         enabled: turn the export off (e.g. for quick experiments).
@@ -50,6 +50,6 @@ class ExportRun(L.Callback):
             "val": cross_entropy(model, dm.split("validation"), batch_size),
         }
         if hasattr(pl_module, "run_metrics"):
-            metrics.update(pl_module.run_metrics(exported=model))
+            metrics.update(pl_module.run_metrics(model, metrics["val"]))
         write_json(run_dir / "metrics.json", metrics)
         print(f"exported {out} | val loss {metrics['val']['loss']:.4f} nats/token | metrics in {run_dir / 'metrics.json'}")
