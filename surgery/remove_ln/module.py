@@ -1,0 +1,153 @@
+"""The Lightning module for LayerNorm removal by fine-tuning (Heimersheim 2024; Baroni et al. 2025)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+
+from surgery.errors import SurgeryError
+from surgery.evaluate import cross_entropy
+from surgery.lm import CausalLM
+from surgery.remove_ln.calibrate import calibrate
+from surgery.remove_ln.export import export_ln_free
+from surgery.remove_ln.fake_ln import per_token_std
+from surgery.remove_ln.points import prepare_for_removal, token_context
+from surgery.remove_ln.schedule import RemovalCallback, RemovalSchedule
+
+
+def std_uniformity_loss(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean squared deviation of each kept token's std from their (detached) mean std.
+
+    x: (B, T, d) input of the final LN; keep: (B, T) bool (not the first position, not end-of-text).
+    """
+    std = per_token_std(x.float(), 0.0)[keep]
+    return (std - std.mean().detach()).pow(2).mean()
+
+
+class LNRemoval(CausalLM):
+    """Fine-tunes a GPT-2 while its LayerNorms go fake on a schedule; exports an LN-free model.
+
+    Args:
+        init: the pretrained GPT-2 (Hub name, local directory, or .ckpt).
+        schedule: when each LayerNorm goes fake.
+        sigma_source: "moving_average" (momentum average of the mean per-token std, frozen at removal;
+            Baroni et al. 2025) or "table" (measured once on `calibration_batches` training batches
+            before training; Heimersheim 2024).
+        momentum: moving-average momentum.
+        calibration_batches: batches measured for the table.
+        aux_loss_weight: weight of the loss that pulls each token's std at the final LN's input
+            towards the mean std (0 turns it off).
+        keep_ln: control run: fine-tune with every LayerNorm kept, same everything else.
+        control: also train an LN-kept twin on the very same batches (same optimizer settings, its own
+            gradient clipping), so that one run reports original, control and LN-free losses.
+        lr, min_lr_ratio, warmup_steps, weight_decay, betas: as in `CausalLM`.
+    """
+
+    def __init__(
+        self,
+        init: str,
+        schedule: RemovalSchedule | None = None,
+        sigma_source: Literal["moving_average", "table"] = "moving_average",
+        momentum: float = 0.9,
+        calibration_batches: int = 8,
+        aux_loss_weight: float = 0.1,
+        keep_ln: bool = False,
+        control: bool = False,
+        lr: float = 6e-4,
+        min_lr_ratio: float = 0.5,
+        warmup_steps: int = 25,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.95),
+        tokenizer: Any = None,
+    ):
+        super().__init__(init=init, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
+                         weight_decay=weight_decay, betas=betas, tokenizer=tokenizer)
+        self.schedule = schedule or RemovalSchedule()
+        self.control = copy.deepcopy(self.model) if control and not keep_ln else None
+        self.points = {} if keep_ln else prepare_for_removal(self.model, momentum)
+        self.removal = None
+        if not keep_ln:
+            self.schedule.removal_steps(len(self.points) // 3)  # refuse a bad schedule before training
+            self.removal = RemovalCallback(self.schedule, self.points)
+        self.original_val: dict | None = None
+        self._ln_f_input: torch.Tensor | None = None
+        if self.points and aux_loss_weight > 0:
+            self.points["ln_f"].register_forward_pre_hook(self._keep_ln_f_input)
+
+    def _keep_ln_f_input(self, module, args) -> None:
+        self._ln_f_input = args[0]
+
+    def configure_callbacks(self):
+        return [self.removal] if self.removal else []
+
+    def n_blocks(self) -> int:
+        return self.model.config.n_layer
+
+    # -- training ------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.removal is not None:
+            last = self.schedule.last_step(self.n_blocks())
+            if 0 < self.trainer.max_steps <= last:
+                raise SurgeryError(
+                    f"trainer.max_steps={self.trainer.max_steps} ends before the removal schedule does (its last "
+                    f"event is at step {last}): raise trainer.max_steps or shorten model.init_args.schedule"
+                )
+        dm = self.trainer.datamodule
+        if self.original_val is None:
+            original = self.control if self.control is not None else self.model
+            self.original_val = cross_entropy(original, dm.split("validation"), dm.batch_size)
+        if self.removal is not None and self.hparams.sigma_source == "table" and self.removal.table is None:
+            self.removal.table = calibrate(self.model, self.points, dm.train_dataloader(), self.hparams.calibration_batches, dm.tokenizer.eos_token_id)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int):
+        if self.points:
+            token_context(self.points).eot_mask = batch == self.tokenizer.eos_token_id
+        lm_loss = self.lm_loss(batch)
+        loss = lm_loss
+        if self._ln_f_input is not None:
+            keep = (batch != self.tokenizer.eos_token_id)
+            keep[:, 0] = False
+            aux = std_uniformity_loss(self._ln_f_input, keep)
+            self._ln_f_input = None
+            loss = loss + self.hparams.aux_loss_weight * aux
+            self.log("train/aux_loss", aux)
+        if self.control is not None:
+            control_loss = self.control(batch, labels=batch).loss
+            loss = loss + control_loss
+            self.log("train/control_loss", control_loss)
+        self.log("train/loss", lm_loss, prog_bar=True)
+        self.log("lr", self.optimizers().param_groups[0]["lr"])
+        return {"loss": loss, "lm_loss": lm_loss.detach()}
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        if self.points:
+            token_context(self.points).eot_mask = batch == self.tokenizer.eos_token_id
+        super().validation_step(batch, batch_idx)
+        if self.control is not None:
+            loss = self.control(batch, labels=batch).loss
+            self.log("val/control_loss", loss, batch_size=batch.shape[0], sync_dist=True)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.control is None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_val:  # the twin must not change the removal model's clipping, nor the reverse
+            for m in (self.model, self.control):
+                torch.nn.utils.clip_grad_norm_(m.parameters(), gradient_clip_val)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["original_val"] = self.original_val
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.original_val = checkpoint.get("original_val")
+
+    # -- results -------------------------------------------------------------------------------
+    def export_model(self):
+        return self.model if self.removal is None else export_ln_free(self.model)
+
+    def run_metrics(self, exported, val: dict) -> dict:
+        from surgery.remove_ln.report import removal_report
+
+        return removal_report(self, exported, val, self.trainer.default_root_dir)

@@ -1,0 +1,120 @@
+"""When each LayerNorm goes fake: the removal schedule and the Lightning callback that applies it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import lightning as L
+
+from surgery.errors import SurgeryError
+from surgery.remove_ln.fake_ln import SwitchableLayerNorm
+from surgery.remove_ln.points import KINDS, point_names
+
+
+@dataclass
+class RemovalSchedule:
+    """Optimizer steps at which LayerNorms go fake.
+
+    Args:
+        start: step of the first removal.
+        gaps: steps between a removal and the next one, by the kind of the next one
+            (`ln_2`, `ln_1_qk`, `ln_1_v`, `ln_f`). Kinds go in that order, block by block.
+        events: explicit `{point: step}` for every point instead of start/gaps (e.g. `h.0.ln_2: 200`).
+        special_first / special_eot: give the first position / end-of-text tokens their own sigma
+            while the transition runs (Heimersheim 2024); dropped at `drop_eot_after` /
+            `drop_first_after` steps after the last removal.
+    """
+
+    start: int = 20
+    gaps: dict[str, int] = field(default_factory=lambda: {"ln_2": 2, "ln_1_qk": 2, "ln_1_v": 3, "ln_f": 2})
+    events: dict[str, int] | None = None
+    special_first: bool = False
+    special_eot: bool = False
+    drop_eot_after: int = 20
+    drop_first_after: int = 40
+
+    def removal_steps(self, n_blocks: int) -> dict[str, int]:
+        """{point name: step}, in removal order."""
+        names = point_names(n_blocks)
+        valid = [n for k in KINDS for n in names[k]]
+        if self.events is not None:
+            unknown = sorted(set(self.events) - set(valid))
+            missing = [n for n in valid if n not in self.events]
+            if unknown or missing:
+                raise SurgeryError(
+                    f"schedule.events names {unknown or 'no unknown points'} and omits {missing or 'none'}; "
+                    f"this {n_blocks}-block model has exactly: {', '.join(valid)}"
+                )
+            bad = {n: s for n, s in self.events.items() if not isinstance(s, int) or s < 0}
+            if bad:
+                raise SurgeryError(f"schedule.events steps must be non-negative integers (got {bad})")
+            return dict(sorted(self.events.items(), key=lambda kv: kv[1]))
+        unknown = sorted(set(self.gaps) - set(KINDS))
+        if unknown or any(g < 0 for g in self.gaps.values()) or self.start < 0:
+            raise SurgeryError(
+                f"schedule.gaps takes kinds {', '.join(KINDS)} with non-negative gaps and schedule.start >= 0 "
+                f"(got start={self.start}, gaps={self.gaps})"
+            )
+        steps: dict[str, int] = {}
+        step = None
+        for kind in KINDS:
+            for name in names[kind]:
+                step = self.start if step is None else step + self.gaps.get(kind, 0)
+                steps[name] = step
+        return steps
+
+    def last_step(self, n_blocks: int) -> int:
+        """The step after which the model has no LayerNorm and no special sigma left."""
+        last = max(self.removal_steps(n_blocks).values())
+        tail = max(self.drop_eot_after if self.special_eot else 0, self.drop_first_after if self.special_first else 0)
+        return last + tail
+
+
+class RemovalCallback(L.Callback):
+    """Applies the schedule at the start of each training batch and records sigma and loss for plots.
+
+    State in the checkpoint: the removal log and the history; the LNs' own state (fake flags,
+    sigma, moving averages) is in the model's buffers.
+    """
+
+    def __init__(self, schedule: RemovalSchedule, points: dict[str, SwitchableLayerNorm], table: dict[str, float] | None = None):
+        self.schedule, self.points, self.table = schedule, points, table
+        self.steps = schedule.removal_steps(sum(1 for n in points if n.endswith(".ln_2")))
+        self.removed: list[tuple[int, str]] = []
+        self.history: dict[str, list] = {"step": [], "loss": [], **{n: [] for n in points}}
+
+    def apply(self, step: int) -> list[str]:
+        """Make fake every point due by `step`; drop specials when due. Returns the points removed now."""
+        done = []
+        for name, at in self.steps.items():
+            ln = self.points[name]
+            if at <= step and not ln.is_fake:
+                sigma = self.table[name] if self.table else None
+                ln.go_fake(sigma, self.schedule.special_first, self.schedule.special_eot)
+                self.removed.append((step, name))
+                done.append(name)
+        last = max(self.steps.values())
+        for ln in self.points.values():
+            if ln.is_fake and step >= last + self.schedule.drop_eot_after:
+                ln.special_eot.fill_(0.0)
+            if ln.is_fake and step >= last + self.schedule.drop_first_after:
+                ln.special_first.fill_(0.0)
+        return done
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        for name in self.apply(trainer.global_step):
+            pl_module.log(f"removed/{name}", float(self.points[name].sigma), rank_zero_only=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["lm_loss"] if isinstance(outputs, dict) and "lm_loss" in outputs else outputs["loss"]
+        self.history["step"].append(trainer.global_step)
+        self.history["loss"].append(float(loss))
+        for name, ln in self.points.items():
+            self.history[name].append(float(ln.sigma if ln.is_fake else ln.avg_std))
+
+    def state_dict(self) -> dict:
+        return {"removed": self.removed, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.removed = [tuple(r) for r in state["removed"]]
+        self.history = state["history"]
