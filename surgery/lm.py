@@ -19,6 +19,7 @@ def build_model(init: str | None, config: dict[str, Any] | None, tokenizer: Any 
     vocab_size = len(tokenizer) if tokenizer is not None else None
     if init:
         model = load_causal_lm(init)
+        model.train()  # from_pretrained returns eval mode, and Lightning 2.x keeps each submodule's mode
         if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
             raise SurgeryError(
                 f"the tokenizer has {vocab_size} entries but model {init!r} embeds only "
