@@ -19,3 +19,12 @@ def test_steps_to_match_and_summary(tmp_path):
     json.dumps(summary)
     plot(xatl, scratch, summary, tmp_path / "c.png", "t")
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_val_curve_joins_the_logs_of_a_resumed_run(tmp_path):
+    """A resumed arm keeps its earlier log as metrics-<n>.csv; steps logged again after the resume win."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "metrics-1.csv").write_text("epoch,step,val/loss\n0,9,5.0\n0,19,4.5\n0,29,4.4\n")
+    (logs / "metrics.csv").write_text("epoch,step,val/loss\n0,29,4.3\n0,39,4.1\n")
+    assert val_curve(tmp_path) == [(10, 5.0), (20, 4.5), (30, 4.3), (40, 4.1)]

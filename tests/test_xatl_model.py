@@ -78,3 +78,23 @@ def test_config_errors():
     model = tiny("mamba")
     with pytest.raises(SurgeryError, match="padding masks are not supported"):
         model(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1]]))
+
+
+def test_load_causal_lm_finds_the_hybrid_in_a_fresh_process(tmp_path):
+    """`surgery.loading` registers hybrid_gpt2 itself: a new interpreter that imports nothing from
+    surgery.xatl still loads a saved hybrid (as `surgery eval` does)."""
+    import subprocess
+    import sys
+
+    model = tiny("retention", [1])
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        ref = model(ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    code = ("import sys, torch; from surgery.loading import load_causal_lm; m = load_causal_lm(sys.argv[1]).eval(); "
+            "print(type(m).__name__); torch.save(m(torch.load(sys.argv[1] + '/ids.pt')).logits, sys.argv[1] + '/out.pt')")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "HybridGPT2LMHeadModel"
+    assert torch.equal(torch.load(tmp_path / "out.pt"), ref)
