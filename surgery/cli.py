@@ -19,6 +19,7 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("surgery.commands.eval", "cross-entropy and perplexity of a model on held-out data"),
     "verify": ("surgery.commands.verify", "check an (LN-free) model in TransformerLens: logits, exact DLA, patching, sinks"),
+    "publish": ("surgery.commands.publish", "upload a run or model to the Hugging Face Hub with a card built from its measurements"),
 }
 
 

@@ -13,6 +13,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from surgery.publish.callback import PublishRun
 from surgery.run import ExportRun
 
 
@@ -45,6 +46,7 @@ class SurgeryCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ExportRun, "export")
+        parser.add_lightning_class_args(PublishRun, "publish")  # after export: publishes the exported run
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         # The data module owns the tokenizer; the model needs it for its vocabulary and its export.
         parser.link_arguments("data.tokenizer", "model.init_args.tokenizer", apply_on="instantiate")

@@ -1,0 +1,219 @@
+"""The model card (`README.md`) of a published run: Hub metadata, results tables from the run's own
+measurements (`metrics.json`, the verification report), the reload check, and loading snippets.
+
+Every number in the tables is read from the run's files; nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from surgery.publish.source import PublishSource
+
+CORPUS_NAMES = {"stdlib"}  # data sources of surgery.data.Corpus that are not Hub datasets
+
+
+def _num(value) -> str:
+    """4 decimals for losses and ratios, scientific notation for small errors, thousands separators for counts."""
+    if isinstance(value, bool) or value is None:
+        return "-" if value is None else str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        return f"{value:.2e}" if abs(value) < 1e-3 else f"{value:.4f}"
+    return str(value)
+
+
+def is_hub_name(name, search_dirs: list[Path]) -> bool:
+    """True when `name` reads as a Hub repository id and is not a local path (relative to any of `search_dirs`)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(name, str) or not name or name.endswith(".ckpt") or name.startswith(("/", ".", "~")):
+        return False
+    if name.count("/") > 1 or any((d / name).exists() for d in search_dirs):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _search_dirs(source: PublishSource) -> list[Path]:
+    dirs = [Path.cwd()]
+    if source.run_dir is not None:
+        dirs += list(source.run_dir.resolve().parents)
+    return dirs
+
+
+def base_model(source: PublishSource) -> str | None:
+    """The Hub model the run started from (`model.init_args.init` or `.source` of the recipe), if it is one."""
+    args = (source.recipe.get("model") or {}).get("init_args") or {}
+    name = args.get("init") or args.get("source")
+    return name if is_hub_name(name, _search_dirs(source)) else None
+
+
+def datasets(source: PublishSource) -> list[str]:
+    """Hub datasets the run trained on (`data.init_args.data` of the recipe); local files and 'stdlib' are not listed."""
+    args = (source.recipe.get("data") or {}).get("init_args") or {}
+    name = args.get("data")
+    ok = name not in CORPUS_NAMES and is_hub_name(name, _search_dirs(source))
+    return [name] if ok else []
+
+
+def metadata(source: PublishSource, ln_free: bool, license: str, base: str | None, data: list[str]) -> dict:
+    """The YAML front matter of the card."""
+    config = source.model_config
+    model_type = config.get("model_type", "")
+    tags = ["lm-surgery"] + ([model_type] if model_type else [])
+    if ln_free:
+        tags += ["ln-free", "layernorm-removal"]
+    if model_type == "gpt2":
+        tags.append("transformer-lens")
+    if "xatl" in source.metrics:
+        tags += ["xatl", f"{source.metrics['xatl'].get('mixer', 'hybrid')}"]
+    if "ln_tune" in source.metrics or str(source.metrics.get("method", "")).startswith("ln"):
+        tags.append("ln-tuning")
+    archs = config.get("architectures") or [""]
+    pipeline = "text-classification" if archs[0].endswith("ForSequenceClassification") else "text-generation"
+    meta = {"library_name": "transformers", "license": license, "pipeline_tag": pipeline, "tags": tags}
+    if base:
+        meta["base_model"] = base
+    if data:
+        meta["datasets"] = data
+    return meta
+
+
+def result_rows(metrics: dict, parent: dict) -> list[tuple[str, str]]:
+    """(measurement, value) rows from a run's metrics.json (and a comparison's metrics.json one level up)."""
+    rows = []
+    val_loss = metrics.get("val_loss")
+    if isinstance(val_loss, dict):  # LayerNorm removal (surgery/remove_ln/report.py)
+        rows += [(f"validation loss, {name} (nats/token)", _num(v)) for name, v in val_loss.items()]
+        if "gap_vs_control" in metrics:
+            rows.append(("gap LN-free - control (nats/token)", f"{metrics['gap_vs_control']:+.4f}"))
+        if "export_logit_diff" in metrics:
+            d = metrics["export_logit_diff"]
+            rows.append(("max abs logit diff, trained (fake LN) vs export", f"{_num(d['max_abs'])} ({_num(d['relative'])} relative)"))
+        if metrics.get("removed"):
+            last = metrics["removed"][-1]
+            rows.append(("LayerNorms removed", f"{len(metrics['removed'])} (last: {last['point']} at step {last['step']})"))
+    elif isinstance(metrics.get("val"), dict):
+        rows.append(("validation loss (nats/token)", _num(metrics["val"]["loss"])))
+        rows.append(("validation perplexity", _num(metrics["val"]["perplexity"])))
+    tune = metrics.get("ln_tune")
+    if isinstance(tune, dict):  # LN-tuning of a language model (surgery/ln_tune/lm.py)
+        if "val_before" in tune:
+            rows.append(("validation loss before tuning (nats/token)", _num(tune["val_before"]["loss"])))
+        rows.append((f"trainable LayerNorm entries ({tune.get('selection')})", f"{_num(tune.get('trainable'))} of {_num(tune.get('ln_entries'))}"))
+    if "test_accuracy" in metrics:  # sequence classification (surgery/ln_tune/classify.py)
+        rows.append((f"test accuracy ({metrics.get('method')})", f"{100 * metrics['test_accuracy']:.1f}%"))
+        rows.append(("trainable parameters", _num(metrics.get("trainable"))))
+    xatl = metrics.get("xatl")
+    if isinstance(xatl, dict):  # cross-architecture transfer (surgery/xatl/train.py)
+        rows.append(("mixer / transferred components", f"{xatl.get('mixer')} / {', '.join(xatl.get('transfer', [])) or 'none'}"))
+        rows.append(("transferred parameters", _num(xatl.get("transferred_params"))))
+        rows.append(("transferred weights unfrozen at step", _num(xatl.get("unfrozen_at"))))
+    if "steps_to_match_ratio" in parent:  # XATL vs scratch comparison (surgery/xatl/compare.py)
+        rows.append(("scratch final validation loss (nats/token)", _num(parent.get("scratch_final_val_loss"))))
+        rows.append(("XATL final validation loss (nats/token)", _num(parent.get("xatl_final_val_loss"))))
+        match = parent.get("steps_to_match_scratch_final_loss")
+        ratio = parent["steps_to_match_ratio"]
+        rows.append(("XATL steps to reach scratch's final loss", "not reached" if match is None else
+                     f"{_num(match)} of {_num(parent.get('total_steps'))} (ratio {_num(ratio)})"))
+    for key, label in (("steps", "optimizer steps"), ("tokens_seen", "training tokens")):
+        if key in metrics:
+            rows.append((label, _num(metrics[key])))
+    if "train_time_s" in metrics:
+        rows.append(("training time (s)", f"{metrics['train_time_s']:.0f}"))
+    return rows
+
+
+VERIFY_ROWS = (
+    ("has normalization (per-token scale)", lambda r: r["has_normalization"]),
+    ("HF vs TransformerLens max abs logit diff", lambda r: r["hf_tl_max_abs_logit_diff"]),
+    ("DLA relative error (exact DLA: ~0)", lambda r: r["dla_relative_error"]),
+    ("frozen-scale DLA error", lambda r: r["dla_frozen_scale_error"]),
+    ("spread of the LN divisor over tokens", lambda r: r["hf_scale_spread"]),
+    ("attribution vs activation patching correlation", lambda r: r["patching"]["correlation"]),
+    ("validation loss (nats/token)", lambda r: r["validation"]["loss"]),
+)
+
+
+def verify_table(report: dict) -> list[str]:
+    """Markdown lines of the side-by-side table of a `surgery verify` report.json."""
+    results = report.get("results") or {}
+    if not results:
+        return []
+    lines = ["| check | " + " | ".join(results) + " |", "|---|" + "---:|" * len(results)]
+    for label, get in VERIFY_ROWS:
+        cells = []
+        for r in results.values():
+            try:
+                cells.append(_num(get(r)))
+            except (KeyError, TypeError):
+                cells.append("-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    failures = report.get("failures") or []
+    lines += ["", "LN-free checks: " + ("FAILED: " + "; ".join(failures) if failures else "passed") + "."]
+    return lines
+
+
+def snippets(repo_id: str, model_type: str, auto_class: str, needs_surgery: bool) -> list[str]:
+    load = [f"from transformers import {auto_class}, AutoTokenizer", ""]
+    if needs_surgery:
+        load = ["import surgery.xatl  # pip install lm-surgery; registers this architecture with transformers", *load]
+    lines = ["## How to load", "", "With `transformers`:", "", "```python", *load,
+             f'model = {auto_class}.from_pretrained("{repo_id}")', f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```"]
+    if model_type == "gpt2":
+        lines += ["", "In TransformerLens (`pip install lm-surgery`; an LN-free model loads with no normalization, so "
+                  "direct logit attribution is exact):", "", "```python", "from huggingface_hub import snapshot_download",
+                  "from surgery.lens import load_hooked", "", f'model = load_hooked(snapshot_download("{repo_id}"))', "```"]
+    return lines
+
+
+def render(source: PublishSource, repo_id: str, meta: dict, checks: dict, files: list[str], auto_class: str,
+           needs_surgery: bool) -> str:
+    """The card text. `checks`: the reload check's result (surgery.publish.check); `files`: the published files."""
+    config = source.model_config
+    ln_free = "ln-free" in meta["tags"]
+    kind = "An LN-free" if ln_free else "A"
+    shape = ", ".join(f"{k} {config[k]}" for k in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size") if k in config)
+    intro = (f"{kind} `{config.get('model_type', '?')}` model ({shape}) made with [lm-surgery](https://pypi.org/project/lm-surgery/)"
+             + (f" from `{meta['base_model']}`" if "base_model" in meta else "") + ".")
+    data = ((source.recipe.get("data") or {}).get("init_args") or {}).get("data")
+    if data:
+        intro += f" Training data: `{data}`" + (" (the Python standard library's source files)" if data == "stdlib" else "") + "."
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {repo_id.split('/')[-1]}", "", intro]
+    if ln_free:
+        lines += ["", "Every LayerNorm is gone: each ln_1/ln_2 only centers (weight 1e6, eps 1e12), its affine and fixed "
+                  "1/sigma folded into the next projection; ln_f applies a fixed per-channel scale. The config records "
+                  "`surgery_ln_free`. It is a vanilla checkpoint: plain `transformers` runs it unchanged."]
+    rows = result_rows(source.metrics, source.parent_metrics)
+    if rows:
+        lines += ["", "## Results", "", "Measured by the run that produced this model (`metrics.json`).", "",
+                  "| measurement | value |", "|---|---:|", *[f"| {a} | {b} |" for a, b in rows]]
+        plots = sorted(f for f in files if f.startswith("plots/"))
+        lines += [""] + [f"![{Path(f).stem}]({f})" for f in plots] if plots else []
+    if source.verify_dir is not None:
+        import json
+
+        report = json.loads((source.verify_dir / "report.json").read_text())
+        lines += ["", "## Verification in TransformerLens", "", f"`surgery verify` on {report.get('validation_blocks', '?')} "
+                  f"held-out blocks of {report.get('block_size', '?')} tokens (`verify/report.json`).", "", *verify_table(report)]
+    lines += ["", "## Reload check", "", f"Before publishing, this folder was loaded {checks['loader']} and its logits "
+              f"compared with the run's model on {checks['blocks']} blocks of {checks['block_size']} tokens: max abs "
+              f"difference {_num(checks['max_abs_logit_diff'])}."]
+    if "lens_max_abs_logit_diff" in checks:
+        lines[-1] += f" Loaded with `surgery.lens.load_hooked`: max abs difference {_num(checks['lens_max_abs_logit_diff'])}."
+    lines += ["", *snippets(repo_id, config.get("model_type", ""), auto_class, needs_surgery)]
+    if source.recipe_path is not None:
+        lines += ["", "## Reproduce", "", "`recipe.yaml` is the full Lightning CLI configuration of the run "
+                  "(local paths in it refer to the machine it ran on):", "", "```bash", "pip install lm-surgery",
+                  "surgery fit --config recipe.yaml", "```"]
+    lines += ["", "## Files", "", *[f"- `{f}`" for f in sorted(files) if f != "README.md"]]
+    return "\n".join(lines) + "\n"
