@@ -113,8 +113,12 @@ class RemovalCallback(L.Callback):
             self.history[name].append(float(ln.sigma if ln.is_fake else ln.avg_std))
 
     def state_dict(self) -> dict:
-        return {"removed": self.removed, "history": self.history}
+        return {"removed": self.removed, "history": self.history, "table": self.table}
 
     def load_state_dict(self, state: dict) -> None:
         self.removed = [tuple(r) for r in state["removed"]]
         self.history = state["history"]
+        self.table = state.get("table") or self.table
+        if self.table:  # a resumed table run keeps its measured table and does not measure again
+            for ln in self.points.values():
+                ln.track = False
