@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from surgery.data.corpus import Corpus, fingerprint, load_documents
+from surgery.data.resumable import EpochShuffle, ResumableLoader
 from surgery.data.tokenizer import eos_id, get_tokenizer
 from surgery.errors import SurgeryError
 from surgery.paths import cache_dir
@@ -119,8 +120,8 @@ class TokenBlocks(L.LightningDataModule):
         self.split("validation")
 
     def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.split("train"), batch_size=self.batch_size, shuffle=True, drop_last=True, generator=gen)
+        train = self.split("train")  # shuffled per epoch from `seed`; resumes mid-epoch from a checkpoint
+        return ResumableLoader(train, batch_size=self.batch_size, sampler=EpochShuffle(len(train), self.seed), drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.split("validation"), batch_size=self.batch_size)
