@@ -12,24 +12,51 @@ import os
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from surgery.publish.callback import PublishRun
+from surgery.errors import SurgeryError
+from surgery.resume import AtomicCheckpointIO, choose_checkpoint, rng_state, set_rng_state
 from surgery.run import ExportRun
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """Saves `<run_dir>/checkpoints/last.ckpt` every `every_n_train_steps` optimizer steps.
+    """Saves `<run_dir>/checkpoints/last.ckpt` every `every_n_train_steps` optimizer steps, atomically,
+    with the torch RNG state (so dropout after a resume matches an uninterrupted run).
 
     Args:
         every_n_train_steps: steps between checkpoints (0 turns periodic checkpoints off).
+        auto_resume: with no --ckpt_path, resume from `<run_dir>/checkpoints/last.ckpt` when it exists
+            (False: refuse to start in a directory that holds an interrupted run).
+        overwrite: start again in a run directory that holds a finished run (`metrics.json`); its
+            `metrics.json` and `last.ckpt` are deleted first.
     """
 
-    def __init__(self, every_n_train_steps: int = 100):
+    def __init__(self, every_n_train_steps: int = 100, auto_resume: bool = True, overwrite: bool = False):
+        if every_n_train_steps < 0:
+            raise SurgeryError(
+                f"checkpoint.every_n_train_steps={every_n_train_steps} is negative: use a positive number of steps, or 0 for no periodic checkpoints"
+            )
         super().__init__(every_n_train_steps=every_n_train_steps or None, save_last=True, save_top_k=0)
+        self.auto_resume, self.overwrite = auto_resume, overwrite
+
+    @property
+    def state_key(self) -> str:
+        return "RunCheckpoint"  # stable when the checkpoint interval changes between runs
 
     def setup(self, trainer, pl_module, stage) -> None:
         self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         super().setup(trainer, pl_module, stage)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "rng": rng_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if "rng" in state_dict:
+            set_rng_state(state_dict["rng"])
 
 
 class SurgeryCLI(LightningCLI):
@@ -61,3 +88,11 @@ class SurgeryCLI(LightningCLI):
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": trainer.default_root_dir, "name": "logs", "version": ""},
             }
+
+    def before_fit(self) -> None:
+        """Decide what the run starts from (see `surgery.resume.choose_checkpoint`); load checkpoints weights-only."""
+        config = self.config_init["fit"]
+        ckpt = next(cb for cb in self.trainer.callbacks if isinstance(cb, RunCheckpoint))
+        config["ckpt_path"] = choose_checkpoint(self.trainer.default_root_dir, config.get("ckpt_path"), ckpt.auto_resume, ckpt.overwrite)
+        if config.get("weights_only") is None:
+            config["weights_only"] = True

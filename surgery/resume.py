@@ -1,0 +1,156 @@
+"""Exact resume: checkpoint files written atomically, checked before they are resumed, and the choice of
+what a `surgery fit` starts from (`--ckpt_path last`, automatic resume, or a fresh run directory).
+
+A Lightning checkpoint of a surgery run holds only tensors, numbers, strings and plain containers
+(model and optimizer state, loop progress, callback state, `hf_config`, the torch RNG state), so
+it loads with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+
+from surgery.errors import SurgeryError
+
+TRAINING_KEYS = ("state_dict", "loops", "global_step", "optimizer_states", "lr_schedulers")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a hidden temporary file beside its target, syncs it to disk, then renames
+    it over the target (`os.replace`, atomic on POSIX): a kill at any moment leaves either the old or
+    the new file under the checkpoint's name, never a partial one. Remote paths use Lightning's writer."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if not _is_local_file_protocol(str(path)):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not `last*.ckpt`: never taken as a checkpoint
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+
+
+def read_checkpoint(path: str | Path, weights_only: bool = True) -> dict:
+    """The checkpoint's contents (tensors memory-mapped, so a large file is not read twice).
+
+    Raises SurgeryError naming the file and what to do when it is missing, truncated or corrupt, holds
+    objects that `weights_only` loading refuses, or is not a training checkpoint Lightning can resume.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SurgeryError(f"checkpoint {str(path)!r} does not exist: check --ckpt_path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    except Exception as err:  # zip, pickle and storage errors all mean the file cannot be trusted
+        text = str(err).splitlines()[0][:300]
+        if "Weights only load failed" in str(err):
+            raise SurgeryError(
+                f"checkpoint {str(path)!r} holds Python objects that weights-only loading refuses ({text}); "
+                "surgery's own checkpoints never do. If you trust where the file came from, pass --weights_only false"
+            ) from err
+        raise SurgeryError(
+            f"checkpoint {str(path)!r} is truncated or corrupt and cannot be resumed ({type(err).__name__}: {text}). "
+            "Delete it and resume from an earlier checkpoint (--ckpt_path FILE), or start a new run directory"
+        ) from err
+    missing = [k for k in TRAINING_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(TRAINING_KEYS)
+    if missing:
+        raise SurgeryError(
+            f"checkpoint {str(path)!r} is not a training checkpoint (it lacks {', '.join(missing)}): a run can resume "
+            "only from a checkpoint its trainer wrote; to start from these weights use model.init_args.init instead"
+        )
+    return ckpt
+
+
+def last_checkpoint(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
+
+
+def choose_checkpoint(run_dir: str | Path, ckpt_path: str | None, auto_resume: bool, overwrite: bool) -> str | None:
+    """What `surgery fit` resumes from: a checked checkpoint path, or None for a fresh start.
+
+    - `ckpt_path="last"`: `<run_dir>/checkpoints/last.ckpt` if it exists, else a fresh start (so one
+      command both starts and resumes a preemptible job).
+    - no `ckpt_path`: a finished run (`metrics.json`) is refused unless `overwrite` (then its
+      `metrics.json` and `last.ckpt` are deleted); an unfinished one with `last.ckpt` is resumed
+      when `auto_resume`, refused otherwise.
+    - a file: that checkpoint.
+    """
+    run_dir = Path(run_dir)
+    last = last_checkpoint(run_dir)
+    metrics = run_dir / "metrics.json"
+    if ckpt_path == "last":
+        if not last.exists():
+            rank_zero_info(f"--ckpt_path last: no {last} yet, starting a fresh run")
+            return None
+        ckpt_path = str(last)
+    elif ckpt_path is None:
+        if metrics.exists() and not overwrite:
+            raise SurgeryError(
+                f"trainer.default_root_dir={str(run_dir)!r} holds a finished run ({metrics} after "
+                f"{_steps(metrics)} steps): choose a new trainer.default_root_dir, pass --ckpt_path last to continue "
+                "it (with a higher trainer.max_steps), or --checkpoint.overwrite true to replace it"
+            )
+        if overwrite:
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                metrics.unlink(missing_ok=True)
+                last.unlink(missing_ok=True)
+            return None
+        if not last.exists():
+            return None
+        if not auto_resume:
+            raise SurgeryError(
+                f"{last} exists: this run directory holds an interrupted run. Pass --ckpt_path last to resume it, "
+                "choose a new trainer.default_root_dir, or --checkpoint.overwrite true to start it again"
+            )
+        ckpt_path = str(last)
+    ckpt = read_checkpoint(ckpt_path)
+    rank_zero_info(f"resuming from {ckpt_path} (step {ckpt['global_step']})")
+    return str(ckpt_path)
+
+
+def _steps(metrics: Path) -> str:
+    try:
+        return str(json.loads(metrics.read_text()).get("steps", "?"))
+    except (OSError, ValueError):
+        return "?"
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch RNG states (CPU and every CUDA device): dropout masks after a resume match an uninterrupted run."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
