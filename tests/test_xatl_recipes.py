@@ -14,7 +14,7 @@ def test_the_recipes_exist():
     names = {p.name for p in RECIPES}
     for mixer in ("mamba", "retention", "gla"):
         assert f"quickstart-{mixer}.yaml" in names and f"gpt2-{mixer}.yaml" in names
-    assert "quickstart-mamba-scratch.yaml" in names
+        assert f"quickstart-{mixer}-scratch.yaml" in names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -30,3 +30,17 @@ def test_print_config(recipe, capsys):
     assert args["freeze"] == bool(args["transfer"])
     if recipe.name.startswith("quickstart"):
         assert args["source"] == "checkpoints/tiny-gpt2-stdlib" and config["trainer"]["accelerator"] == "cpu"
+
+
+@pytest.mark.parametrize("mixer", ["mamba", "retention", "gla"])
+def test_scratch_control_differs_only_in_what_is_transferred(mixer):
+    """Same architecture, data, steps and learning rate as the XATL recipe: only transfer, freeze and the
+    run directory differ."""
+    here = Path(__file__).parent.parent / "recipes" / "xatl"
+    xatl, scratch = (yaml.safe_load((here / f"quickstart-{mixer}{s}.yaml").read_text()) for s in ("", "-scratch"))
+    assert scratch["model"]["init_args"]["transfer"] == [] and scratch["model"]["init_args"]["freeze"] is False
+    for cfg in (xatl, scratch):
+        for key in ("transfer", "freeze"):
+            del cfg["model"]["init_args"][key]
+        del cfg["trainer"]["default_root_dir"]
+    assert xatl == scratch

@@ -1,0 +1,131 @@
+"""Generation cost per token against context length: GPT-2 attention vs the linear-cost mixers (XATL hybrids).
+
+Every model has the same width, depth, heads and vocabulary (random weights: speed does not depend on them).
+For each context length L a prompt of L tokens is run once to fill the cache (KV cache for attention, fixed-size
+recurrent state for the mixers); then `new_tokens` tokens are decoded one at a time with the cache; the
+fastest step is the per-token latency (as `timeit` does: on a shared machine the slower steps measure the
+other jobs), the median is kept beside it. The cache's size per sequence is reported too.
+Speed is given as a ratio to attention at the same L, measured in the same run (shared machines are noisy).
+
+    rows = run_benchmark(contexts=[256, 1024])   # list of dicts; table(rows) -> Markdown; plot(rows, path)
+
+The script benchmarks/xatl_generation.py runs it from the command line and writes JSON, Markdown and a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
+
+from surgery.xatl.model import HybridGPT2LMHeadModel, hybrid_config_from
+
+CONTEXTS = (256, 512, 1024, 2048, 4096)
+MIXERS = ("mamba", "retention", "gla")
+
+
+def build_models(width: int = 256, depth: int = 4, heads: int = 4, vocab: int = 4096, max_context: int = 4096,
+                 mixers: tuple[str, ...] = MIXERS, seed: int = 0) -> dict[str, PreTrainedModel]:
+    """"attention" (GPT2LMHeadModel) and one all-mixer hybrid per name in `mixers`, same shape, eval mode."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=depth, n_embd=width, n_head=heads, vocab_size=vocab, n_positions=max_context + 64,
+                     bos_token_id=0, eos_token_id=0)
+    models: dict[str, PreTrainedModel] = {"attention": GPT2LMHeadModel(cfg)}
+    for name in mixers:
+        models[name] = HybridGPT2LMHeadModel(hybrid_config_from(cfg, name))
+    return {k: m.eval() for k, m in models.items()}
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by a transformers cache (KV tensors or recurrent states), all layers together."""
+    total = 0
+    for layer in cache.layers:
+        for value in vars(layer).values():
+            tensors = value.values() if isinstance(value, dict) else [value]
+            total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total
+
+
+@torch.no_grad()
+def time_decode(model: PreTrainedModel, context: int, new_tokens: int = 16, warmup: int = 2, batch: int = 1,
+                seed: int = 0) -> dict:
+    """Fill the cache with a `context`-token prompt, then decode `warmup + new_tokens` tokens one at a time.
+
+    Returns {"ms_per_token": ms of the fastest decoding step (batch sequences at once), "ms_median": the
+    median step, "prefill_s": seconds to run the prompt, "cache_bytes_per_seq": cache size per sequence after
+    the last step}."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g)
+    start = time.perf_counter()
+    out = model(ids, use_cache=True)
+    prefill = time.perf_counter() - start
+    cache, nxt, times = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+    for i in range(warmup + new_tokens):
+        start = time.perf_counter()
+        out = model(nxt, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        cache = out.past_key_values
+    return {"ms_per_token": 1e3 * min(times), "ms_median": 1e3 * statistics.median(times), "prefill_s": prefill,
+            "cache_bytes_per_seq": cache_bytes(cache) // batch}
+
+
+def run_benchmark(contexts=CONTEXTS, mixers=MIXERS, new_tokens: int = 16, batch: int = 1,
+                  models: dict[str, PreTrainedModel] | None = None, verbose: bool = False, **model_kw) -> list[dict]:
+    """One row per (model, context): {"model", "context", "ms_per_token", "ratio_to_attention",
+    "prefill_s", "cache_bytes_per_seq"}. ratio_to_attention = this model's ms / attention's ms at that context
+    (< 1: faster than attention)."""
+    models = models or build_models(mixers=tuple(mixers), max_context=max(contexts), **model_kw)
+    rows = []
+    for context in contexts:
+        base = None
+        for name, model in models.items():
+            row = {"model": name, "context": context, **time_decode(model, context, new_tokens, batch=batch)}
+            base = row["ms_per_token"] if name == "attention" else base
+            row["ratio_to_attention"] = None if base is None else row["ms_per_token"] / base
+            rows.append(row)
+            if verbose:
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per model, ms/token (ratio to attention) per context, cache size at the largest."""
+    contexts = sorted({r["context"] for r in rows})
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    by = {(r["model"], r["context"]): r for r in rows}
+    head = "| model | " + " | ".join(f"L={c}" for c in contexts) + f" | cache/seq at L={contexts[-1]} |"
+    lines = [head, "|" + "---|" * (len(contexts) + 2)]
+    for n in names:
+        cells = []
+        for c in contexts:
+            r = by[(n, c)]
+            ratio = "" if n == "attention" or r["ratio_to_attention"] is None else f" ({r['ratio_to_attention']:.2f}x)"
+            cells.append(f"{r['ms_per_token']:.2f} ms{ratio}")
+        kib = by[(n, contexts[-1])]["cache_bytes_per_seq"] / 1024
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {kib:,.0f} KiB |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r["model"] for r in rows):
+        pts = sorted((r["context"], r["ms_per_token"]) for r in rows if r["model"] == name)
+        ax.plot(*zip(*pts), marker="o", label=name, lw=2.5 if name == "attention" else 1.5)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
+    ax.set(xlabel="context length (tokens)", ylabel="decoding time per token (ms)", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
