@@ -6,7 +6,7 @@
 `surgery publish` is the command line; `PublishRun` (surgery.publish.callback) publishes a run at the end of fit.
 """
 
-from surgery.publish.assemble import assemble, publish
+from surgery.publish.assemble import assemble_folder, publish
 from surgery.publish.source import PublishSource, find_source
 
-__all__ = ["PublishSource", "assemble", "find_source", "publish"]
+__all__ = ["PublishSource", "assemble_folder", "find_source", "publish"]

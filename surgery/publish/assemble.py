@@ -61,7 +61,7 @@ def copy_files(source: PublishSource, folder: Path) -> list[str]:
     return files
 
 
-def assemble(source: PublishSource, folder: Path, repo_id: str, license: str = "mit", base_model: str | None = None,
+def assemble_folder(source: PublishSource, folder: Path, repo_id: str, license: str = "mit", base_model: str | None = None,
              datasets: list[str] | None = None) -> dict:
     """Write the publication of `source` into the empty directory `folder` and check that it reloads.
 
@@ -99,14 +99,14 @@ def publish(path: str | Path, repo_id: str, *, private: bool = False, revision: 
         out = Path(dry_run)
         _prepare_out(out)
         try:
-            result = assemble(source, out, repo_id, license, base_model, datasets)
+            result = assemble_folder(source, out, repo_id, license, base_model, datasets)
         except Exception:
             shutil.rmtree(out, ignore_errors=True)  # a folder that failed its check is not left looking publishable
             raise
         result["uploaded"] = False
         return result
     with tempfile.TemporaryDirectory(prefix="surgery-publish-") as tmp:
-        result = assemble(source, Path(tmp), repo_id, license, base_model, datasets)
+        result = assemble_folder(source, Path(tmp), repo_id, license, base_model, datasets)
         result.update(upload(Path(tmp), repo_id, token, private=private, revision=revision), uploaded=True, folder=None)
     if source.run_dir is not None:
         record = {k: result[k] for k in ("repo_url", "commit_url", "commit", "revision", "files")}
