@@ -73,8 +73,8 @@ class RemovalSchedule:
 class RemovalCallback(L.Callback):
     """Applies the schedule at the start of each training batch and records sigma and loss for plots.
 
-    State in the checkpoint: the removal log and the history; the LNs' own state (fake flags,
-    sigma, moving averages) is in the model's buffers.
+    State in the checkpoint: the removal log, the history and the calibration table; the LNs' own
+    state (fake flags, sigma, moving averages) is in the model's buffers.
     """
 
     def __init__(self, schedule: RemovalSchedule, points: dict[str, SwitchableLayerNorm], table: dict[str, float] | None = None):

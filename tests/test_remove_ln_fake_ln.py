@@ -1,0 +1,127 @@
+"""The fake LayerNorm, the split Q/K and V input, and preparing a GPT-2 for removal."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from surgery.errors import SurgeryError
+from surgery.remove_ln.fake_ln import SplitQKVInput, SwitchableLayerNorm, TokenContext, per_token_std
+from surgery.remove_ln.points import find_points, prepare_for_removal, token_context
+from tests.remove_ln_models import tiny_gpt2
+
+
+def layernorm(d: int = 16, seed: int = 0) -> torch.nn.LayerNorm:
+    torch.manual_seed(seed)
+    ln = torch.nn.LayerNorm(d)
+    with torch.no_grad():
+        ln.weight.copy_(torch.randn(d))
+        ln.bias.copy_(torch.randn(d))
+    return ln
+
+
+def test_prepare_for_removal_keeps_every_logit():
+    model = tiny_gpt2()
+    ids = torch.randint(0, 64, (2, 20))
+    before = model(ids).logits
+    points = prepare_for_removal(model)
+    assert sorted(points) == sorted(["h.0.ln_2", "h.1.ln_2", "h.0.ln_1_qk", "h.1.ln_1_qk", "h.0.ln_1_v", "h.1.ln_1_v", "ln_f"])
+    assert (model(ids).logits - before).abs().max() < 1e-5
+    assert find_points(model) == points
+
+
+def test_fake_ln_divides_by_the_fixed_sigma():
+    ln = SwitchableLayerNorm(layernorm())
+    x = torch.randn(3, 5, 16) * torch.linspace(0.1, 10, 5)[None, :, None]
+    ln.go_fake(sigma=2.5)
+    expected = (x - x.mean(-1, keepdim=True)) / 2.5 * ln.weight + ln.bias
+    assert torch.allclose(ln(x), expected, atol=1e-5)
+
+
+def test_fake_equals_real_scaled_by_each_tokens_std_over_sigma():
+    """fake(x) - b = (real(x) - b) * std_token / sigma: the swap error is exactly the std's spread."""
+    base = layernorm()
+    real, fake = SwitchableLayerNorm(base), SwitchableLayerNorm(base)
+    x = torch.randn(2, 7, 16) * torch.logspace(-1, 2, 7)[None, :, None]
+    fake.go_fake(sigma=3.0)
+    std = per_token_std(x, base.eps).unsqueeze(-1)
+    assert torch.allclose(fake(x) - base.bias, (real(x) - base.bias) * std / 3.0, rtol=1e-4, atol=1e-5)
+    x_const = x / x.std(-1, unbiased=False, keepdim=True) * 3.0  # every token at std 3: fake == real up to eps
+    assert (fake(x_const) - real(x_const)).abs().max() < 1e-4
+
+
+def test_moving_average_excludes_first_and_end_of_text_positions():
+    context = TokenContext()
+    ln = SwitchableLayerNorm(layernorm(), context, momentum=0.9)
+    ln.train()
+
+    def batch(std_rest: float, std_first: float, std_eot: float) -> torch.Tensor:
+        x = torch.randn(2, 6, 16)
+        x = (x - x.mean(-1, keepdim=True)) / x.std(-1, unbiased=False, keepdim=True)
+        scale = torch.full((2, 6, 1), std_rest)
+        scale[:, 0], scale[:, 3] = std_first, std_eot
+        return x * scale
+
+    eot = torch.zeros(2, 6, dtype=torch.bool)
+    eot[:, 3] = True
+    context.eot_mask = eot
+    ln(batch(2.0, 50.0, 7.0))
+    ln(batch(4.0, 60.0, 9.0))
+    assert float(ln.avg_std) == pytest.approx(0.9 * 2.0 + 0.1 * 4.0, rel=1e-4)
+    assert float(ln.avg_std_first) == pytest.approx(0.9 * 50 + 0.1 * 60, rel=1e-4)
+    assert float(ln.avg_std_eot) == pytest.approx(0.9 * 7 + 0.1 * 9, rel=1e-4)
+    assert int(ln.avg_count) == 2
+    ln.eval()
+    ln(batch(100.0, 100.0, 100.0))  # evaluation forwards do not move the averages
+    assert int(ln.avg_count) == 2
+
+    ln.go_fake(special_first=True, special_eot=True)
+    assert float(ln.sigma) == pytest.approx(2.2, rel=1e-4)
+    x = batch(1.0, 1.0, 1.0)
+    out = ln(x)
+    centered = x - x.mean(-1, keepdim=True)
+    for pos, sigma in ((0, 51.0), (3, 7.2), (1, 2.2)):
+        assert torch.allclose(out[:, pos], centered[:, pos] / sigma * ln.weight + ln.bias, atol=1e-5)
+    ln.special_first.fill_(0)
+    ln.special_eot.fill_(0)
+    assert torch.allclose(ln(x), centered / 2.2 * ln.weight + ln.bias, atol=1e-5)
+
+
+def test_going_fake_before_any_measurement_is_refused():
+    with pytest.raises(RuntimeError, match="no std measured"):
+        SwitchableLayerNorm(layernorm()).go_fake()
+
+
+def test_split_qkv_input_reads_through_separate_norms():
+    model = tiny_gpt2()
+    block = model.transformer.h[0]
+    x = torch.randn(2, 9, 32)
+    reference = block.attn.c_attn(block.ln_1(x))
+    qk, v = SwitchableLayerNorm(block.ln_1), SwitchableLayerNorm(block.ln_1)
+    split = SplitQKVInput(block.attn.c_attn, qk, v)
+    assert torch.allclose(split(x), reference, atol=1e-5)
+    with torch.no_grad():
+        v.bias.add_(1.0)  # moving the value path's LN changes only the value columns
+    out = split(x)
+    assert torch.allclose(out[..., :64], reference[..., :64], atol=1e-5)
+    assert not torch.allclose(out[..., 64:], reference[..., 64:], atol=1e-3)
+
+
+def test_preparing_twice_names_the_module_that_is_not_a_layernorm():
+    model = tiny_gpt2()
+    prepare_for_removal(model)
+    with pytest.raises(SurgeryError, match=r"transformer\.h\.0\.ln_1 is a Identity, not a LayerNorm"):
+        prepare_for_removal(model)
+
+
+def test_a_model_outside_the_gpt2_family_is_refused():
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
+    with pytest.raises(SurgeryError, match="model type 'llama' is not supported"):
+        prepare_for_removal(llama)
+
+
+def test_all_points_share_one_token_context():
+    points = prepare_for_removal(tiny_gpt2())
+    context = token_context(points)
+    assert all(ln.context is context for ln in points.values())
