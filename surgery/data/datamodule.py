@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import lightning as L
@@ -34,7 +35,7 @@ def tokenize_split(corpus: Corpus, tokenizer, split: str) -> np.ndarray:
         chunks.append(np.asarray(ids + [eos], dtype=np.int32))
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # ranks of a DDP run may tokenize at once
     np.save(tmp, tokens)
     tmp.replace(path)
     return tokens
