@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -41,12 +42,67 @@ def load_causal_lm(name: str, dtype: torch.dtype = torch.float32) -> PreTrainedM
         return load_lightning_checkpoint(ref)
     if local and not (Path(ref) / "config.json").exists():
         raise SurgeryError(f"{name!r} has no config.json: it is not a directory written by save_pretrained")
+    if local:
+        check_weight_files(Path(ref))
     try:
         return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, use_safetensors=True)
     except OSError as err:
         if local:
             raise SurgeryError(f"could not load the model in {name!r}: {err}") from err
         raise _hub_error(name, err) from err
+
+
+PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "tf_model.h5", "flax_model.msgpack")
+
+
+def check_weight_files(model_dir: Path) -> None:
+    """Refuse a model directory whose weights are not all in intact safetensors files.
+
+    Pickle-based weight files (`pytorch_model.bin`, ...) can run code when loaded, so they are never
+    read; every `*.safetensors` file must have a well-formed header whose tensors fit in the file
+    (a download or copy cut short fails here, with the file named, instead of deep inside loading).
+    """
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in model_dir.glob(pattern))
+        found = f"only {', '.join(pickles)}, pickle-based files that can run code when loaded" if pickles else "no weight files"
+        raise SurgeryError(
+            f"model directory {str(model_dir)!r} has no *.safetensors weights ({found}); surgery loads weights only "
+            "from safetensors. Convert a trusted copy once with `AutoModelForCausalLM.from_pretrained(dir, "
+            "use_safetensors=False).save_pretrained(new_dir)` and pass new_dir"
+        )
+    for path in files:
+        check_safetensors(path)
+
+
+def check_safetensors(path: Path) -> dict:
+    """Parse and check a safetensors header without reading the tensors; return the header.
+
+    Layout: 8-byte little-endian header length n, n bytes of JSON {name: {dtype, shape, data_offsets:
+    [begin, end]}} (offsets relative to the data after the header), then the tensor data.
+    """
+    size = path.stat().st_size
+    fix = "the file is truncated or corrupt: copy or download it again, or re-export the model"
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise SurgeryError(f"{str(path)!r} has {size} bytes, too few for a safetensors header; {fix}")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise SurgeryError(f"{str(path)!r}: its header claims {n} bytes but the file has {size}; {fix}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise SurgeryError(f"{str(path)!r}: its safetensors header is not valid JSON ({err}); {fix}") from err
+    if not isinstance(header, dict):
+        raise SurgeryError(f"{str(path)!r}: its safetensors header is not a JSON object; {fix}")
+    data = size - 8 - n
+    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    if len(ends) != len([k for k in header if k != "__metadata__"]):
+        raise SurgeryError(f"{str(path)!r}: a tensor entry of its safetensors header has no data_offsets; {fix}")
+    if ends and max(ends) > data:
+        raise SurgeryError(f"{str(path)!r}: its tensors need {max(ends)} bytes of data but the file holds {data}; {fix}")
+    return header
 
 
 def load_tokenizer(name: str):
