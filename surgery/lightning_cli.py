@@ -18,6 +18,7 @@ from surgery.publish.callback import PublishRun
 from surgery.errors import SurgeryError
 from surgery.resume import AtomicCheckpointIO, choose_checkpoint, rng_state, set_rng_state
 from surgery.run import ExportRun
+from surgery.validate import check_fit
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -90,7 +91,8 @@ class SurgeryCLI(LightningCLI):
             }
 
     def before_fit(self) -> None:
-        """Decide what the run starts from (see `surgery.resume.choose_checkpoint`); load checkpoints weights-only."""
+        """Check the configuration (`surgery.validate`), decide what the run starts from (`surgery.resume`), load checkpoints weights-only."""
+        check_fit(self.trainer, self.model, self.datamodule)
         config = self.config_init["fit"]
         ckpt = next(cb for cb in self.trainer.callbacks if isinstance(cb, RunCheckpoint))
         config["ckpt_path"] = choose_checkpoint(self.trainer.default_root_dir, config.get("ckpt_path"), ckpt.auto_resume, ckpt.overwrite)
