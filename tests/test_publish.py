@@ -184,3 +184,20 @@ def test_other_refusals(tmp_path, capsys):
 def test_invalid_repo_id(tmp_path, capsys, repo_id, why):
     rc, err = run_cli(capsys, str(tmp_path), "--repo-id", repo_id, "--dry-run", str(tmp_path / "out"))
     assert rc == 2 and why in err and repo_id in err
+
+
+def test_xatl_hybrid_is_checked_in_process_and_its_card_says_import_surgery(tmp_path):
+    from transformers import GPT2Config
+
+    from publish_runs import tiny_tokenizer
+    from surgery.xatl.model import HybridGPT2LMHeadModel, hybrid_config_from
+
+    torch.manual_seed(0)
+    config = hybrid_config_from(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64), "retention", None, [1])
+    HybridGPT2LMHeadModel(config).save_pretrained(tmp_path / "hybrid")
+    tiny_tokenizer().save_pretrained(tmp_path / "hybrid")
+    result = publish(tmp_path / "hybrid", REPO, dry_run=tmp_path / "out")
+    assert result["checks"]["loader"] == "with `transformers.AutoModelForCausalLM` after `import surgery.xatl`"
+    assert result["checks"]["max_abs_logit_diff"] == 0.0 and "lens_max_abs_logit_diff" not in result["checks"]
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "import surgery.xatl  # pip install lm-surgery" in text and "load_hooked" not in text

@@ -185,9 +185,10 @@ def render(source: PublishSource, repo_id: str, meta: dict, checks: dict, files:
     shape = ", ".join(f"{k} {config[k]}" for k in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size") if k in config)
     intro = (f"{kind} `{config.get('model_type', '?')}` model ({shape}) made with [lm-surgery](https://pypi.org/project/lm-surgery/)"
              + (f" from `{meta['base_model']}`" if "base_model" in meta else "") + ".")
-    data = ((source.recipe.get("data") or {}).get("init_args") or {}).get("data")
+    data_args = (source.recipe.get("data") or {}).get("init_args") or {}
+    data = data_args.get("data") or (f"stdlib:{data_args['part']}" if data_args.get("part") else None)
     if data:
-        intro += f" Training data: `{data}`" + (" (the Python standard library's source files)" if data == "stdlib" else "") + "."
+        intro += f" Training data: `{data}`" + (" (Python standard library source files)" if data.startswith("stdlib") else "") + "."
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {repo_id.split('/')[-1]}", "", intro]
     if ln_free:
         lines += ["", "Every LayerNorm is gone: each ln_1/ln_2 only centers (weight 1e6, eps 1e12), its affine and fixed "
