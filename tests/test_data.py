@@ -1,0 +1,109 @@
+"""Corpora, the train/validation split, packed token blocks and the on-disk token cache."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from surgery.data import TokenBlocks
+from surgery.data.corpus import Corpus, _is_validation, load_documents
+from surgery.data.tokenizer import get_tokenizer
+from surgery.errors import SurgeryError
+
+TOKENIZER = str(Path(__file__).parents[1] / "checkpoints" / "tiny-gpt2-stdlib")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+
+
+def write_corpus(root: Path, n_files: int = 40) -> Path:
+    root.mkdir()
+    for i in range(n_files):
+        (root / f"doc{i:02d}.txt").write_text(f"def function_{i}(x):\n    return x * {i}\n" * (5 + i % 3))
+    return root
+
+
+def test_stdlib_split_is_by_file_disjoint_and_stable():
+    corpus = Corpus("stdlib")
+    files = corpus.files()
+    assert len(files) > 500 and all(f.suffix == ".py" and "site-packages" not in f.parts for f in files)
+    val = list(load_documents(corpus, "validation"))
+    assert 0.005 * len(files) < len(val) < 0.05 * len(files)
+    assert val == list(load_documents(Corpus("stdlib"), "validation"))  # the same on every call and machine
+    root = corpus.root()
+    held = [f for f in files if _is_validation(f.relative_to(root).as_posix(), 0.02)]
+    texts = [f.read_bytes().decode("utf-8", errors="replace") for f in held]
+    assert val == [t for t in texts if t.strip() and "\ufffd" not in t]  # non-UTF-8 files skipped
+
+
+def test_local_text_jsonl_and_parquet_sources(tmp_path):
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"body": f"row {i}"}) for i in range(50)))
+    rows = list(load_documents(Corpus(str(tmp_path / "a.jsonl"), val_fraction=0.2, text_field="body"), "train"))
+    held = list(load_documents(Corpus(str(tmp_path / "a.jsonl"), val_fraction=0.2, text_field="body"), "validation"))
+    assert sorted(rows + held, key=lambda r: int(r.split()[1])) == [f"row {i}" for i in range(50)] and 0 < len(held) < 25
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["alpha", "beta", ""]}), tmp_path / "b.parquet")
+    docs = list(load_documents(Corpus(str(tmp_path / "b.parquet"), val_fraction=0.0), "train"))
+    assert docs == ["alpha", "beta"]  # empty documents dropped
+
+
+def test_a_missing_data_path_names_the_choices():
+    with pytest.raises(SurgeryError, match="data path './no/such/dir' does not exist; use 'stdlib'"):
+        TokenBlocks(data="./no/such/dir")
+
+
+def test_blocks_are_packed_with_end_of_text_between_documents(tmp_path):
+    root = write_corpus(tmp_path / "corpus")
+    dm = TokenBlocks(data=str(root), tokenizer=TOKENIZER, block_size=32, batch_size=4, val_fraction=0.1)
+    tok = dm.tokenizer
+    train = dm.split("train")
+    docs = list(load_documents(dm.corpus, "train"))
+    expected = [t for d in docs for t in tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    assert len(train) == len(expected) // 32
+    flat = np.concatenate([train[i].numpy() for i in range(len(train))])
+    assert flat.tolist() == expected[: len(train) * 32]
+    assert train[0].shape == (32,) and train[0].dtype.is_floating_point is False
+    batch = next(iter(dm.train_dataloader()))
+    assert tuple(batch.shape) == (4, 32)
+
+
+def test_tokens_are_cached_and_reused(tmp_path, monkeypatch):
+    root = write_corpus(tmp_path / "corpus")
+    TokenBlocks(data=str(root), tokenizer=TOKENIZER, block_size=16, val_fraction=0.1).setup("fit")
+    cached = sorted((tmp_path / "cache" / "tokens").glob("*.npy"))
+    assert [p.name.rsplit("-", 1)[1] for p in cached] == ["train.npy", "validation.npy"]
+    mtimes = [p.stat().st_mtime_ns for p in cached]
+
+    import surgery.data.datamodule as datamodule
+
+    monkeypatch.setattr(datamodule, "load_documents", lambda *a: pytest.fail("tokenized again"))
+    TokenBlocks(data=str(root), tokenizer=TOKENIZER, block_size=16, val_fraction=0.1).setup("fit")
+    assert [p.stat().st_mtime_ns for p in cached] == mtimes
+    (root / "doc00.txt").write_text("changed\n")  # an edited corpus is tokenized afresh
+    os.utime(root / "doc00.txt", (1, 1))
+    with pytest.raises(pytest.fail.Exception, match="tokenized again"):
+        TokenBlocks(data=str(root), tokenizer=TOKENIZER, block_size=16, val_fraction=0.1).setup("fit")
+
+
+def test_a_corpus_too_small_for_one_block_says_what_to_change(tmp_path):
+    (tmp_path / "tiny.txt").write_text("x = 1\n")
+    dm = TokenBlocks(data=str(tmp_path / "tiny.txt"), tokenizer=TOKENIZER, block_size=256, val_fraction=0.0)
+    with pytest.raises(SurgeryError, match="fewer than one block of 256: add text, lower data.block_size"):
+        dm.split("train")
+
+
+def test_bpe_tokenizer_is_trained_on_the_corpus_and_cached(tmp_path):
+    root = write_corpus(tmp_path / "corpus")
+    tok = get_tokenizer("bpe-300", Corpus(str(root)))
+    assert len(tok) == 300 and tok.eos_token == "<|endoftext|>"
+    text = "def function_7(x):\n    return x * 7\n"
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert len(tok(text)["input_ids"]) < len(text) / 2  # merges learned from the corpus
+    again = get_tokenizer("bpe-300", Corpus(str(root)))
+    assert again.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
