@@ -22,7 +22,7 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
-        raise SurgeryError(f"invalid repo id {repo_id!r}: {err}. Expected OWNER/NAME, e.g. my-user/gpt2-ln-free") from err
+        raise SurgeryError(f"invalid repo id {repo_id!r}: {str(err).rstrip('.')}. Expected OWNER/NAME, e.g. my-user/gpt2-ln-free") from err
     if repo_id.count("/") != 1:
         raise SurgeryError(f"invalid repo id {repo_id!r}: expected OWNER/NAME (your user or organization name, a slash, "
                            "the model's name), e.g. my-user/gpt2-ln-free")
