@@ -64,7 +64,8 @@ class LNRemoval(CausalLM):
     ):
         super().__init__(init=init, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
                          weight_decay=weight_decay, betas=betas, tokenizer=tokenizer)
-        self.schedule = schedule or RemovalSchedule()
+        # a dict when rebuilt from a checkpoint's hyperparameters (`load_from_checkpoint`)
+        self.schedule = RemovalSchedule(**schedule) if isinstance(schedule, dict) else schedule or RemovalSchedule()
         self.control = copy.deepcopy(self.model) if control and not keep_ln else None
         self.points = {} if keep_ln else prepare_for_removal(self.model, momentum)
         self.removal = None
