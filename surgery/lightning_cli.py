@@ -16,6 +16,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from surgery.publish.callback import PublishRun
 from surgery.errors import SurgeryError
+from surgery.guard import DivergenceGuard
 from surgery.resume import AtomicCheckpointIO, choose_checkpoint, rng_state, set_rng_state
 from surgery.run import ExportRun
 from surgery.validate import check_fit
@@ -76,6 +77,7 @@ class SurgeryCLI(LightningCLI):
         parser.add_lightning_class_args(ExportRun, "export")
         parser.add_lightning_class_args(PublishRun, "publish")  # after export: publishes the exported run
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(DivergenceGuard, "guard")
         # The data module owns the tokenizer; the model needs it for its vocabulary and its export.
         parser.link_arguments("data.tokenizer", "model.init_args.tokenizer", apply_on="instantiate")
 

@@ -8,8 +8,10 @@ it loads with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +36,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def plain(value: Any) -> Any:
+    """`value` with dataclasses turned into dicts and other objects into their repr: what
+    `torch.load(weights_only=True)` accepts (tensors, numbers, strings, None and plain containers)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return plain(dataclasses.asdict(value))
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value) if type(value) in (list, tuple) else [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    return repr(value)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint to a hidden temporary file beside its target, syncs it to disk, then renames
     it over the target (`os.replace`, atomic on POSIX): a kill at any moment leaves either the old or
-    the new file under the checkpoint's name, never a partial one. Remote paths use Lightning's writer."""
+    the new file under the checkpoint's name, never a partial one. Remote paths use Lightning's writer.
+    Hyperparameters are stored as plain values (`plain`), so every checkpoint loads weights-only."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if "hyper_parameters" in checkpoint:  # e.g. a schedule dataclass passed in Python, not from a YAML
+            checkpoint = {**checkpoint, "hyper_parameters": plain(checkpoint["hyper_parameters"])}
         if not _is_local_file_protocol(str(path)):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)

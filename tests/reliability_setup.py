@@ -80,3 +80,21 @@ class KillAt(L.Callback):
 
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+from surgery.remove_ln.module import LNRemoval  # noqa: E402
+
+
+class SpikyRemoval(LNRemoval):
+    """LNRemoval whose training loss is multiplied by `spikes[step]` at the given steps (nan: a NaN loss)."""
+
+    def __init__(self, *args, spikes: dict[int, float] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.spikes = spikes or {}
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        factor = self.spikes.get(self.trainer.global_step)
+        if factor is not None:
+            out["loss"] = out["loss"] * factor
+        return out
