@@ -98,3 +98,24 @@ class SpikyRemoval(LNRemoval):
         if factor is not None:
             out["loss"] = out["loss"] * factor
         return out
+
+
+class DumpState(L.Callback):
+    """At the end of training each rank writes `<dir>/rank<global_rank>.pt`: the module's state dict
+    (weights and buffers: sigma, moving averages, fake flags) and the removal log."""
+
+    def __init__(self, dir: str):
+        self.dir = dir
+        self.batches: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append(int(batch.sum()))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        removal = getattr(pl_module, "removal", None)
+        ddp = trainer.strategy.model
+        state = {"state_dict": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
+                 "removed": list(removal.removed) if removal else [], "world_size": trainer.world_size,
+                 "batches": self.batches, "broadcast_buffers": getattr(ddp, "broadcast_buffers", None)}
+        Path(self.dir).mkdir(parents=True, exist_ok=True)
+        torch.save(state, Path(self.dir) / f"rank{trainer.global_rank}.pt")
