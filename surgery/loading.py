@@ -108,7 +108,7 @@ def check_safetensors(path: Path) -> dict:
 def load_tokenizer(name: str):
     ref, local = resolve(name)
     if local and ref.endswith(".ckpt"):
-        ckpt = _read_checkpoint(ref)
+        ckpt = read_checkpoint(ref)
         ref = ckpt.get("tokenizer_dir") or ref
     try:
         return AutoTokenizer.from_pretrained(ref)
@@ -118,7 +118,7 @@ def load_tokenizer(name: str):
         raise _hub_error(name, err) from err
 
 
-def _read_checkpoint(path: str) -> dict:
+def read_checkpoint(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or truncated files
@@ -129,16 +129,32 @@ def load_lightning_checkpoint(path: str) -> PreTrainedModel:
     """Rebuild the HF model a surgery module trained, from the config it stores in its checkpoint.
 
     Modules store `hf_config` (the model config as a dict) in every checkpoint; weights live under
-    the `model.` prefix of the state dict.
+    the `model.` prefix of the state dict. A model mid-way through LayerNorm removal comes back with
+    its switchable LNs (fake or real, as saved); `surgery export` turns a finished one LN-free.
     """
-    ckpt = _read_checkpoint(path)
+    ckpt = read_checkpoint(path)
     if "hf_config" not in ckpt:
         raise SurgeryError(f"{path!r} is not a surgery checkpoint (no 'hf_config' entry)")
     cfg = AutoConfig.for_model(**ckpt["hf_config"])
     model = AutoModelForCausalLM.from_config(cfg)
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state, strict=False)
-    return model
+    if any(".ln_qk." in k for k in state):
+        from surgery.remove_ln.points import prepare_for_removal
+
+        prepare_for_removal(model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in _tied_keys(model)]
+    if missing or unexpected:
+        raise SurgeryError(
+            f"{path!r} does not match the model its config describes (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}): it was written by a different version or module"
+        )
+    return model.eval()
+
+
+def _tied_keys(model: PreTrainedModel) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or []
+    return set(tied if not isinstance(tied, dict) else tied.keys())
 
 
 def hub_offline() -> bool:
