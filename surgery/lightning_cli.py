@@ -8,6 +8,7 @@ exported model (`model/`), `metrics.json` and plots.
 from __future__ import annotations
 
 import os
+import sys
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -69,9 +70,25 @@ class SurgeryCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            args=args,
+            # A one-line usage: the full option list would bury an error message (`--help` prints it).
+            parser_kwargs={c: {"usage": f"surgery {c} --config RECIPE.yaml [--key value ...]"} for c in ("fit", "validate", "test", "predict")},
+            args=None if args == sys.argv[1:] else args,  # Lightning warns when given the command line as args
             auto_configure_optimizers=False,
         )
+
+    def instantiate_classes(self) -> None:
+        # jsonargparse reports a failed class as a long ValueError; users see our own message instead.
+        try:
+            super().instantiate_classes()
+        except SurgeryError:
+            raise
+        except Exception as err:
+            cause = err
+            while cause is not None and not isinstance(cause, SurgeryError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ExportRun, "export")
