@@ -107,3 +107,32 @@ def test_bpe_tokenizer_is_trained_on_the_corpus_and_cached(tmp_path):
     assert len(tok(text)["input_ids"]) < len(text) / 2  # merges learned from the corpus
     again = get_tokenizer("bpe-300", Corpus(str(root)))
     assert again.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
+
+
+def test_hub_datasets_stream_both_splits_from_the_same_first_rows(monkeypatch):
+    import datasets
+
+    read = []
+
+    def fake_stream(name, config, split, streaming):
+        assert (name, config, split, streaming) == ("owner/web", "en", "train", True)
+        for i in range(10_000):
+            read.append(i)
+            yield {"text": f"document {i}"}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_stream)
+    corpus = Corpus("owner/web:en", val_fraction=0.1, max_documents=300)
+    train, val = list(load_documents(corpus, "train")), list(load_documents(corpus, "validation"))
+    assert len(train) + len(val) == 300 and 10 < len(val) < 60 and len(read) == 600
+    assert not set(train) & set(val)
+
+
+def test_an_unreachable_hub_dataset_says_how_to_work_offline(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(SurgeryError, match="could not stream Hub dataset 'openwebtext'.*use --data stdlib"):
+        list(load_documents(Corpus("openwebtext"), "train"))

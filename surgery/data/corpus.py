@@ -7,6 +7,7 @@ hash of the file's relative path deciding the side, so the split is the same on 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sysconfig
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ class Corpus:
         name (streamed; "name" or "name:config").
     val_fraction: share of files (or, for a Hub dataset, documents) held out for validation.
     text_field: the field holding text in .jsonl/.parquet rows and Hub datasets.
-    max_documents: cap on documents per split for streamed Hub datasets (None: no cap).
+    max_documents: rows read from a streamed Hub dataset, both splits together (None: all).
     """
 
     source: str = "stdlib"
@@ -88,14 +89,11 @@ def _hub_documents(corpus: Corpus, split: str) -> Iterator[str]:
             f"could not stream Hub dataset {corpus.source!r} ({type(err).__name__}: {err}); "
             "without internet use --data stdlib or a local .txt/.jsonl/.parquet path"
         ) from err
-    n = 0
-    for i, row in enumerate(stream):
-        is_val = _is_validation(str(i), corpus.val_fraction)
-        if is_val == (split == "validation"):
+    # Both splits come from the same first `max_documents` rows, so the validation split never
+    # streams further than the training one.
+    for i, row in enumerate(itertools.islice(stream, corpus.max_documents)):
+        if _is_validation(str(i), corpus.val_fraction) == (split == "validation"):
             yield row[corpus.text_field]
-            n += 1
-            if corpus.max_documents is not None and n >= corpus.max_documents:
-                return
 
 
 def load_documents(corpus: Corpus, split: str) -> Iterator[str]:

@@ -70,7 +70,7 @@ class TokenBlocks(L.LightningDataModule):
         val_fraction: share of files held out for validation (split by a hash of the path).
         max_val_blocks: cap on validation blocks (the first ones, in a fixed order); None for all.
         text_field: field holding text in .jsonl/.parquet rows and Hub datasets.
-        max_documents: cap on streamed Hub documents per split.
+        max_documents: rows read from a streamed Hub dataset, both splits together (None: all).
         seed: seed of the training order.
     """
 
