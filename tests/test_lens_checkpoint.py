@@ -1,6 +1,5 @@
 """The shipped tiny checkpoint in TransformerLens: real held-out code, real LayerNorms.
 
-(Rename to test_lens_checkpoint.py once checkpoints/tiny-gpt2-stdlib is committed.)
 Tolerances as in test_lens.py: fp32 logits agree to ~2.6e-7 relative (measured), we allow 1e-6.
 """
 
