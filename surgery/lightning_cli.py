@@ -18,9 +18,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from surgery.publish.callback import PublishRun
 from surgery.errors import SurgeryError
 from surgery.guard import DivergenceGuard
-from surgery.resume import AtomicCheckpointIO, choose_checkpoint, rng_state, set_rng_state
+from surgery.resume import AtomicCheckpointIO, choose_checkpoint, read_checkpoint, rng_state, set_rng_state
 from surgery.run import ExportRun
-from surgery.validate import check_fit
+from surgery.validate import check_fit, check_trainer_config
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -76,6 +76,14 @@ class SurgeryCLI(LightningCLI):
             auto_configure_optimizers=False,
         )
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads an explicit --ckpt_path here (for its hyperparameters), before any of our checks.
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        if path and path not in ("last", "best", "hpc", "registry") and not str(path).startswith("registry:"):
+            read_checkpoint(path)
+        super()._parse_ckpt_path()
+
     def instantiate_classes(self) -> None:
         # jsonargparse reports a failed class as a long ValueError; users see our own message instead.
         try:
@@ -101,6 +109,7 @@ class SurgeryCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
+        check_trainer_config(trainer)
         if trainer.default_root_dir is None:
             trainer.default_root_dir = "runs/default"
         if trainer.logger in (None, True):

@@ -20,8 +20,9 @@ def _fail(key: str, value: Any, problem: str, fix: str) -> SurgeryError:
     return SurgeryError(f"{key}={value!r}: {problem}; {fix}")
 
 
-def check_trainer(trainer: L.Trainer) -> None:
-    """Step counts: `max_steps` is -1 (no limit: epochs decide) or positive."""
+def check_trainer_config(trainer: Any) -> None:
+    """Step counts, from the parsed config before the Trainer is built (it rejects some with its own error):
+    `max_steps` is -1 (no limit: epochs decide) or positive; so is `max_epochs` when given."""
     if trainer.max_steps == 0 or trainer.max_steps < -1:
         raise _fail("trainer.max_steps", trainer.max_steps, "a run needs at least one optimizer step",
                     "set a positive number of steps (or -1 to let trainer.max_epochs decide)")
@@ -77,6 +78,6 @@ def check_model_and_data(module: L.LightningModule, datamodule: L.LightningDataM
 
 
 def check_fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule | None) -> None:
-    check_trainer(trainer)
+    check_trainer_config(trainer)
     check_module(module)
     check_model_and_data(module, datamodule)
