@@ -67,3 +67,12 @@ def test_export_refuses_real_or_special_norms():
 def test_export_of_an_unprepared_model_is_refused():
     with pytest.raises(SurgeryError, match="not prepared for LayerNorm removal"):
         export_ln_free(tiny_gpt2())
+
+
+def test_transformer_lens_finds_no_per_token_scale_in_the_export():
+    from surgery.lens_checks import verify_ln_free
+
+    model, _ = all_fake()
+    result = verify_ln_free(export_ln_free(model))  # raises naming any failed criterion
+    assert result["has_normalization"] is False
+    assert result["hf_tl_relative_logit_diff"] < 1e-5 and result["dla_relative_error"] < 1e-5
