@@ -123,6 +123,9 @@ def choose_checkpoint(run_dir: str | Path, ckpt_path: str | None, auto_resume: b
     run_dir = Path(run_dir)
     last = last_checkpoint(run_dir)
     metrics = run_dir / "metrics.json"
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # temporary files of writes cut short by a kill
+        for stale in last.parent.glob(".*.ckpt.*.tmp"):
+            stale.unlink(missing_ok=True)
     if ckpt_path == "last":
         if not last.exists():
             rank_zero_info(f"--ckpt_path last: no {last} yet, starting a fresh run")
