@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 
+from surgery.data.datamodule import TokenBlocks
 from surgery.errors import SurgeryError
 
 
@@ -72,7 +73,7 @@ def check_model_and_data(module: L.LightningModule, datamodule: L.LightningDataM
             raise _fail("data.init_args.tokenizer", getattr(datamodule, "tokenizer_spec", tokenizer.name_or_path),
                         f"its {len(tokenizer)} entries do not fit the model's {n_emb} embeddings",
                         "use the tokenizer the model was trained with")
-    if hasattr(datamodule, "split"):
+    if isinstance(datamodule, TokenBlocks):  # raises, naming the fix, on a split with less than one block
         for split in ("train", "validation"):
             datamodule.split(split)
 
