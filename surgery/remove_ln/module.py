@@ -114,13 +114,15 @@ class LNRemoval(CausalLM):
             self._ln_f_input = None
             loss = loss + self.hparams.aux_loss_weight * aux
             self.log("train/aux_loss", aux)
+        out = {"lm_loss": lm_loss.detach()}
         if self.control is not None:
             control_loss = self.control(batch, labels=batch).loss
             loss = loss + control_loss
+            out["control_loss"] = control_loss.detach()
             self.log("train/control_loss", control_loss)
         self.log("train/loss", lm_loss, prog_bar=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"])
-        return {"loss": loss, "lm_loss": lm_loss.detach()}
+        return {"loss": loss, **out}
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         if self.points:

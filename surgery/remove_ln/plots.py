@@ -10,12 +10,27 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+NOT_SIGMA = ("step", "loss", "control_loss")
+
+
+def smooth(values: list[float], momentum: float = 0.9) -> list[float]:
+    """Exponential moving average, bias-corrected (so the first points are not pulled towards 0)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values):
+        avg = momentum * avg + (1 - momentum) * v
+        out.append(avg / (1 - momentum ** (i + 1)))
+    return out
+
+
 def plot_run(history: dict, removed: list[tuple[int, str]], out_dir: Path) -> list[str]:
     """Writes loss.png and sigma.png into `out_dir`; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = history["step"]
     fig, ax = plt.subplots(figsize=(9, 4))
-    ax.plot(steps, history["loss"], lw=0.8, color="k", label="training loss")
+    ax.plot(steps, history["loss"], lw=0.5, color="k", alpha=0.25)
+    ax.plot(steps, smooth(history["loss"]), lw=1.5, color="k", label="training loss (EMA 0.9)")
+    if history.get("control_loss"):
+        ax.plot(steps, smooth(history["control_loss"]), lw=1.2, color="tab:purple", ls="--", label="control, LN kept (EMA 0.9)")
     colors = {"ln_2": "tab:blue", "ln_1_qk": "tab:orange", "ln_1_v": "tab:green", "ln_f": "tab:red"}
     for step, point in removed:
         kind = point.split(".")[-1]
@@ -31,7 +46,7 @@ def plot_run(history: dict, removed: list[tuple[int, str]], out_dir: Path) -> li
 
     fig, ax = plt.subplots(figsize=(9, 5))
     for name in history:
-        if name in ("step", "loss"):
+        if name in NOT_SIGMA:
             continue
         kind = name.split(".")[-1]
         ax.plot(steps, history[name], lw=0.8, color=colors.get(kind, "grey"), alpha=0.8)

@@ -109,6 +109,8 @@ class RemovalCallback(L.Callback):
         loss = outputs["lm_loss"] if isinstance(outputs, dict) and "lm_loss" in outputs else outputs["loss"]
         self.history["step"].append(trainer.global_step)
         self.history["loss"].append(float(loss))
+        if isinstance(outputs, dict) and "control_loss" in outputs:
+            self.history.setdefault("control_loss", []).append(float(outputs["control_loss"]))
         for name, ln in self.points.items():
             self.history[name].append(float(ln.sigma if ln.is_fake else ln.avg_std))
 
