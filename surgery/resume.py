@@ -91,7 +91,8 @@ def read_checkpoint(path: str | Path, weights_only: bool = True) -> dict:
         if "Weights only load failed" in str(err):
             raise SurgeryError(
                 f"checkpoint {str(path)!r} holds Python objects that weights-only loading refuses ({text}); "
-                "surgery's own checkpoints never do. If you trust where the file came from, pass --weights_only false"
+                "surgery's own checkpoints never do, and surgery resumes only weights-only checkpoints. If you trust "
+                "where the file came from, load it in Python with torch.load(weights_only=False) and save its tensors"
             ) from err
         raise SurgeryError(
             f"checkpoint {str(path)!r} is truncated or corrupt and cannot be resumed ({type(err).__name__}: {text}). "

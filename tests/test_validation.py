@@ -194,7 +194,7 @@ CASES = [
          ["cut.ckpt' is truncated or corrupt and cannot be resumed", "Delete it and resume from an earlier checkpoint"]),
     Case("checkpoint with pickled objects", lambda r, t: (
             torch.save({"state_dict": {}, "thing": Opaque()}, t / "obj.ckpt"), ["--ckpt_path", str(t / "obj.ckpt")])[1],
-         ["obj.ckpt' holds Python objects that weights-only loading refuses", "pass --weights_only false"]),
+         ["obj.ckpt' holds Python objects that weights-only loading refuses", "load it in Python with torch.load(weights_only=False)"]),
     Case("weights-only checkpoint resumed", lambda r, t: ["--ckpt_path", fake_checkpoint(t / "w.ckpt", loops=1, optimizer_states=1)],
          ["w.ckpt' is not a training checkpoint (it lacks loops, optimizer_states)", "use model.init_args.init instead"]),
 ]
