@@ -32,17 +32,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2, help="sweeps; each cell keeps its fastest")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on shared machines)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shape = dict(width=args.width, depth=args.depth, heads=args.heads)
-    rows = run_benchmark(args.contexts, args.mixers, args.new_tokens, args.batch, verbose=True, **shape)
+    rows = run_benchmark(args.contexts, args.mixers, args.new_tokens, args.batch, args.repeats, verbose=True,
+                         **shape)
     meta = {"machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} thread(s)".strip(),
             "torch": torch.__version__, "date": date.today().isoformat(), "batch": args.batch,
-            "new_tokens": args.new_tokens, **shape}
+            "new_tokens": args.new_tokens, "repeats": args.repeats, **shape}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     md = table(rows)
     (out / "results.md").write_text(f"{json.dumps(meta)}\n\n{md}\n")

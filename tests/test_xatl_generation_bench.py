@@ -12,7 +12,7 @@ torch.set_num_threads(1)
 def test_rows_cache_sizes_and_outputs(tmp_path):
     d, depth, warmup, new = 32, 2, 2, 3
     models = build_models(width=d, depth=depth, heads=2, vocab=64, max_context=48)
-    rows = run_benchmark(contexts=[16, 48], new_tokens=new, models=models)
+    rows = run_benchmark(contexts=[16, 48], new_tokens=new, models=models, repeats=2)
     assert [(r["model"], r["context"]) for r in rows] == [(m, c) for c in (16, 48) for m in
                                                           ("attention", "mamba", "retention", "gla")]
     by = {(r["model"], r["context"]): r for r in rows}
