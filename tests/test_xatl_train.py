@@ -92,6 +92,16 @@ def test_threshold_criterion():
     assert restored.prev_window_loss == pytest.approx(2.9)
 
 
+def test_hyperparameters_are_the_init_arguments(source_dir):
+    """All constructor arguments but the tokenizer reach hparams (and so the checkpoint and the logs)."""
+    module = XatlLM(source_dir, mixer="gla", lr=3e-3, weight_decay=0.05, unfreeze=UnfreezeSchedule(step=7))
+    hp = module.hparams
+    assert hp.source == source_dir and hp.mixer == "gla" and hp.lr == 3e-3 and hp.weight_decay == 0.05
+    assert hp.unfreeze.step == 7 and "tokenizer" not in hp
+    assert set(hp) == {"source", "mixer", "mixer_config", "attn_layers", "transfer", "freeze", "unfreeze", "lr",
+                       "min_lr_ratio", "warmup_steps", "weight_decay", "betas"}
+
+
 def test_errors(source_dir):
     with pytest.raises(SurgeryError, match="needs a step or a threshold"):
         UnfreezeTransferred(UnfreezeSchedule(step=None, threshold=None))

@@ -99,9 +99,11 @@ class XatlLM(CausalLM):
                  freeze: bool = True, unfreeze: UnfreezeSchedule | None = None, lr: float = 1e-3,
                  min_lr_ratio: float = 0.1, warmup_steps: int = 50, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), tokenizer: Any = None):
-        hparams = {k: v for k, v in locals().items() if k not in ("self", "tokenizer", "__class__")}
         L.LightningModule.__init__(self)  # not CausalLM.__init__: it would build a GPT-2 we do not want
-        self.save_hyperparameters(hparams)
+        # Lightning collects the arguments of frames that hold a `__class__` cell (normally made by super()),
+        # and under the CLI also stores the class path, which `fit --ckpt_path` needs to parse them back.
+        __class__  # noqa: B018
+        self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
         src = load_causal_lm(source)
         if tokenizer is not None and len(tokenizer) > src.config.vocab_size:
