@@ -1,0 +1,129 @@
+"""Mixers: training tokens/s and peak memory of attention vs mamba vs retention vs GLA against sequence
+length, the Hugging Face `MambaForCausalLM` peer, and generation latency per token.
+
+Every model has the same width, depth, heads and vocabulary, batch 1, random weights. Our models are
+GPT-2 blocks (mixer + MLP); `hf-mamba` is `transformers.MambaForCausalLM` (mixer only, no MLP: fewer
+parameters) with the same width, depth, state size (16), expansion (2) and conv width (4). On CPU it takes
+its torch path: a sequential loop over time steps (no mamba-ssm, no mambapy). Our mamba trains with the
+chunked selective scan (surgery.xatl.scan.selective_scan_chunked); linear mixers with chunked GLA.
+flash-linear-attention's naive reference joins when `fla` imports (it needs triton; not on this CPU).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM
+
+from benchmarks.measure import interleaved, paired_ratio
+from surgery.xatl.generation_bench import time_decode
+from surgery.xatl.model import HybridGPT2LMHeadModel, hybrid_config_from
+
+SEQS = (256, 512, 1024, 2048, 4096)
+MODELS = ("attention", "mamba", "retention", "gla", "hf-mamba")
+TARGET_TRAIN, TARGET_GEN = 3.0, 1.0  # our mamba / hf-mamba tokens/s in training; hf / ours ms per token
+
+
+def fla_status() -> str:
+    """"available" if flash-linear-attention's naive GLA reference imports, else why not."""
+    try:
+        from fla.ops.gla.naive import naive_recurrent_gla  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - not installed, or triton missing on CPU
+        return f"not available on CPU ({type(err).__name__}: {str(err)[:80]})"
+    return "available"
+
+
+def build(names=MODELS, width: int = 128, depth: int = 2, heads: int = 4, vocab: int = 4096,
+          max_seq: int = 4096, seed: int = 0) -> dict:
+    cfg = GPT2Config(n_layer=depth, n_embd=width, n_head=heads, vocab_size=vocab, n_positions=max_seq + 64,
+                     bos_token_id=0, eos_token_id=0)
+    models = {}
+    for name in names:
+        torch.manual_seed(seed)
+        if name == "attention":
+            models[name] = GPT2LMHeadModel(cfg)
+        elif name == "hf-mamba":
+            models[name] = MambaForCausalLM(MambaConfig(vocab_size=vocab, hidden_size=width, state_size=16,
+                                                        num_hidden_layers=depth, expand=2, conv_kernel=4,
+                                                        use_mambapy=False, bos_token_id=0, eos_token_id=0))
+        else:
+            models[name] = HybridGPT2LMHeadModel(hybrid_config_from(cfg, name))
+    return models
+
+
+class TrainStep:
+    """Forward, LM loss, backward, AdamW step on a fixed (1, T) batch."""
+
+    def __init__(self, model, ids: torch.Tensor):
+        self.model, self.ids = model.train(), ids
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def __call__(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.model(self.ids, labels=self.ids).loss.backward()
+        self.opt.step()
+
+
+def train_rows(models: dict, seqs=SEQS, repeats: int = 3, warmup: int = 1, max_seq: dict | None = None,
+               long_seq: int = 1024, verbose: bool = False) -> list[dict]:
+    """One row per (model, seq): {"model", "seq", "step_s", "tok_s", "ratio_to_attention" (time ratio,
+    paired), "peak_mib", "params"}; all models of a seq are timed interleaved. A model runs only up to
+    `max_seq[name]` tokens (default: all); above `long_seq` tokens one round without warm-up is timed."""
+    rows, max_seq = [], max_seq or {}
+    for seq in seqs:
+        ids = torch.randint(0, next(iter(models.values())).config.vocab_size, (1, seq),
+                            generator=torch.Generator().manual_seed(seq))
+        here = {n: m for n, m in models.items() if seq <= max_seq.get(n, seq)}
+        long = seq > long_seq
+        t = interleaved({n: TrainStep(m, ids) for n, m in here.items()}, 1 if long else repeats, 0 if long else warmup)
+        for name, m in here.items():
+            row = {"model": name, "seq": seq, "step_s": t[name]["median_s"], "tok_s": seq / t[name]["median_s"],
+                   "ratio_to_attention": paired_ratio(t, name, "attention") if "attention" in t else None,
+                   "peak_mib": t[name]["peak_mib"], "params": sum(p.numel() for p in m.parameters())}
+            if "mamba" in t and "hf-mamba" in t and name == "mamba":
+                row["speedup_vs_hf"] = paired_ratio(t, "hf-mamba", "mamba")
+            rows.append(row)
+            if verbose:
+                print({k: v for k, v in row.items()}, flush=True)
+        for m in models.values():
+            m.zero_grad(set_to_none=True)
+    return rows
+
+
+@torch.no_grad()
+def hf_time_decode(model, context: int, new_tokens: int = 8, warmup: int = 2) -> dict:
+    """`time_decode` for MambaForCausalLM, whose recurrent state travels as `cache_params`."""
+    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    out = model(ids, use_cache=True)
+    prefill = time.perf_counter() - start
+    cache, nxt, times = out.cache_params, out.logits[:, -1:].argmax(-1), []
+    for i in range(warmup + new_tokens):
+        start = time.perf_counter()
+        out = model(nxt, cache_params=cache, use_cache=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        nxt, cache = out.logits[:, -1:].argmax(-1), out.cache_params
+    return {"ms_per_token": 1e3 * min(times), "ms_median": 1e3 * statistics.median(times), "prefill_s": prefill}
+
+
+def generation_rows(models: dict, contexts=SEQS, new_tokens: int = 8, verbose: bool = False) -> list[dict]:
+    """One row per (model, context): {"model", "context", "ms_per_token" (fastest step), "ms_median",
+    "prefill_s", "ratio_to_attention"}. Same method as surgery.xatl.generation_bench."""
+    rows = []
+    for context in contexts:
+        base = None
+        for name, model in models.items():
+            model.eval()
+            fn = hf_time_decode if name == "hf-mamba" else time_decode
+            r = fn(model, context, new_tokens)
+            row = {"model": name, "context": context, "ms_per_token": r["ms_per_token"], "ms_median": r["ms_median"],
+                   "prefill_s": r["prefill_s"]}
+            base = row["ms_per_token"] if name == "attention" else base
+            row["ratio_to_attention"] = None if base is None else row["ms_per_token"] / base
+            rows.append(row)
+            if verbose:
+                print(row, flush=True)
+    return rows

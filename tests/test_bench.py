@@ -1,0 +1,98 @@
+"""`surgery bench` bookkeeping on tiny sizes: interleaving, paired ratios, phases, tables, JSON, PNG and
+the CLI's error paths. Speed is never asserted (shared, noisy machines)."""
+
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from benchmarks import measure, mixer_cost, removal_cost, report
+from surgery.cli import main
+
+torch.set_num_threads(1)
+
+
+def test_interleaved_alternates_order_and_ratio_is_median_of_pairs():
+    calls = []
+    t = measure.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then order reversed on odd rounds
+    t = {"a": {"times": [1.0, 2.0, 10.0]}, "b": {"times": [2.0, 2.0, 2.0]}}
+    assert measure.paired_ratio(t, "b", "a") == pytest.approx(1.0)  # median of 2, 1, 0.2
+
+
+def test_peak_rss_sees_a_large_allocation():
+    with measure.PeakRSS() as mem:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del x
+    if mem.mib is None:
+        pytest.skip("no /proc/self/clear_refs here")
+    assert 60 <= mem.mib <= 200
+
+
+def test_profile_pair_finds_the_extra_op():
+    x = torch.randn(64, 64)
+    prof = measure.profile_pair(lambda: x @ x, lambda: (x @ x, x.var(-1)), rounds=2)
+    top = prof["extra"][0]
+    assert top["op"] == "aten::var" and top["base_calls"] == 0 and top["other_calls"] == 1
+    assert prof["removal_total_ms"] > 0 and prof["plain_total_ms"] > 0
+
+
+def test_removal_phases_fake_counts_and_table(tmp_path):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64, eos_token_id=0))
+    res = removal_cost.run("toy", batch=2, seq=16, repeats=2, warmup=0, model=model, profile=False)
+    points = res.pop("removal_model")
+    assert [r["phase"] for r in res["rows"]] == ["before", "during", "after"]
+    # 2 blocks -> 7 points; half in removal order = both ln_2 and h.0.ln_1_qk
+    assert [r["fake_points"] for r in res["rows"]] == [0, 3, 7] and res["rows"][0]["points"] == 7
+    for r in res["rows"]:
+        assert len(r["plain_times"]) == len(r["removal_times"]) == 2
+        pairs = [a / b for a, b in zip(r["removal_times"], r["plain_times"])]
+        assert r["ratio"] == pytest.approx(sum(pairs) / 2)  # median of two
+        assert r["plain_tok_s"] == pytest.approx(32 / r["plain_s"])
+    assert removal_cost.removal_order(2)[:3] == ["h.0.ln_2", "h.1.ln_2", "h.0.ln_1_qk"]
+    table = report.removal_table(res)
+    assert "| phase | fake LNs |" in table and "| during | 3/7 |" in table
+    res["profile"] = {"after": {"plain_total_ms": 10.0, "removal_total_ms": 12.0,
+                                "extra": [{"op": "aten::var", "base_ms": 0.0, "other_ms": 2.0, "extra_ms": 2.0,
+                                           "base_calls": 0, "other_calls": 5}]}}
+    assert "| aten::var | 0.0 (0) | 2.0 (5) | +2.0 |" in report.removal_table(res)
+    del points
+
+
+def test_mixer_rows_grid_and_plot(tmp_path):
+    models = mixer_cost.build(width=16, depth=1, heads=2, vocab=32, max_seq=32)
+    train = mixer_cost.train_rows(models, seqs=[8, 32], repeats=1, warmup=0, max_seq={"hf-mamba": 8}, long_seq=16)
+    assert [(r["model"], r["seq"]) for r in train] == [(m, 8) for m in mixer_cost.MODELS] + [
+        (m, 32) for m in mixer_cost.MODELS[:-1]]
+    by = {(r["model"], r["seq"]): r for r in train}
+    assert by[("attention", 8)]["ratio_to_attention"] == 1.0 and "speedup_vs_hf" in by[("mamba", 8)]
+    assert "speedup_vs_hf" not in by[("mamba", 32)]  # hf-mamba capped at 8 tokens
+    assert by[("mamba", 32)]["tok_s"] == pytest.approx(32 / by[("mamba", 32)]["step_s"])
+    gen = mixer_cost.generation_rows(models, contexts=[8], new_tokens=2)
+    assert [r["model"] for r in gen] == list(mixer_cost.MODELS) and all(r["ms_per_token"] > 0 for r in gen)
+    md = report.mixer_tables(train, gen)
+    assert "| model | L=8 | L=32 |" in md and "| hf-mamba |" in md and md.count("| hf-mamba |") == 3
+    report.plot(train, gen, tmp_path / "m.png")
+    assert (tmp_path / "m.png").stat().st_size > 1000
+    assert mixer_cost.fla_status() == "available" or mixer_cost.fla_status().startswith("not available on CPU")
+
+
+def test_cli_writes_json_and_markdown(tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = main(["bench", "--out", str(out), "--sections", "mixers", "gpu", "--mixer-seqs", "8", "16",
+               "--mixer-width", "16", "--mixer-depth", "1", "--mixer-repeats", "1", "--new-tokens", "1"])
+    assert rc == 0
+    record = json.loads((out / "bench.json").read_text())
+    assert set(record) >= {"machine_start", "machine_end", "mixers", "gpu"}
+    assert len(record["machine_start"]["loadavg"]) == 3 and record["machine_start"]["torch"] == torch.__version__
+    assert len(record["mixers"]["train"]) == 10 and (out / "mixers.png").exists()
+    if not torch.cuda.is_available():
+        assert record["gpu"] == "skipped: torch.cuda.is_available() is False"
+    assert "load average at start" in (out / "bench.md").read_text()
+
+
+def test_cli_refuses_bad_sizes(capsys):
+    assert main(["bench", "--seq", "1"]) == 2
+    assert "--batch must be >= 1 and --seq / --mixer-seqs >= 2 tokens" in capsys.readouterr().err
