@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -60,6 +61,17 @@ class RunCheckpoint(ModelCheckpoint):
         super().load_state_dict(state_dict)
         if "rng" in state_dict:
             set_rng_state(state_dict["rng"])
+
+
+def keep_earlier_log(log_dir: Path) -> Path | None:
+    """Lightning's CSV logger deletes `metrics.csv` when it starts; a resumed run first moves the
+    interrupted run's log aside as `metrics.partN.csv` (N = 1, 2, ... in order of interruption)."""
+    current = log_dir / "metrics.csv"
+    if not current.exists():
+        return None
+    kept = log_dir / f"metrics.part{len(list(log_dir.glob('metrics.part*.csv'))) + 1}.csv"
+    current.rename(kept)
+    return kept
 
 
 class SurgeryCLI(LightningCLI):
@@ -124,5 +136,7 @@ class SurgeryCLI(LightningCLI):
         config = self.config_init["fit"]
         ckpt = next(cb for cb in self.trainer.callbacks if isinstance(cb, RunCheckpoint))
         config["ckpt_path"] = choose_checkpoint(self.trainer.default_root_dir, config.get("ckpt_path"), ckpt.auto_resume, ckpt.overwrite)
+        if config["ckpt_path"] is not None:
+            keep_earlier_log(Path(self.trainer.default_root_dir) / "logs")
         if config.get("weights_only") is None:
             config["weights_only"] = True

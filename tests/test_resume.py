@@ -66,6 +66,17 @@ def test_resumed_run_matches_uninterrupted_run(runs):
     assert ca["lr_schedulers"][0]["last_epoch"] == cb["lr_schedulers"][0]["last_epoch"] == 16
 
 
+def test_interrupted_runs_training_log_is_kept(runs):
+    import csv
+
+    root, _ = runs
+    logs = root / "b" / "logs"
+    before = [r for r in csv.DictReader((logs / "metrics.part1.csv").open()) if r.get("train/loss")]
+    after = [r for r in csv.DictReader((logs / "metrics.csv").open()) if r.get("train/loss")]
+    assert [int(r["step"]) for r in before][:3] == [0, 1, 2] and max(int(r["step"]) for r in before) >= 12
+    assert min(int(r["step"]) for r in after) >= 12 and max(int(r["step"]) for r in after) == 15
+
+
 def test_corrupt_last_checkpoint_is_refused(runs, tmp_path, capsys):
     root, recipe = runs
     run = tmp_path / "c"
