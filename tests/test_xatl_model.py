@@ -97,4 +97,5 @@ def test_load_causal_lm_finds_the_hybrid_in_a_fresh_process(tmp_path):
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1] == "HybridGPT2LMHeadModel"
-    assert torch.equal(torch.load(tmp_path / "out.pt"), ref)
+    # a fresh process may pick other CPU kernels (thread count, attention backend): equal to float rounding
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt").detach(), ref, rtol=0, atol=1e-6)
