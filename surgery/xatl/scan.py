@@ -52,16 +52,19 @@ def selective_scan_chunked(
     a, u = a.view(Bsz, nC, L, E, N), u.view(Bsz, nC, L, E, N)
     h, p = torch.zeros_like(a[:, :, 0]), torch.ones_like(a[:, :, 0])
     local, prod = [], []
-    for i in range(L):  # (1) all chunks in parallel
-        h, p = a[:, :, i] * h + u[:, :, i], p * a[:, :, i]
+    # unbind() once instead of indexing a[:, :, i] each step: indexing a view in a loop makes autograd
+    # keep one scatter per step, which dominated the backward pass
+    for a_i, u_i in zip(a.unbind(2), u.unbind(2)):  # (1) all chunks in parallel
+        h, p = a_i * h + u_i, p * a_i
         local.append(h)
         prod.append(p)
+    last_local, last_prod = local[-1].unbind(1), prod[-1].unbind(1)  # each chunk's end, (B, E, N)
     local, prod = torch.stack(local, 2), torch.stack(prod, 2)  # (B, nC, L, E, N)
     carry = torch.zeros_like(a[:, 0, 0]) if h0 is None else h0
     starts = []
-    for k in range(nC):  # (2) chunk boundaries
+    for p_k, h_k in zip(last_prod, last_local):  # (2) chunk boundaries
         starts.append(carry)
-        carry = prod[:, k, -1] * carry + local[:, k, -1]
+        carry = p_k * carry + h_k
     hs = local + prod * torch.stack(starts, 1)[:, :, None]  # (3)
     y = torch.einsum("bclen,bcln->bcle", hs, c.view(Bsz, nC, L, N)).reshape(Bsz, nC * L, E)
     return y[:, :T], carry
