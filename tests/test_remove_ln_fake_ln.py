@@ -82,8 +82,7 @@ def test_moving_average_excludes_first_and_end_of_text_positions():
     centered = x - x.mean(-1, keepdim=True)
     for pos, sigma in ((0, 51.0), (3, 7.2), (1, 2.2)):
         assert torch.allclose(out[:, pos], centered[:, pos] / sigma * ln.weight + ln.bias, atol=1e-5)
-    ln.special_first.fill_(0)
-    ln.special_eot.fill_(0)
+    ln.drop_specials(first=True, eot=True)
     assert torch.allclose(ln(x), centered / 2.2 * ln.weight + ln.bias, atol=1e-5)
 
 
@@ -125,3 +124,38 @@ def test_all_points_share_one_token_context():
     points = prepare_for_removal(tiny_gpt2())
     context = token_context(points)
     assert all(ln.context is context for ln in points.values())
+
+
+def test_loading_a_state_dict_switches_the_forward_pass():
+    """The forward pass follows the loaded buffers (fake, special sigmas), not the state it was built in."""
+    base = layernorm()
+    done, fresh = SwitchableLayerNorm(base), SwitchableLayerNorm(base)
+    done.go_fake(sigma=1.7, special_first=True)
+    x = torch.randn(2, 5, 16) * 4
+    assert not torch.allclose(fresh(x), done(x), atol=1e-3)
+    fresh.load_state_dict(done.state_dict())
+    assert fresh.is_fake and fresh.has_specials
+    assert torch.equal(fresh(x), done(x))
+
+
+def test_split_input_measures_both_paths_in_one_pass():
+    """While both attention-input LNs are real they read one standardized input, and both average the
+    same per-token std (first position and EOT tokens kept apart)."""
+    model = tiny_gpt2()
+    block = model.transformer.h[0]
+    context = TokenContext()
+    qk, v = SwitchableLayerNorm(block.ln_1, context), SwitchableLayerNorm(block.ln_1, context)
+    split = SplitQKVInput(block.attn.c_attn, qk, v).train()
+    x = torch.randn(2, 9, 32) * torch.linspace(0.5, 3, 9)[None, :, None]
+    eot = torch.zeros(2, 9, dtype=torch.bool)
+    eot[1, 4] = True
+    context.eot_mask = eot
+    assert torch.allclose(split(x), block.attn.c_attn(block.ln_1(x)), atol=1e-5)
+    std = per_token_std(x, block.ln_1.eps)
+    rest = torch.ones(2, 9, dtype=torch.bool)
+    rest[:, 0], rest[1, 4] = False, False
+    for ln in (qk, v):
+        assert float(ln.avg_std) == pytest.approx(float(std[rest].mean()), rel=1e-5)
+        assert float(ln.avg_std_first) == pytest.approx(float(std[:, 0].mean()), rel=1e-5)
+        assert float(ln.avg_std_eot) == pytest.approx(float(std[1, 4]), rel=1e-5)
+        assert int(ln.avg_count) == 1

@@ -18,13 +18,36 @@ from torch import nn
 
 
 class TokenContext:
-    """Per-batch token facts the fake LNs read: which positions hold end-of-text tokens.
+    """Per-batch token facts the LNs read: which positions hold end-of-text tokens.
 
     The training module sets `eot_mask` (B, T) bool before each forward; None means no EOT tokens.
+    The masks every LN needs are derived from it once per batch (`groups`), not once per LN.
     """
 
     def __init__(self) -> None:
-        self.eot_mask: torch.Tensor | None = None
+        self._eot_mask: torch.Tensor | None = None
+        self._groups: dict = {}
+
+    @property
+    def eot_mask(self) -> torch.Tensor | None:
+        return self._eot_mask
+
+    @eot_mask.setter
+    def eot_mask(self, mask: torch.Tensor | None) -> None:
+        self._eot_mask, self._groups = mask, {}
+
+    def groups(self, shape: torch.Size, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For tokens of batch shape `shape` (B, T): the first-position and EOT masks (B, T) bool, and
+        the membership matrix (3, B*T) float of [other tokens; first position; EOT tokens]."""
+        key = (tuple(shape), device)
+        if key not in self._groups:
+            first = torch.zeros(shape, dtype=torch.bool, device=device)
+            first[..., 0] = True
+            eot = self._eot_mask
+            eot = torch.zeros_like(first) if eot is None or eot.shape != first.shape else eot.to(device) & ~first
+            member = torch.stack([~(first | eot), first, eot]).reshape(3, -1).float()
+            self._groups[key] = first, eot, member
+        return self._groups[key]
 
 
 def per_token_std(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,8 +59,10 @@ class SwitchableLayerNorm(nn.Module):
     """Drop-in for `nn.LayerNorm` (same weight/bias) that can be made fake.
 
     Buffers (all scalars): `fake` (0/1), `sigma`, `sigma_first`, `sigma_eot`, `special_first` and
-    `special_eot` (0/1: whether the first position / EOT tokens still use their own sigma), and the moving averages `avg_std`,
-    `avg_std_first`, `avg_std_eot` with `avg_count` (number of updates; 0 = not yet measured).
+    `special_eot` (0/1: whether the first position / EOT tokens still use their own sigma), and the moving
+    averages `avg_std`, `avg_std_first`, `avg_std_eot` with `avg_count` (number of updates; 0 = not yet
+    measured). The forward pass branches on Python copies of the 0/1 buffers (kept in step by `go_fake`,
+    `drop_specials` and `load_state_dict`), so it never waits for a device-to-host copy.
     """
 
     def __init__(self, ln: nn.LayerNorm, context: TokenContext | None = None, momentum: float = 0.9):
@@ -50,38 +75,31 @@ class SwitchableLayerNorm(nn.Module):
         self.track = True  # update the moving averages on training forwards while real
         for name in ("fake", "sigma", "sigma_first", "sigma_eot", "special_first", "special_eot", "avg_std", "avg_std_first", "avg_std_eot", "avg_count"):
             self.register_buffer(name, torch.zeros((), dtype=torch.float32))
+        self._sync_flags()
 
-    @property
-    def is_fake(self) -> bool:
-        return bool(self.fake)
+    def _sync_flags(self) -> None:
+        self.is_fake = bool(self.fake)
+        self.has_specials = bool(self.special_first) or bool(self.special_eot)
 
-    def _masks(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) bool masks of the first position and of EOT tokens."""
-        first = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
-        first[..., 0] = True
-        eot = self.context.eot_mask
-        eot = torch.zeros_like(first) if eot is None or eot.shape != first.shape else eot.to(x.device) & ~first
-        return first, eot
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sync_flags()
 
     @torch.no_grad()
-    def _update_averages(self, x: torch.Tensor) -> None:
-        std = per_token_std(x.float(), self.eps)
-        first, eot = self._masks(x)
-        rest = ~(first | eot)
+    def _update_averages(self, rstd: torch.Tensor) -> None:
+        """Fold this batch's mean per-token std (1 / rstd of LayerNorm) into the moving averages, for
+        other tokens, the first position and EOT tokens separately. No host synchronisation."""
+        _, _, member = self.context.groups(rstd.shape[:-1], rstd.device)
         # sums and counts, all-reduced across ranks so every rank removes with the same sigma
-        stats = torch.stack([
-            (std * rest).sum(), rest.sum(), (std * first).sum(), first.sum(), (std * eot).sum(), eot.sum()
-        ]).float()
+        stats = torch.cat([member @ rstd.reshape(-1).float().reciprocal(), member.sum(1)])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
-        means = [stats[i] / stats[i + 1] if stats[i + 1] > 0 else None for i in (0, 2, 4)]
-        for avg, mean in zip((self.avg_std, self.avg_std_first, self.avg_std_eot), means):
-            if mean is None:
-                continue
-            if self.avg_count == 0 or avg == 0:
-                avg.copy_(mean)
-            else:
-                avg.mul_(self.momentum).add_((1 - self.momentum) * mean)
+        sums, counts = stats.split(3)
+        mean = sums / counts.clamp_min(1.0)
+        avgs = (self.avg_std, self.avg_std_first, self.avg_std_eot)
+        old = torch.stack(avgs)
+        new = torch.where(old == 0, mean, old * self.momentum + (1 - self.momentum) * mean)
+        torch._foreach_copy_(list(avgs), list(torch.where(counts > 0, new, old).unbind()))
         self.avg_count += 1
 
     def go_fake(self, sigma: float | None = None, special_first: bool = False, special_eot: bool = False) -> None:
@@ -96,26 +114,44 @@ class SwitchableLayerNorm(nn.Module):
         self.special_first.fill_(float(special_first))
         self.special_eot.fill_(float(special_eot))
         self.fake.fill_(1.0)
+        self._sync_flags()
 
-    @property
-    def has_specials(self) -> bool:
-        return bool(self.special_first) or bool(self.special_eot)
+    def drop_specials(self, first: bool = False, eot: bool = False) -> None:
+        """Stop giving the first position / EOT tokens their own sigma: they use `sigma` from now on."""
+        if first:
+            self.special_first.fill_(0.0)
+        if eot:
+            self.special_eot.fill_(0.0)
+        self._sync_flags()
+
+    def standardize(self, x: torch.Tensor, *also: "SwitchableLayerNorm") -> torch.Tensor:
+        """(x - mean) / std_token, no affine, for a real LN; measures the std for this LN and for the
+        real LNs `also` reading the same input (one pass for all of them)."""
+        if self.training and self.track:
+            out, _, rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, self.eps)
+            for ln in (self, *also):
+                if ln.track:
+                    ln._update_averages(rstd.detach())
+            return out
+        return F.layer_norm(x, x.shape[-1:], None, None, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fake:
+        if not self.is_fake:
             if self.training and self.track:
-                self._update_averages(x)
+                out, _, rstd = torch.native_layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+                self._update_averages(rstd.detach())
+                return out
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
         centered = x - x.mean(-1, keepdim=True)
         if self.has_specials:
-            first, eot = self._masks(x)
+            first, eot, _ = self.context.groups(x.shape[:-1], x.device)
             sigma = torch.where(first & self.special_first.bool(), self.sigma_first, self.sigma)
             sigma = torch.where(eot & self.special_eot.bool(), self.sigma_eot, sigma)
-            return centered / sigma.unsqueeze(-1).to(x.dtype) * self.weight + self.bias
-        return centered * (1.0 / self.sigma).to(x.dtype) * self.weight + self.bias
+            return torch.addcmul(self.bias, centered / sigma.unsqueeze(-1).to(x.dtype), self.weight)
+        return torch.addcmul(self.bias, centered, self.weight / self.sigma.to(x.dtype))
 
     def extra_repr(self) -> str:
-        state = f"fake, sigma={float(self.sigma):.4g}" if self.fake else f"real, avg_std={float(self.avg_std):.4g}"
+        state = f"fake, sigma={float(self.sigma):.4g}" if self.is_fake else f"real, avg_std={float(self.avg_std):.4g}"
         return f"{self.weight.shape[0]}, {state}"
 
 
@@ -133,6 +169,12 @@ class SplitQKVInput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b, d = self.c_attn.weight, self.c_attn.bias, self.d
-        qk = torch.addmm(b[: 2 * d], self.ln_qk(x).reshape(-1, d), w[:, : 2 * d])
-        v = torch.addmm(b[2 * d :], self.ln_v(x).reshape(-1, d), w[:, 2 * d :])
+        ln_qk, ln_v = self.ln_qk, self.ln_v
+        if not ln_qk.is_fake and not ln_v.is_fake:  # both real: standardize once, two affines
+            z = ln_qk.standardize(x, ln_v)
+            x_qk, x_v = torch.addcmul(ln_qk.bias, z, ln_qk.weight), torch.addcmul(ln_v.bias, z, ln_v.weight)
+        else:
+            x_qk, x_v = ln_qk(x), ln_v(x)
+        qk = torch.addmm(b[: 2 * d], x_qk.reshape(-1, d), w[:, : 2 * d])
+        v = torch.addmm(b[2 * d :], x_v.reshape(-1, d), w[:, 2 * d :])
         return torch.cat([qk, v], dim=-1).view(*x.shape[:-1], 3 * d)

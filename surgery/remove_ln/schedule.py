@@ -96,9 +96,9 @@ class RemovalCallback(L.Callback):
         last = max(self.steps.values())
         for ln in self.points.values():
             if ln.is_fake and step >= last + self.schedule.drop_eot_after:
-                ln.special_eot.fill_(0.0)
+                ln.drop_specials(eot=True)
             if ln.is_fake and step >= last + self.schedule.drop_first_after:
-                ln.special_first.fill_(0.0)
+                ln.drop_specials(first=True)
         return done
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
