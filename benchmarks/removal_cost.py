@@ -59,6 +59,8 @@ class Stepper:
         if self.points:
             token_context(self.points).eot_mask = batch == self.eos
         loss = self.model(batch, labels=batch).loss
+        if self.points:
+            token_context(self.points).flush()
         if self.points and self.aux_weight > 0:
             keep = batch != self.eos
             keep[:, 0] = False

@@ -67,6 +67,8 @@ def test_moving_average_excludes_first_and_end_of_text_positions():
     context.eot_mask = eot
     ln(batch(2.0, 50.0, 7.0))
     ln(batch(4.0, 60.0, 9.0))
+    assert int(ln.avg_count) == 0  # recorded, not yet folded
+    context.flush()
     assert float(ln.avg_std) == pytest.approx(0.9 * 2.0 + 0.1 * 4.0, rel=1e-4)
     assert float(ln.avg_std_first) == pytest.approx(0.9 * 50 + 0.1 * 60, rel=1e-4)
     assert float(ln.avg_std_eot) == pytest.approx(0.9 * 7 + 0.1 * 9, rel=1e-4)
@@ -151,6 +153,7 @@ def test_split_input_measures_both_paths_in_one_pass():
     eot[1, 4] = True
     context.eot_mask = eot
     assert torch.allclose(split(x), block.attn.c_attn(block.ln_1(x)), atol=1e-5)
+    context.flush()
     std = per_token_std(x, block.ln_1.eps)
     rest = torch.ones(2, 9, dtype=torch.bool)
     rest[:, 0], rest[1, 4] = False, False
@@ -159,3 +162,35 @@ def test_split_input_measures_both_paths_in_one_pass():
         assert float(ln.avg_std_first) == pytest.approx(float(std[:, 0].mean()), rel=1e-5)
         assert float(ln.avg_std_eot) == pytest.approx(float(std[1, 4]), rel=1e-5)
         assert int(ln.avg_count) == 1
+
+
+@pytest.mark.parametrize("state", ["real", "fake", "mixed", "fake_special"])
+def test_split_input_folded_matmul_matches_two_norms_values_and_gradients(state):
+    """Whichever path SplitQKVInput takes (one folded matmul or two), its outputs and every gradient equal
+    those of LN_qk(x) W_qk + b_qk and LN_v(x) W_v + b_v computed separately."""
+    model = tiny_gpt2()
+    block = model.transformer.h[0]
+    qk, v = SwitchableLayerNorm(block.ln_1), SwitchableLayerNorm(block.ln_1)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for ln in (qk, v):
+            ln.weight.add_(torch.randn(32) * 0.3)
+            ln.bias.add_(torch.randn(32) * 0.3)
+    if state != "real":
+        qk.go_fake(sigma=1.3, special_first=state == "fake_special")
+    if state in ("fake", "fake_special"):
+        v.go_fake(sigma=0.7)
+    split = SplitQKVInput(block.attn.c_attn, qk, v).eval()
+    x = torch.randn(2, 9, 32) * 2
+    r = torch.randn(2, 9, 96)
+    params = [block.attn.c_attn.weight, block.attn.c_attn.bias, qk.weight, qk.bias, v.weight, v.bias]
+
+    def grads(out):
+        return torch.autograd.grad((out * r).sum(), params)
+
+    out = split(x)
+    w, b = block.attn.c_attn.weight, block.attn.c_attn.bias
+    ref = torch.cat([qk(x) @ w[:, :64] + b[:64], v(x) @ w[:, 64:] + b[64:]], -1)
+    assert torch.allclose(out, ref, atol=1e-5)
+    for g, g_ref in zip(grads(split(x)), grads(ref)):
+        assert torch.allclose(g, g_ref, atol=1e-4)

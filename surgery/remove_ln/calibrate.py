@@ -26,6 +26,7 @@ def calibrate(model, points: dict[str, SwitchableLayerNorm], batches, n_batches:
         batch = batch.to(next(model.parameters()).device)
         context.eot_mask = batch == eos_id if eos_id is not None else None
         model(batch)
+        context.flush()
     model.train(was_training)
     for ln in points.values():
         ln.track = False

@@ -18,15 +18,19 @@ from torch import nn
 
 
 class TokenContext:
-    """Per-batch token facts the LNs read: which positions hold end-of-text tokens.
+    """What the LNs of one model share: per-batch token facts, and their pending std measurements.
 
-    The training module sets `eot_mask` (B, T) bool before each forward; None means no EOT tokens.
-    The masks every LN needs are derived from it once per batch (`groups`), not once per LN.
+    The training module sets `eot_mask` (B, T) bool before each forward (None: no EOT tokens); the masks
+    every LN needs are derived from it once per batch (`groups`). Real LNs measuring in training mode
+    only record their batch sums; `flush()` folds every recorded measurement into the moving averages
+    in a few vectorised ops (and one all-reduce under DDP). Call it after each training forward, on every
+    rank; setting `eot_mask` and `go_fake` flush too.
     """
 
     def __init__(self) -> None:
         self._eot_mask: torch.Tensor | None = None
         self._groups: dict = {}
+        self.pending: list[tuple["SwitchableLayerNorm", torch.Tensor, torch.Tensor, float]] = []
 
     @property
     def eot_mask(self) -> torch.Tensor | None:
@@ -34,11 +38,12 @@ class TokenContext:
 
     @eot_mask.setter
     def eot_mask(self, mask: torch.Tensor | None) -> None:
+        self.flush()
         self._eot_mask, self._groups = mask, {}
 
-    def groups(self, shape: torch.Size, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For tokens of batch shape `shape` (B, T): the first-position and EOT masks (B, T) bool, and
-        the membership matrix (3, B*T) float of [other tokens; first position; EOT tokens]."""
+    def groups(self, shape: torch.Size, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """For tokens of batch shape `shape` (B, T): the first-position and EOT masks (B, T) bool, the
+        membership matrix (3, B*T) float of [other tokens; first position; EOT tokens] and its row sums."""
         key = (tuple(shape), device)
         if key not in self._groups:
             first = torch.zeros(shape, dtype=torch.bool, device=device)
@@ -46,8 +51,38 @@ class TokenContext:
             eot = self._eot_mask
             eot = torch.zeros_like(first) if eot is None or eot.shape != first.shape else eot.to(device) & ~first
             member = torch.stack([~(first | eot), first, eot]).reshape(3, -1).float()
-            self._groups[key] = first, eot, member
+            self._groups[key] = first, eot, member, member.sum(1)
         return self._groups[key]
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Fold the pending measurements into each LN's moving averages, in recording order."""
+        while self.pending:
+            seen: set[int] = set()
+            n = 0
+            while n < len(self.pending) and id(self.pending[n][0]) not in seen:  # one update per LN per round
+                seen.add(id(self.pending[n][0]))
+                n += 1
+            batch, self.pending = self.pending[:n], self.pending[n:]
+            _fold(batch)
+
+
+def _fold(batch: list) -> None:
+    """avg <- mean where avg is still 0, else momentum * avg + (1 - momentum) * mean; groups with no token
+    this batch keep their average. All LNs in `batch` are distinct."""
+    lns = [b[0] for b in batch]
+    stats = torch.cat([torch.stack([b[1] for b in batch]), torch.stack([b[2] for b in batch])], 1)  # (P, 6)
+    # sums and counts, all-reduced across ranks so every rank removes with the same sigma
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(stats)
+    sums, counts = stats[:, :3], stats[:, 3:]
+    mean = sums / counts.clamp_min(1.0)
+    bufs = [t for ln in lns for t in (ln.avg_std, ln.avg_std_first, ln.avg_std_eot)]
+    old = torch.stack(bufs).view(-1, 3)
+    m = torch.tensor([b[3] for b in batch], device=old.device).unsqueeze(1)
+    new = torch.where(old == 0, mean, old * m + (1 - m) * mean)
+    torch._foreach_copy_(bufs, list(torch.where(counts > 0, new, old).view(-1).unbind()))
+    torch._foreach_add_([ln.avg_count for ln in lns], 1.0)
 
 
 def per_token_std(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -61,8 +96,9 @@ class SwitchableLayerNorm(nn.Module):
     Buffers (all scalars): `fake` (0/1), `sigma`, `sigma_first`, `sigma_eot`, `special_first` and
     `special_eot` (0/1: whether the first position / EOT tokens still use their own sigma), and the moving
     averages `avg_std`, `avg_std_first`, `avg_std_eot` with `avg_count` (number of updates; 0 = not yet
-    measured). The forward pass branches on Python copies of the 0/1 buffers (kept in step by `go_fake`,
-    `drop_specials` and `load_state_dict`), so it never waits for a device-to-host copy.
+    measured), current once `context.flush()` has run. The forward pass branches on Python copies of the
+    0/1 buffers (kept in step by `go_fake`, `drop_specials` and `load_state_dict`), so it never waits for a
+    device-to-host copy.
     """
 
     def __init__(self, ln: nn.LayerNorm, context: TokenContext | None = None, momentum: float = 0.9):
@@ -86,24 +122,16 @@ class SwitchableLayerNorm(nn.Module):
         self._sync_flags()
 
     @torch.no_grad()
-    def _update_averages(self, rstd: torch.Tensor) -> None:
-        """Fold this batch's mean per-token std (1 / rstd of LayerNorm) into the moving averages, for
-        other tokens, the first position and EOT tokens separately. No host synchronisation."""
-        _, _, member = self.context.groups(rstd.shape[:-1], rstd.device)
-        # sums and counts, all-reduced across ranks so every rank removes with the same sigma
-        stats = torch.cat([member @ rstd.reshape(-1).float().reciprocal(), member.sum(1)])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats)
-        sums, counts = stats.split(3)
-        mean = sums / counts.clamp_min(1.0)
-        avgs = (self.avg_std, self.avg_std_first, self.avg_std_eot)
-        old = torch.stack(avgs)
-        new = torch.where(old == 0, mean, old * self.momentum + (1 - self.momentum) * mean)
-        torch._foreach_copy_(list(avgs), list(torch.where(counts > 0, new, old).unbind()))
-        self.avg_count += 1
+    def _measure(self, rstd: torch.Tensor) -> None:
+        """Record this batch's per-token std (1 / rstd of LayerNorm) summed over other tokens, the first
+        position and EOT tokens; `context.flush()` folds it into the averages."""
+        _, _, member, counts = self.context.groups(rstd.shape[:-1], rstd.device)
+        sums = member @ rstd.reshape(-1).float().reciprocal()
+        self.context.pending.append((self, sums, counts, self.momentum))
 
     def go_fake(self, sigma: float | None = None, special_first: bool = False, special_eot: bool = False) -> None:
         """Freeze `sigma` (default: the moving average) and switch to the fake LN."""
+        self.context.flush()
         if self.avg_count == 0 and sigma is None:
             raise RuntimeError("no std measured yet: run calibration or training forwards before going fake")
         self.sigma.fill_(float(sigma) if sigma is not None else float(self.avg_std))
@@ -131,7 +159,7 @@ class SwitchableLayerNorm(nn.Module):
             out, _, rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, self.eps)
             for ln in (self, *also):
                 if ln.track:
-                    ln._update_averages(rstd.detach())
+                    ln._measure(rstd.detach())
             return out
         return F.layer_norm(x, x.shape[-1:], None, None, self.eps)
 
@@ -139,12 +167,12 @@ class SwitchableLayerNorm(nn.Module):
         if not self.is_fake:
             if self.training and self.track:
                 out, _, rstd = torch.native_layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-                self._update_averages(rstd.detach())
+                self._measure(rstd.detach())
                 return out
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
         centered = x - x.mean(-1, keepdim=True)
         if self.has_specials:
-            first, eot, _ = self.context.groups(x.shape[:-1], x.device)
+            first, eot, _, _ = self.context.groups(x.shape[:-1], x.device)
             sigma = torch.where(first & self.special_first.bool(), self.sigma_first, self.sigma)
             sigma = torch.where(eot & self.special_eot.bool(), self.sigma_eot, sigma)
             return torch.addcmul(self.bias, centered / sigma.unsqueeze(-1).to(x.dtype), self.weight)
@@ -160,6 +188,8 @@ class SplitQKVInput(nn.Module):
     one for the query/key columns, one for the value columns. Replaces `ln_1` + `c_attn`.
 
     Input (B, T, d) residual; output (B, T, 3d) = [LN_qk(x) W_qk + b_qk, LN_v(x) W_v + b_v].
+    While both LNs are real, or both fake with no special tokens, they differ only in their affines, which
+    are folded into one matmul (the cost of plain GPT-2's `ln_1` + `c_attn`); in between, two matmuls.
     """
 
     def __init__(self, c_attn: nn.Module, ln_qk: SwitchableLayerNorm, ln_v: SwitchableLayerNorm):
@@ -167,14 +197,26 @@ class SplitQKVInput(nn.Module):
         self.c_attn, self.ln_qk, self.ln_v = c_attn, ln_qk, ln_v
         self.d = c_attn.weight.shape[0]
 
+    def _shared_input(self, x: torch.Tensor):
+        """(z, gain_qk, gain_v) when both LNs are `z * gain + bias` of one z: both real (z standardized
+        once), or both fake without special tokens (z centered); None while they differ."""
+        qk, v = self.ln_qk, self.ln_v
+        if not qk.is_fake and not v.is_fake:
+            return qk.standardize(x, v), qk.weight, v.weight
+        if qk.is_fake and v.is_fake and not qk.has_specials and not v.has_specials:
+            return x - x.mean(-1, keepdim=True), qk.weight / qk.sigma, v.weight / v.sigma
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b, d = self.c_attn.weight, self.c_attn.bias, self.d
-        ln_qk, ln_v = self.ln_qk, self.ln_v
-        if not ln_qk.is_fake and not ln_v.is_fake:  # both real: standardize once, two affines
-            z = ln_qk.standardize(x, ln_v)
-            x_qk, x_v = torch.addcmul(ln_qk.bias, z, ln_qk.weight), torch.addcmul(ln_v.bias, z, ln_v.weight)
-        else:
-            x_qk, x_v = ln_qk(x), ln_v(x)
-        qk = torch.addmm(b[: 2 * d], x_qk.reshape(-1, d), w[:, : 2 * d])
-        v = torch.addmm(b[2 * d :], x_v.reshape(-1, d), w[:, 2 * d :])
+        shared = self._shared_input(x)
+        if shared is not None:  # one matmul as in plain GPT-2: the two LN affines folded into c_attn
+            z, g_qk, g_v = shared
+            w3 = w.view(d, 3, d)  # input dim, (q, k, v), output dim
+            w_eff = (w3 * torch.stack([g_qk, g_qk, g_v], 1).unsqueeze(-1)).view(d, 3 * d)
+            b_ln = torch.stack([self.ln_qk.bias, self.ln_qk.bias, self.ln_v.bias], 1)
+            b_eff = b + torch.einsum("ij,ijk->jk", b_ln, w3).reshape(3 * d)
+            return torch.addmm(b_eff, z.reshape(-1, d), w_eff).view(*x.shape[:-1], 3 * d)
+        qk = torch.addmm(b[: 2 * d], self.ln_qk(x).reshape(-1, d), w[:, : 2 * d])
+        v = torch.addmm(b[2 * d :], self.ln_v(x).reshape(-1, d), w[:, 2 * d :])
         return torch.cat([qk, v], dim=-1).view(*x.shape[:-1], 3 * d)

@@ -106,6 +106,8 @@ class LNRemoval(CausalLM):
         if self.points:
             token_context(self.points).eot_mask = batch == self.tokenizer.eos_token_id
         lm_loss = self.lm_loss(batch)
+        if self.points:
+            token_context(self.points).flush()  # this batch's std measurements into the moving averages
         loss = lm_loss
         if self._ln_f_input is not None:
             keep = (batch != self.tokenizer.eos_token_id)
