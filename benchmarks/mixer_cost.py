@@ -6,7 +6,8 @@ GPT-2 blocks (mixer + MLP); `hf-mamba` is `transformers.MambaForCausalLM` (mixer
 parameters) with the same width, depth, state size (16), expansion (2) and conv width (4). On CPU it takes
 its torch path: a sequential loop over time steps (no mamba-ssm, no mambapy). Our mamba trains with the
 chunked selective scan (surgery.xatl.scan.selective_scan_chunked); linear mixers with chunked GLA.
-flash-linear-attention's naive reference joins when `fla` imports (it needs triton; not on this CPU).
+flash-linear-attention's naive torch references join when `fla` imports (on CPU it needs triton too:
+`pip install -e '.[bench]'`): the recurrence alone, ours against theirs, forward and backward.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM
 
 from benchmarks.measure import interleaved, paired_ratio
 from surgery.xatl.generation_bench import time_decode
 from surgery.xatl.model import HybridGPT2LMHeadModel, hybrid_config_from
+from surgery.xatl.scan import gla_chunked
 
 SEQS = (256, 512, 1024, 2048, 4096)
 MODELS = ("attention", "mamba", "retention", "gla", "hf-mamba")
@@ -123,6 +126,50 @@ def generation_rows(models: dict, contexts=SEQS, new_tokens: int = 8, verbose: b
                    "prefill_s": r["prefill_s"]}
             base = row["ms_per_token"] if name == "attention" else base
             row["ratio_to_attention"] = None if base is None else row["ms_per_token"] / base
+            rows.append(row)
+            if verbose:
+                print(row, flush=True)
+    return rows
+
+
+def recurrence_rows(seqs=SEQS, heads: int = 4, head_dim: int = 32, repeats: int = 2, fla_max_seq: int = 2048,
+                    verbose: bool = False) -> list[dict]:
+    """One layer's linear-attention recurrence, forward + backward, (1, heads, T, head_dim): our
+    `gla_chunked` against flash-linear-attention's naive references, GLA (per-key decay) against
+    `naive_recurrent_gla` and retention (one decay per head) against `naive_chunk_simple_gla`.
+    One row per (mixer, seq): {"mixer", "seq", "ours_s", "fla_s", "fla_over_ours", "max_abs_diff"}
+    (fla_* None above `fla_max_seq`). Requires `fla` to import (see `fla_status`)."""
+    from fla.ops.gla.naive import naive_recurrent_gla
+    from fla.ops.simple_gla.naive import naive_chunk_simple_gla
+
+    def bthd(x):  # ours (B, H, T, D) -> fla's (B, T, H, D)
+        return x.transpose(1, 2)
+
+    refs = {
+        "gla": lambda q, k, v, g: bthd(naive_recurrent_gla(bthd(q), bthd(k), bthd(v), bthd(g))[0]),
+        "retention": lambda q, k, v, g: bthd(naive_chunk_simple_gla(bthd(q), bthd(k), bthd(v), bthd(g)[..., 0])[0]),
+    }
+    rows = []
+    for seq in seqs:
+        gen = torch.Generator().manual_seed(seq)
+        q, k, v = (torch.randn(1, heads, seq, head_dim, generator=gen) for _ in range(3))
+        decays = {"gla": F.logsigmoid(torch.randn(1, heads, seq, head_dim, generator=gen) + 4),
+                  "retention": torch.log(1 - 2.0 ** (-5.0 - torch.arange(heads))).view(1, heads, 1, 1).expand(1, heads, seq, 1)}
+        grad_out = torch.randn(1, heads, seq, head_dim, generator=gen)
+        for mixer, g in decays.items():
+            inputs = [t.clone().requires_grad_() for t in (q, k, v)] + [g.clone()]
+            fns = {"ours": lambda: gla_chunked(inputs[0] * head_dim ** -0.5, *inputs[1:])[0],
+                   "fla": lambda mixer=mixer: refs[mixer](*inputs)}
+            if seq > fla_max_seq:
+                del fns["fla"]
+            steps = {name: (lambda fn=fn: fn().backward(grad_out)) for name, fn in fns.items()}
+            t = interleaved(steps, repeats, warmup=1, memory=False)
+            row = {"mixer": mixer, "seq": seq, "ours_s": t["ours"]["median_s"], "fla_s": None, "fla_over_ours": None,
+                   "max_abs_diff": None}
+            if "fla" in t:
+                with torch.no_grad():
+                    diff = (fns["ours"]() - fns["fla"]()).abs().max().item()
+                row.update(fla_s=t["fla"]["median_s"], fla_over_ours=paired_ratio(t, "fla", "ours"), max_abs_diff=diff)
             rows.append(row)
             if verbose:
                 print(row, flush=True)

@@ -61,6 +61,16 @@ def mixer_tables(train: list[dict], generation: list[dict]) -> str:
     return "\n".join(parts)
 
 
+def recurrence_table(rows: list[dict]) -> str:
+    """Ours vs flash-linear-attention's naive reference, seconds for forward + backward of one recurrence."""
+    lines = ["| mixer | L | ours | fla naive | fla / ours | max abs diff |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        fla = "-" if r["fla_s"] is None else f"{1e3 * r['fla_s']:.1f} ms"
+        lines.append(f"| {r['mixer']} | {r['seq']} | {1e3 * r['ours_s']:.1f} ms | {fla} | "
+                     f"{_f(r['fla_over_ours'], '.1f')}x | {_f(r['max_abs_diff'], '.1e')} |")
+    return "\n".join(lines)
+
+
 def plot(train: list[dict], generation: list[dict], path: Path) -> None:
     import matplotlib
 

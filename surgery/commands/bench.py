@@ -52,13 +52,32 @@ def _import_benchmarks():
     return benchmarks
 
 
+def _gpu_section(seq: int = 1024) -> dict:
+    """Removal vs plain bf16 training of a GPT-2-small shape at the largest batch that fits, with MFU,
+    and the mixers' CUDA kernels vs their PyTorch paths."""
+    import torch
+    from transformers import GPT2Config
+
+    from benchmarks import gpu_cost
+
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    peak = gpu_cost.matmul_peak_flops(dev, dtype)
+    cfg = GPT2Config()
+    batch = gpu_cost.largest_batch(cfg, seq, dev, dtype)
+    removal = gpu_cost.removal_rows(cfg, seq, batch, dev, dtype, peak_flops=peak)
+    for r in removal:
+        print(r, flush=True)
+    return {"device": torch.cuda.get_device_name(dev), "peak_flops": peak, "removal": removal,
+            "kernels": gpu_cost.kernel_rows(device=dev, dtype=dtype)}
+
+
 def run(args) -> int:
     if args.batch < 1 or args.seq < 2 or min(args.mixer_seqs) < 2:
         raise SurgeryError("--batch must be >= 1 and --seq / --mixer-seqs >= 2 tokens")
     _import_benchmarks()
     import torch
 
-    from benchmarks import export_cost, mixer_cost, removal_cost, report
+    from benchmarks import export_cost, gpu_cost, mixer_cost, removal_cost, report
     from benchmarks.measure import machine_info
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -97,11 +116,20 @@ def run(args) -> int:
                f"flash-linear-attention naive reference: {record['mixers']['fla']}", "",
                report.mixer_tables(train, gen)]
         report.plot(train, gen, args.out / "mixers.png")
+        if record["mixers"]["fla"] == "available":
+            record["mixers"]["recurrence_vs_fla"] = rec = mixer_cost.recurrence_rows(args.mixer_seqs, verbose=True)
+            md[-1] += ("\n\nOne layer's recurrence alone, forward + backward, (1, 4 heads, L, 32), ours "
+                       "(`gla_chunked`) vs flash-linear-attention's naive torch references:\n\n" + report.recurrence_table(rec))
         print(md[-1], flush=True)
     if "gpu" in args.sections:
-        record["gpu"] = ("skipped: torch.cuda.is_available() is False" if not torch.cuda.is_available()
-                         else "skipped: the GPU section is not built yet")
-        md += ["", f"## GPU\n\n{record['gpu']}"]
+        if not torch.cuda.is_available():
+            record["gpu"] = "skipped: torch.cuda.is_available() is False"
+            md += ["", f"## GPU\n\n{record['gpu']}"]
+        else:
+            record["gpu"] = gpu = _gpu_section()
+            md += ["", f"## GPU ({gpu['device']}), GPT-2 small shape, bf16 autocast", "",
+                   gpu_cost.table(gpu["removal"], gpu["kernels"], gpu["peak_flops"])]
+        print(md[-1], flush=True)
     record["machine_end"] = machine_info()
     head = (f"machine: {record['machine_start']['cpu']}, {record['machine_start']['cores']} cores, torch "
             f"{record['machine_start']['torch']} ({args.threads} thread(s)); load average at start "

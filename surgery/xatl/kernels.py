@@ -7,6 +7,7 @@ the pure-PyTorch path with one warning (the kernels' signatures change between r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import warnings
@@ -24,9 +25,23 @@ def _load(module: str, name: str):
         return None
 
 
+_TORCH_ONLY = False
+
+
+@contextlib.contextmanager
+def torch_paths_only():
+    """Inside this block every mixer takes its pure-PyTorch path even on CUDA (to compare with the kernels)."""
+    global _TORCH_ONLY
+    before, _TORCH_ONLY = _TORCH_ONLY, True
+    try:
+        yield
+    finally:
+        _TORCH_ONLY = before
+
+
 def cuda_kernel(x: torch.Tensor, module: str, name: str):
     """The kernel `module.name` if `x` is on CUDA and the import works, else None."""
-    return _load(module, name) if x.is_cuda else None
+    return _load(module, name) if x.is_cuda and not _TORCH_ONLY else None
 
 
 def try_kernel(fn, *args, **kwargs):
