@@ -164,8 +164,9 @@ def test_split_input_measures_both_paths_in_one_pass():
         assert int(ln.avg_count) == 1
 
 
+@pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("state", ["real", "fake", "mixed", "fake_special"])
-def test_split_input_folded_matmul_matches_two_norms_values_and_gradients(state):
+def test_split_input_folded_matmul_matches_two_norms_values_and_gradients(state, fold):
     """Whichever path SplitQKVInput takes (one folded matmul or two), its outputs and every gradient equal
     those of LN_qk(x) W_qk + b_qk and LN_v(x) W_v + b_v computed separately."""
     model = tiny_gpt2()
@@ -181,6 +182,7 @@ def test_split_input_folded_matmul_matches_two_norms_values_and_gradients(state)
     if state in ("fake", "fake_special"):
         v.go_fake(sigma=0.7)
     split = SplitQKVInput(block.attn.c_attn, qk, v).eval()
+    split.fold_min_tokens = 0 if fold else 10**9
     x = torch.randn(2, 9, 32) * 2
     r = torch.randn(2, 9, 96)
     params = [block.attn.c_attn.weight, block.attn.c_attn.bias, qk.weight, qk.bias, v.weight, v.bias]

@@ -188,14 +188,16 @@ class SplitQKVInput(nn.Module):
     one for the query/key columns, one for the value columns. Replaces `ln_1` + `c_attn`.
 
     Input (B, T, d) residual; output (B, T, 3d) = [LN_qk(x) W_qk + b_qk, LN_v(x) W_v + b_v].
-    While both LNs are real, or both fake with no special tokens, they differ only in their affines, which
-    are folded into one matmul (the cost of plain GPT-2's `ln_1` + `c_attn`); in between, two matmuls.
+    While both LNs are real, or both fake with no special tokens, they differ only in their affines: z is
+    computed once, and on batches of more than 3d tokens the affines are folded into one matmul (the cost of
+    plain GPT-2's `ln_1` + `c_attn`); otherwise two matmuls.
     """
 
     def __init__(self, c_attn: nn.Module, ln_qk: SwitchableLayerNorm, ln_v: SwitchableLayerNorm):
         super().__init__()
         self.c_attn, self.ln_qk, self.ln_v = c_attn, ln_qk, ln_v
         self.d = c_attn.weight.shape[0]
+        self.fold_min_tokens = 3 * self.d  # fold only when a batch has more tokens than c_attn has outputs
 
     def _shared_input(self, x: torch.Tensor):
         """(z, gain_qk, gain_v) when both LNs are `z * gain + bias` of one z: both real (z standardized
@@ -210,13 +212,19 @@ class SplitQKVInput(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b, d = self.c_attn.weight, self.c_attn.bias, self.d
         shared = self._shared_input(x)
-        if shared is not None:  # one matmul as in plain GPT-2: the two LN affines folded into c_attn
+        if shared is not None and x.numel() >= self.fold_min_tokens * d:
+            # one matmul as in plain GPT-2: the two LN affines folded into c_attn (O(d * 3d) extra work)
             z, g_qk, g_v = shared
             w3 = w.view(d, 3, d)  # input dim, (q, k, v), output dim
             w_eff = (w3 * torch.stack([g_qk, g_qk, g_v], 1).unsqueeze(-1)).view(d, 3 * d)
             b_ln = torch.stack([self.ln_qk.bias, self.ln_qk.bias, self.ln_v.bias], 1)
             b_eff = b + torch.einsum("ij,ijk->jk", b_ln, w3).reshape(3 * d)
             return torch.addmm(b_eff, z.reshape(-1, d), w_eff).view(*x.shape[:-1], 3 * d)
-        qk = torch.addmm(b[: 2 * d], self.ln_qk(x).reshape(-1, d), w[:, : 2 * d])
-        v = torch.addmm(b[2 * d :], self.ln_v(x).reshape(-1, d), w[:, 2 * d :])
+        if shared is not None:  # two affines of one z (O(tokens * d) extra work)
+            z, g_qk, g_v = shared
+            x_qk, x_v = torch.addcmul(self.ln_qk.bias, z, g_qk), torch.addcmul(self.ln_v.bias, z, g_v)
+        else:
+            x_qk, x_v = self.ln_qk(x), self.ln_v(x)
+        qk = torch.addmm(b[: 2 * d], x_qk.reshape(-1, d), w[:, : 2 * d])
+        v = torch.addmm(b[2 * d :], x_v.reshape(-1, d), w[:, 2 * d :])
         return torch.cat([qk, v], dim=-1).view(*x.shape[:-1], 3 * d)
