@@ -225,6 +225,8 @@ class SplitQKVInput(nn.Module):
             x_qk, x_v = torch.addcmul(self.ln_qk.bias, z, g_qk), torch.addcmul(self.ln_v.bias, z, g_v)
         else:
             x_qk, x_v = self.ln_qk(x), self.ln_v(x)
-        qk = torch.addmm(b[: 2 * d], x_qk.reshape(-1, d), w[:, : 2 * d])
-        v = torch.addmm(b[2 * d :], x_v.reshape(-1, d), w[:, 2 * d :])
+        # split(), not slicing: the backward of a slice fills a zero gradient of the whole weight per slice
+        (w_qk, w_v), (b_qk, b_v) = w.split([2 * d, d], 1), b.split([2 * d, d])
+        qk = torch.addmm(b_qk, x_qk.reshape(-1, d), w_qk)
+        v = torch.addmm(b_v, x_v.reshape(-1, d), w_v)
         return torch.cat([qk, v], dim=-1).view(*x.shape[:-1], 3 * d)
