@@ -67,7 +67,7 @@ def recurrence_table(rows: list[dict]) -> str:
     for r in rows:
         fla = "-" if r["fla_s"] is None else f"{1e3 * r['fla_s']:.1f} ms"
         lines.append(f"| {r['mixer']} | {r['seq']} | {1e3 * r['ours_s']:.1f} ms | {fla} | "
-                     f"{_f(r['fla_over_ours'], '.1f')}x | {_f(r['max_abs_diff'], '.1e')} |")
+                     f"{'-' if r['fla_over_ours'] is None else format(r['fla_over_ours'], '.1f') + 'x'} | {_f(r['max_abs_diff'], '.1e')} |")
     return "\n".join(lines)
 
 
