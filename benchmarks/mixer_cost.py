@@ -135,7 +135,7 @@ def generation_rows(models: dict, contexts=SEQS, new_tokens: int = 8, verbose: b
 def recurrence_rows(seqs=SEQS, heads: int = 4, head_dim: int = 32, repeats: int = 2, fla_max_seq: int = 2048,
                     verbose: bool = False) -> list[dict]:
     """One layer's linear-attention recurrence, forward + backward, (1, heads, T, head_dim): our
-    `gla_chunked` against flash-linear-attention's naive references, GLA (per-key decay) against
+    `gla_chunked` (chunks as the mixers use them) against flash-linear-attention's naive references, GLA (per-key decay) against
     `naive_recurrent_gla` and retention (one decay per head) against `naive_chunk_simple_gla`.
     One row per (mixer, seq): {"mixer", "seq", "ours_s", "fla_s", "fla_over_ours", "max_abs_diff"}
     (fla_* None above `fla_max_seq`). Requires `fla` to import (see `fla_status`)."""
@@ -158,7 +158,8 @@ def recurrence_rows(seqs=SEQS, heads: int = 4, head_dim: int = 32, repeats: int 
         grad_out = torch.randn(1, heads, seq, head_dim, generator=gen)
         for mixer, g in decays.items():
             inputs = [t.clone().requires_grad_() for t in (q, k, v)] + [g.clone()]
-            fns = {"ours": lambda: gla_chunked(inputs[0] * head_dim ** -0.5, *inputs[1:])[0],
+            chunk = 128 if mixer == "retention" else 32  # as RetentionMixer and GLAMixer use it
+            fns = {"ours": lambda chunk=chunk: gla_chunked(inputs[0] * head_dim ** -0.5, *inputs[1:], chunk=chunk)[0],
                    "fla": lambda mixer=mixer: refs[mixer](*inputs)}
             if seq > fla_max_seq:
                 del fns["fla"]

@@ -53,9 +53,11 @@ def _mixer(name: str, **kw) -> torch.nn.Module:
     return m
 
 
+@pytest.mark.parametrize("T", [41, 300])
 @pytest.mark.parametrize("name", sorted(MIXERS))
-def test_chunked_form_equals_recurrent_form(name):
-    m, x = _mixer(name), torch.randn(2, 41, 32)
+def test_chunked_form_equals_recurrent_form(name, T):
+    """T = 300 spans several chunks of every mixer (retention's are 128 tokens)."""
+    m, x = _mixer(name), torch.randn(2, T, 32)
     y, state = m(x)
     y_rec, state_rec = m(x, recurrent=True)
     assert y.abs().max() > 0.1

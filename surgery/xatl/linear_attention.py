@@ -86,12 +86,13 @@ class LinearAttentionMixer(nn.Module):
 
 class RetentionMixer(LinearAttentionMixer):
     """RetNet retention (Sun et al. 2023) without xPos (GPT-2's position embeddings are kept):
-    decay gamma_h = 1 - 2^(-5 - h) per head, the same at every position."""
+    decay gamma_h = 1 - 2^(-5 - h) per head, the same at every position. With one decay per head the
+    intra-chunk decay is an (L, L) matrix, not (L, L, K), so longer chunks pay: 128 by default."""
 
     fla_kernel = ("fla.ops.gla", "chunk_gla")
 
-    def __init__(self, d_model: int, n_head: int, **kwargs):
-        super().__init__(d_model, n_head, **kwargs)
+    def __init__(self, d_model: int, n_head: int, chunk: int = 128, **kwargs):
+        super().__init__(d_model, n_head, chunk=chunk, **kwargs)
         self.reset_mixer_parameters()
 
     def log_decay(self, x: torch.Tensor) -> torch.Tensor:
