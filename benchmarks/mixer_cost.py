@@ -12,21 +12,16 @@ flash-linear-attention's naive torch references join when `fla` imports (on CPU 
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM
 
 from benchmarks.measure import interleaved, paired_ratio
-from surgery.xatl.generation_bench import time_decode
 from surgery.xatl.model import HybridGPT2LMHeadModel, hybrid_config_from
 from surgery.xatl.scan import gla_chunked
 
 SEQS = (256, 512, 1024, 2048, 4096)
 MODELS = ("attention", "mamba", "retention", "gla", "hf-mamba")
-TARGET_TRAIN, TARGET_GEN = 3.0, 1.0  # our mamba / hf-mamba tokens/s in training; hf / ours ms per token
 
 
 def fla_status() -> str:
@@ -95,37 +90,38 @@ def train_rows(models: dict, seqs=SEQS, repeats: int = 3, warmup: int = 1, max_s
     return rows
 
 
-@torch.no_grad()
-def hf_time_decode(model, context: int, new_tokens: int = 8, warmup: int = 2) -> dict:
-    """`time_decode` for MambaForCausalLM, whose recurrent state travels as `cache_params`."""
-    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
-    start = time.perf_counter()
-    out = model(ids, use_cache=True)
-    prefill = time.perf_counter() - start
-    cache, nxt, times = out.cache_params, out.logits[:, -1:].argmax(-1), []
-    for i in range(warmup + new_tokens):
-        start = time.perf_counter()
-        out = model(nxt, cache_params=cache, use_cache=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-        nxt, cache = out.logits[:, -1:].argmax(-1), out.cache_params
-    return {"ms_per_token": 1e3 * min(times), "ms_median": 1e3 * statistics.median(times), "prefill_s": prefill}
+class DecodeStep:
+    """Prefill a `context`-token prompt once; each call then decodes one more token (greedy, batch 1).
+    `hf-mamba` carries its state as `cache_params`, our models as `past_key_values`."""
+
+    def __init__(self, model, context: int, hf_mamba: bool = False):
+        self.model, self.key = model.eval(), "cache_params" if hf_mamba else "past_key_values"
+        ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out = model(ids, use_cache=True)
+        self.cache, self.next = getattr(out, self.key), out.logits[:, -1:].argmax(-1)
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        out = self.model(self.next, use_cache=True, **{self.key: self.cache})
+        self.cache, self.next = getattr(out, self.key), out.logits[:, -1:].argmax(-1)
 
 
-def generation_rows(models: dict, contexts=SEQS, new_tokens: int = 8, verbose: bool = False) -> list[dict]:
-    """One row per (model, context): {"model", "context", "ms_per_token" (fastest step), "ms_median",
-    "prefill_s", "ratio_to_attention"}. Same method as surgery.xatl.generation_bench."""
+def generation_rows(models: dict, contexts=SEQS, new_tokens: int = 32, warmup: int = 2,
+                    verbose: bool = False) -> list[dict]:
+    """One row per (model, context): {"model", "context", "ms_per_token" (median step), "ms_fastest",
+    "ratio_to_attention" (paired median)}, plus "hf_over_ours" on mamba's row. The models decode in turn,
+    one token each per round (order alternating), so a ratio compares steps taken moments apart."""
     rows = []
     for context in contexts:
-        base = None
-        for name, model in models.items():
-            model.eval()
-            fn = hf_time_decode if name == "hf-mamba" else time_decode
-            r = fn(model, context, new_tokens)
-            row = {"model": name, "context": context, "ms_per_token": r["ms_per_token"], "ms_median": r["ms_median"],
-                   "prefill_s": r["prefill_s"]}
-            base = row["ms_per_token"] if name == "attention" else base
-            row["ratio_to_attention"] = None if base is None else row["ms_per_token"] / base
+        steps = {name: DecodeStep(model, context, hf_mamba=name == "hf-mamba") for name, model in models.items()}
+        t = interleaved(steps, new_tokens, warmup, memory=False)
+        for name in models:
+            row = {"model": name, "context": context, "ms_per_token": 1e3 * t[name]["median_s"],
+                   "ms_fastest": 1e3 * min(t[name]["times"]),
+                   "ratio_to_attention": paired_ratio(t, name, "attention") if "attention" in t else None}
+            if name == "mamba" and "hf-mamba" in t:
+                row["hf_over_ours"] = paired_ratio(t, "hf-mamba", "mamba")
             rows.append(row)
             if verbose:
                 print(row, flush=True)

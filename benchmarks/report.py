@@ -56,8 +56,13 @@ def mixer_tables(train: list[dict], generation: list[dict]) -> str:
         parts += ["", "Our mamba vs hf-mamba, training tokens/s (target >= 3x): " +
                   ", ".join(f"L={r['seq']}: {r['speedup_vs_hf']:.1f}x" for r in speed)]
     if generation:
-        parts += ["", "Generation, ms per token after an L-token prompt (fastest step; ratio to attention):", "",
-                  _grid(generation, "context", lambda r: f"{r['ms_per_token']:.2f} ({_f(r['ratio_to_attention'], '.2f')}x)")]
+        parts += ["", "Generation, ms per token after an L-token prompt (median step; step time / attention's, paired):",
+                  "", _grid(generation, "context",
+                            lambda r: f"{r['ms_per_token']:.2f} ({_f(r['ratio_to_attention'], '.2f')}x)")]
+        gen = [r for r in generation if "hf_over_ours" in r]
+        if gen:
+            parts += ["", "hf-mamba / our mamba, decoding step time (target >= 1): " +
+                      ", ".join(f"L={r['context']}: {r['hf_over_ours']:.2f}" for r in gen)]
     return "\n".join(parts)
 
 

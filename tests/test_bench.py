@@ -71,9 +71,12 @@ def test_mixer_rows_grid_and_plot(tmp_path):
     assert "speedup_vs_hf" not in by[("mamba", 32)]  # hf-mamba capped at 8 tokens
     assert by[("mamba", 32)]["tok_s"] == pytest.approx(32 / by[("mamba", 32)]["step_s"])
     gen = mixer_cost.generation_rows(models, contexts=[8], new_tokens=2)
-    assert [r["model"] for r in gen] == list(mixer_cost.MODELS) and all(r["ms_per_token"] > 0 for r in gen)
+    assert [r["model"] for r in gen] == list(mixer_cost.MODELS)
+    assert all(0 < r["ms_fastest"] <= r["ms_per_token"] for r in gen) and gen[0]["ratio_to_attention"] == 1.0
+    assert [r["model"] for r in gen if "hf_over_ours" in r] == ["mamba"]
     md = report.mixer_tables(train, gen)
     assert "| model | L=8 | L=32 |" in md and "| hf-mamba |" in md and md.count("| hf-mamba |") == 3
+    assert f"hf-mamba / our mamba, decoding step time (target >= 1): L=8: {gen[1]['hf_over_ours']:.2f}" in md
     report.plot(train, gen, tmp_path / "m.png")
     assert (tmp_path / "m.png").stat().st_size > 1000
     assert mixer_cost.fla_status() == "available" or mixer_cost.fla_status().startswith("not available on CPU")

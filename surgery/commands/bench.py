@@ -33,7 +33,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mixer-repeats", type=int, default=2, help="rounds up to 1024 tokens (1 above)")
     parser.add_argument("--hf-max-seq", type=int, default=1024,
                         help="longest sequence hf-mamba trains on (its sequential CPU scan: ~16 s a step at 1024)")
-    parser.add_argument("--new-tokens", type=int, default=8, help="generation: decoded tokens per context")
+    parser.add_argument("--new-tokens", type=int, default=32, help="generation: decoded tokens per context")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on shared machines)")
     parser.add_argument("--no-profile", action="store_true", help="skip torch.profiler for phases above 1.05x")
 
