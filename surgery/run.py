@@ -27,10 +27,19 @@ class ExportRun(L.Callback):
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
-        self._start = 0.0
+        self._start, self._before = time.time(), 0.0  # _before: training time of the runs this one resumes
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.time()
+
+    def train_time_s(self) -> float:
+        return self._before + time.time() - self._start
+
+    def state_dict(self) -> dict[str, float]:
+        return {"train_time_s": self.train_time_s()}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self._before = float(state.get("train_time_s", 0.0))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled or not trainer.is_global_zero:
@@ -46,7 +55,7 @@ class ExportRun(L.Callback):
         metrics = {
             "steps": trainer.global_step,
             "tokens_seen": trainer.global_step * batch_size * block_size * trainer.accumulate_grad_batches * trainer.world_size,
-            "train_time_s": round(time.time() - self._start, 1),
+            "train_time_s": round(self.train_time_s(), 1),
             "val": cross_entropy(model, dm.split("validation"), batch_size),
         }
         if hasattr(pl_module, "run_metrics"):

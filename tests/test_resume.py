@@ -41,6 +41,7 @@ def test_killed_run_left_a_mid_schedule_checkpoint(runs):
     assert removed == {n: s for n, s in REMOVAL_STEPS.items() if s <= 12}  # ln_f (step 14) still ahead
     assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2}]  # 10 batches per epoch
     assert not (root / "b_at_kill" / "metrics.json").exists()
+    assert ckpt["callbacks"]["ExportRun"]["train_time_s"] > 0  # training time so far travels with the checkpoint
 
 
 def test_resumed_run_matches_uninterrupted_run(runs):
@@ -48,6 +49,8 @@ def test_resumed_run_matches_uninterrupted_run(runs):
     a = json.loads((root / "a" / "metrics.json").read_text())
     b = json.loads((root / "b" / "metrics.json").read_text())
     assert a["steps"] == b["steps"] == 16
+    before_kill = load(root / "b_at_kill" / "checkpoints" / "last.ckpt")["callbacks"]["ExportRun"]["train_time_s"]
+    assert b["train_time_s"] > before_kill  # both parts of the interrupted run are counted
     diff = abs(a["val"]["loss"] - b["val"]["loss"])
     print(f"final val loss: uninterrupted {a['val']['loss']:.6f}, killed+resumed {b['val']['loss']:.6f}, diff {diff:.2e}")
     assert diff <= 1e-3
