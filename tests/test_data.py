@@ -73,6 +73,25 @@ def test_blocks_are_packed_with_end_of_text_between_documents(tmp_path):
     assert tuple(batch.shape) == (4, 32)
 
 
+def test_training_order_follows_the_run_seed_and_is_restored_from_a_checkpoint(tmp_path, monkeypatch):
+    root = write_corpus(tmp_path / "corpus")
+
+    def first_batches(seed=None, state=None):
+        dm = TokenBlocks(data=str(root), tokenizer=TOKENIZER, block_size=16, batch_size=4, val_fraction=0.1, seed=seed)
+        if state is not None:
+            dm.load_state_dict(state)
+        return dm, [b.tolist() for b, _ in zip(dm.train_dataloader(), range(3))]
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "1")  # what seed_everything(1) sets
+    dm1, order1 = first_batches()
+    assert dm1.state_dict() == {"order_seed": 1}
+    monkeypatch.setenv("PL_GLOBAL_SEED", "2")
+    assert first_batches()[1] != order1  # another run seed, another order
+    assert first_batches(seed=1)[1] == order1  # an explicit data seed wins over the run's
+    dm, order = first_batches(state=dm1.state_dict())  # a restart that drew seed 2 resumes seed 1's order
+    assert order == order1 and dm.state_dict() == {"order_seed": 1}
+
+
 def test_tokens_are_cached_and_reused(tmp_path, monkeypatch):
     root = write_corpus(tmp_path / "corpus")
     TokenBlocks(data=str(root), tokenizer=TOKENIZER, block_size=16, val_fraction=0.1).setup("fit")

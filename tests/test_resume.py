@@ -42,6 +42,7 @@ def test_killed_run_left_a_mid_schedule_checkpoint(runs):
     assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2}]  # 10 batches per epoch
     assert not (root / "b_at_kill" / "metrics.json").exists()
     assert ckpt["callbacks"]["ExportRun"]["train_time_s"] > 0  # training time so far travels with the checkpoint
+    assert ckpt["TokenBlocks"] == {"order_seed": 3}  # the training order's seed too (the run's seed_everything)
 
 
 def test_resumed_run_matches_uninterrupted_run(runs):

@@ -71,7 +71,8 @@ class TokenBlocks(L.LightningDataModule):
         max_val_blocks: cap on validation blocks (the first ones, in a fixed order); None for all.
         text_field: field holding text in .jsonl/.parquet rows and Hub datasets.
         max_documents: rows read from a streamed Hub dataset, both splits together (None: all).
-        seed: seed of the training order.
+        seed: seed of the training order; None (default): the run's `seed_everything`. Saved in the
+            checkpoint, so a resumed run keeps its order whatever seed the restart draws.
     """
 
     def __init__(
@@ -84,7 +85,7 @@ class TokenBlocks(L.LightningDataModule):
         max_val_blocks: int | None = None,
         text_field: str = "text",
         max_documents: int | None = None,
-        seed: int = 0,
+        seed: int | None = None,
     ):
         super().__init__()
         if block_size <= 0 or batch_size <= 0:
@@ -94,6 +95,7 @@ class TokenBlocks(L.LightningDataModule):
         self.tokenizer_spec = tokenizer
         self.block_size, self.batch_size = block_size, batch_size
         self.max_val_blocks, self.seed = max_val_blocks, seed
+        self._order_seed: int | None = None
         self._tokenizer = None
         self._splits: dict[str, Blocks] = {}
 
@@ -120,9 +122,23 @@ class TokenBlocks(L.LightningDataModule):
             self.split("train")
         self.split("validation")
 
+    def order_seed(self) -> int:
+        """The training order's seed: `seed`, else the one `seed_everything` set (PL_GLOBAL_SEED, the same on
+        every rank), fixed at first use and restored from a checkpoint."""
+        if self._order_seed is None:
+            self._order_seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return self._order_seed
+
+    def state_dict(self) -> dict[str, int]:
+        return {"order_seed": self.order_seed()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._order_seed = int(state["order_seed"])
+
     def train_dataloader(self) -> DataLoader:
-        train = self.split("train")  # shuffled per epoch from `seed`; resumes mid-epoch from a checkpoint
-        return ResumableLoader(train, batch_size=self.batch_size, sampler=EpochShuffle(len(train), self.seed), drop_last=True)
+        train = self.split("train")  # shuffled per epoch from `order_seed`; resumes mid-epoch from a checkpoint
+        return ResumableLoader(train, batch_size=self.batch_size, sampler=EpochShuffle(len(train), self.order_seed()),
+                               drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.split("validation"), batch_size=self.batch_size)

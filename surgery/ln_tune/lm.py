@@ -45,7 +45,8 @@ class StdlibPart(TokenBlocks):
     """`TokenBlocks` of one standard-library package. Args as `TokenBlocks`, plus `part` (e.g. "email")."""
 
     def __init__(self, part: str = "email", tokenizer: str = "checkpoints/tiny-gpt2-stdlib", block_size: int = 256,
-                 batch_size: int = 8, val_fraction: float = 0.2, max_val_blocks: int | None = None, seed: int = 0):
+                 batch_size: int = 8, val_fraction: float = 0.2, max_val_blocks: int | None = None,
+                 seed: int | None = None):
         super().__init__("stdlib", tokenizer, block_size, batch_size, val_fraction, max_val_blocks, seed=seed)
         self.corpus = StdlibPartCorpus(f"stdlib:{part}", val_fraction, part=part)
         self.corpus.files()
