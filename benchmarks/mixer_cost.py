@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM
 
 from benchmarks.measure import interleaved, paired_ratio
+from surgery.xatl.generation_bench import Decoder
+from surgery.xatl.mixers import MIXERS
 from surgery.xatl.model import HybridGPT2LMHeadModel, hybrid_config_from
 from surgery.xatl.scan import gla_chunked
 
@@ -90,23 +92,6 @@ def train_rows(models: dict, seqs=SEQS, repeats: int = 3, warmup: int = 1, max_s
     return rows
 
 
-class DecodeStep:
-    """Prefill a `context`-token prompt once; each call then decodes one more token (greedy, batch 1).
-    `hf-mamba` carries its state as `cache_params`, our models as `past_key_values`."""
-
-    def __init__(self, model, context: int, hf_mamba: bool = False):
-        self.model, self.key = model.eval(), "cache_params" if hf_mamba else "past_key_values"
-        ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            out = model(ids, use_cache=True)
-        self.cache, self.next = getattr(out, self.key), out.logits[:, -1:].argmax(-1)
-
-    @torch.no_grad()
-    def __call__(self) -> None:
-        out = self.model(self.next, use_cache=True, **{self.key: self.cache})
-        self.cache, self.next = getattr(out, self.key), out.logits[:, -1:].argmax(-1)
-
-
 def generation_rows(models: dict, contexts=SEQS, new_tokens: int = 32, warmup: int = 2,
                     verbose: bool = False) -> list[dict]:
     """One row per (model, context): {"model", "context", "ms_per_token" (median step), "ms_fastest",
@@ -114,7 +99,8 @@ def generation_rows(models: dict, contexts=SEQS, new_tokens: int = 32, warmup: i
     one token each per round (order alternating), so a ratio compares steps taken moments apart."""
     rows = []
     for context in contexts:
-        steps = {name: DecodeStep(model, context, hf_mamba=name == "hf-mamba") for name, model in models.items()}
+        steps = {name: Decoder(model.eval(), context, cache_key="cache_params" if name == "hf-mamba" else "past_key_values")
+                 for name, model in models.items()}
         t = interleaved(steps, new_tokens, warmup, memory=False)
         for name in models:
             row = {"model": name, "context": context, "ms_per_token": 1e3 * t[name]["median_s"],
@@ -154,7 +140,7 @@ def recurrence_rows(seqs=SEQS, heads: int = 4, head_dim: int = 32, repeats: int 
         grad_out = torch.randn(1, heads, seq, head_dim, generator=gen)
         for mixer, g in decays.items():
             inputs = [t.clone().requires_grad_() for t in (q, k, v)] + [g.clone()]
-            chunk = 128 if mixer == "retention" else 32  # as RetentionMixer and GLAMixer use it
+            chunk = MIXERS[mixer](heads * head_dim, heads).chunk  # as the mixer trains
             fns = {"ours": lambda chunk=chunk: gla_chunked(inputs[0] * head_dim ** -0.5, *inputs[1:], chunk=chunk)[0],
                    "fla": lambda mixer=mixer: refs[mixer](*inputs)}
             if seq > fla_max_seq:

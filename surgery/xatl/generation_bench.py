@@ -50,7 +50,27 @@ def cache_bytes(cache) -> int:
     return total
 
 
-@torch.no_grad()
+class Decoder:
+    """Greedy decoding with a cache: the constructor runs a `context`-token prompt (seconds in `prefill_s`),
+    each call decodes one more token. `cache_key` names the cache argument: "past_key_values" for
+    transformers' GPT-2 and our hybrids, "cache_params" for `MambaForCausalLM`."""
+
+    def __init__(self, model: PreTrainedModel, context: int, batch: int = 1, seed: int = 0,
+                 cache_key: str = "past_key_values"):
+        self.model, self.key = model, cache_key
+        ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(seed))
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model(ids, use_cache=True)
+        self.prefill_s = time.perf_counter() - start
+        self.cache, self.next = getattr(out, cache_key), out.logits[:, -1:].argmax(-1)
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        out = self.model(self.next, use_cache=True, **{self.key: self.cache})
+        self.cache, self.next = getattr(out, self.key), out.logits[:, -1:].argmax(-1)
+
+
 def time_decode(model: PreTrainedModel, context: int, new_tokens: int = 16, warmup: int = 2, batch: int = 1,
                 seed: int = 0) -> dict:
     """Fill the cache with a `context`-token prompt, then decode `warmup + new_tokens` tokens one at a time.
@@ -58,21 +78,14 @@ def time_decode(model: PreTrainedModel, context: int, new_tokens: int = 16, warm
     Returns {"ms_per_token": ms of the fastest decoding step (batch sequences at once), "ms_median": the
     median step, "prefill_s": seconds to run the prompt, "cache_bytes_per_seq": cache size per sequence after
     the last step}."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g)
-    start = time.perf_counter()
-    out = model(ids, use_cache=True)
-    prefill = time.perf_counter() - start
-    cache, nxt, times = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+    decoder, times = Decoder(model, context, batch, seed), []
     for i in range(warmup + new_tokens):
         start = time.perf_counter()
-        out = model(nxt, past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
+        decoder()
         if i >= warmup:
             times.append(time.perf_counter() - start)
-        cache = out.past_key_values
-    return {"ms_per_token": 1e3 * min(times), "ms_median": 1e3 * statistics.median(times), "prefill_s": prefill,
-            "cache_bytes_per_seq": cache_bytes(cache) // batch}
+    return {"ms_per_token": 1e3 * min(times), "ms_median": 1e3 * statistics.median(times),
+            "prefill_s": decoder.prefill_s, "cache_bytes_per_seq": cache_bytes(decoder.cache) // batch}
 
 
 def run_benchmark(contexts=CONTEXTS, mixers=MIXERS, new_tokens: int = 16, batch: int = 1, repeats: int = 1,
