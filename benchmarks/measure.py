@@ -119,28 +119,31 @@ def paired_ratio(times: dict[str, dict], name: str, base: str) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- profile
-def _self_ms(fn: Callable[[], object]) -> dict[str, list[float]]:
+def _self_ms(fn: Callable[[], object]) -> dict[tuple[str, str], list[float]]:
+    """{(op, shape of its first input): [self CPU ms, calls]} for one call of `fn`."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
-    return {e.key: [e.self_cpu_time_total / 1e3, e.count] for e in prof.key_averages()}
+    return {(e.key, str(list(e.input_shapes[0])) if e.input_shapes and e.input_shapes[0] else ""):
+            [e.self_cpu_time_total / 1e3, e.count] for e in prof.key_averages(group_by_input_shape=True)}
 
 
 def profile_pair(base: Callable[[], object], other: Callable[[], object], rounds: int = 3, n: int = 8) -> dict:
-    """`rounds` alternating calls of each under torch.profiler; self CPU ms per call averaged over rounds.
+    """`rounds` alternating calls of each under torch.profiler; self CPU ms per call averaged over rounds,
+    per op and shape of its first input (so one large call tells apart from many small ones).
 
-    Returns {"plain_total_ms", "removal_total_ms", "extra": the `n` ops where `other` spends the most
-    extra self time, [{"op", "base_ms", "other_ms", "extra_ms", "base_calls", "other_calls"}]}."""
+    Returns {"plain_total_ms", "removal_total_ms", "extra": the `n` (op, shape) pairs where `other` spends
+    the most extra self time, [{"op", "shape", "base_ms", "other_ms", "extra_ms", "base_calls", "other_calls"}]}."""
     acc = {"b": {}, "o": {}}
     for _ in range(rounds):
         for side, fn in (("b", base), ("o", other)):
-            for op, (ms, calls) in _self_ms(fn).items():
-                rec = acc[side].setdefault(op, [0.0, 0])
+            for key, (ms, calls) in _self_ms(fn).items():
+                rec = acc[side].setdefault(key, [0.0, 0])
                 rec[0] += ms / rounds
                 rec[1] = calls
     b, o = acc["b"], acc["o"]
-    rows = [{"op": k, "base_ms": b.get(k, [0.0, 0])[0], "other_ms": o.get(k, [0.0, 0])[0],
+    rows = [{"op": k[0], "shape": k[1], "base_ms": b.get(k, [0.0, 0])[0], "other_ms": o.get(k, [0.0, 0])[0],
              "base_calls": b.get(k, [0.0, 0])[1], "other_calls": o.get(k, [0.0, 0])[1]} for k in set(b) | set(o)]
     for r in rows:
         r["extra_ms"] = r["other_ms"] - r["base_ms"]

@@ -23,9 +23,9 @@ def removal_table(result: dict) -> str:
     for phase, p in result.get("profile", {}).items():
         lines += ["", f"Profile, {phase} (torch.profiler, self CPU time per step, mean of alternating steps: plain "
                   f"{p['plain_total_ms']:.0f} ms, removal {p['removal_total_ms']:.0f} ms); ops where removal spends more:",
-                  "", "| op | plain ms (calls) | removal ms (calls) | extra ms |", "|---|---|---|---|"]
-        lines += [f"| {e['op']} | {e['base_ms']:.1f} ({e.get('base_calls', '-')}) | {e['other_ms']:.1f} "
-                  f"({e.get('other_calls', '-')}) | {e['extra_ms']:+.1f} |" for e in p["extra"]]
+                  "", "| op | first input shape | plain ms (calls) | removal ms (calls) | extra ms |", "|---|---|---|---|---|"]
+        lines += [f"| {e['op']} | {e.get('shape') or '-'} | {e['base_ms']:.1f} ({e.get('base_calls', '-')}) | "
+                  f"{e['other_ms']:.1f} ({e.get('other_calls', '-')}) | {e['extra_ms']:+.1f} |" for e in p["extra"]]
     return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ def test_profile_pair_finds_the_extra_op():
     prof = measure.profile_pair(lambda: x @ x, lambda: (x @ x, x.var(-1)), rounds=2)
     top = prof["extra"][0]
     assert top["op"] == "aten::var" and top["base_calls"] == 0 and top["other_calls"] == 1
+    assert top["shape"] == "[64, 64]"  # ops are told apart by the shape of their first input
     assert prof["removal_total_ms"] > 0 and prof["plain_total_ms"] > 0
 
 
@@ -55,9 +56,9 @@ def test_removal_phases_fake_counts_and_table(tmp_path):
     table = report.removal_table(res)
     assert "| phase | fake LNs |" in table and "| during | 3/7 |" in table
     res["profile"] = {"after": {"plain_total_ms": 10.0, "removal_total_ms": 12.0,
-                                "extra": [{"op": "aten::var", "base_ms": 0.0, "other_ms": 2.0, "extra_ms": 2.0,
+                                "extra": [{"op": "aten::var", "shape": "[8, 16]", "base_ms": 0.0, "other_ms": 2.0, "extra_ms": 2.0,
                                            "base_calls": 0, "other_calls": 5}]}}
-    assert "| aten::var | 0.0 (0) | 2.0 (5) | +2.0 |" in report.removal_table(res)
+    assert "| aten::var | [8, 16] | 0.0 (0) | 2.0 (5) | +2.0 |" in report.removal_table(res)
     del points
 
 
