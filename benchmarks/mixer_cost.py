@@ -17,7 +17,10 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM
 
 from benchmarks.measure import interleaved, paired_ratio
+from surgery.xatl.cache import CACHE_ARG
 from surgery.xatl.generation_bench import Decoder
+
+HF_MAMBA_CACHE = "cache" if CACHE_ARG == "cache" else "cache_params"  # MambaForCausalLM's name before 5.24
 from surgery.xatl.mixers import MIXERS
 from surgery.xatl.model import HybridGPT2LMHeadModel, hybrid_config_from
 from surgery.xatl.scan import gla_chunked
@@ -99,7 +102,7 @@ def generation_rows(models: dict, contexts=SEQS, new_tokens: int = 32, warmup: i
     one token each per round (order alternating), so a ratio compares steps taken moments apart."""
     rows = []
     for context in contexts:
-        steps = {name: Decoder(model.eval(), context, cache_key="cache_params" if name == "hf-mamba" else "past_key_values")
+        steps = {name: Decoder(model.eval(), context, cache_key=HF_MAMBA_CACHE if name == "hf-mamba" else CACHE_ARG)
                  for name, model in models.items()}
         t = interleaved(steps, new_tokens, warmup, memory=False)
         for name in models:

@@ -1,3 +1,9 @@
-"""surgery: architecture surgery for transformer language models."""
+"""surgery: architecture surgery for transformer language models.
+
+Importing the package registers the hybrid model type (`hybrid_gpt2`) with transformers' Auto classes, so
+`AutoModelForCausalLM.from_pretrained` loads a saved hybrid after a plain `import surgery`.
+"""
 
 __version__ = "0.1.0"
+
+import surgery.xatl.model  # noqa: E402,F401  (registration with the Auto classes)

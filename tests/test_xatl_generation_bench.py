@@ -20,6 +20,7 @@ def test_rows_cache_sizes_and_outputs(tmp_path):
         seen = c + warmup + new  # the prompt, then every decoded step feeds one token
         assert by[("attention", c)]["cache_bytes_per_seq"] == 2 * depth * seen * d * 4
         assert by[("attention", c)]["ratio_to_attention"] == 1.0
+        assert all(by[(m, c)]["cache_tokens"] == seen for m in ("attention", "mamba", "retention", "gla"))
     # mixer states are fixed in size: mamba (conv inputs E x 3 + SSM E x 16, E = 2d), GLA (H x d/2H x d/H)
     assert by[("mamba", 16)]["cache_bytes_per_seq"] == by[("mamba", 48)]["cache_bytes_per_seq"] == depth * (2 * d * 3 + 2 * d * 16) * 4
     assert by[("gla", 16)]["cache_bytes_per_seq"] == by[("gla", 48)]["cache_bytes_per_seq"] == depth * (d // 2) * (d // 2) * 4

@@ -3,10 +3,12 @@
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.cache_utils import DynamicCache
 
 from surgery.errors import SurgeryError
 from surgery.families import family_of, norm_paths
 from surgery.xatl import HybridGPT2Config, HybridGPT2LMHeadModel
+from surgery.xatl.cache import CACHE_ARG, CACHE_NAMES, HybridCache
 
 torch.set_num_threads(1)
 
@@ -30,35 +32,95 @@ def test_save_and_load_reproduce_logits(tmp_path, mixer, attn_layers):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("mixer,attn_layers", [("mamba", []), ("retention", [1]), ("gla", [0])])
-def test_generate_equals_argmax_over_full_forwards(mixer, attn_layers):
-    model = tiny(mixer, attn_layers)
-    prompt = torch.randint(0, 64, (2, 7))
-    out = model.generate(prompt, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
-    seq = prompt
+def randomize_mixers(model: HybridGPT2LMHeadModel, seed: int = 1) -> HybridGPT2LMHeadModel:
+    """Mixer weights of order 1 (at their initial scale the mixers' contribution, and so a lost state, is
+    too small to change greedy tokens): every mixer matrix redrawn at 1/sqrt(fan-in), other mixer
+    parameters perturbed."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _ in range(12):
+        for i in model.mixer_layers():
+            for name, p in model.transformer.h[i].attn.mixer.named_parameters():
+                noise = torch.randn(p.shape, generator=gen)
+                if p.ndim == 2 and "A_log" not in name:
+                    p.copy_(noise * p.shape[1] ** -0.5)
+                else:
+                    p.add_(0.3 * noise)
+    return model
+
+
+def step_by_step(model, seq, steps: int):
+    """Greedy continuation by argmax over full forwards (no cache): the reference for generation."""
+    with torch.no_grad():
+        for _ in range(steps):
             nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], 1)
-    assert torch.equal(out.sequences, seq)
-    cache = out.past_key_values
-    assert cache.get_seq_length() == 7 + 12 - 1  # the last token is never fed back
-    for i in model.mixer_layers():  # mixer layers hold a fixed-size state, no per-token keys/values
-        layer = cache.layers[i]
-        assert not hasattr(layer, "keys") and all(s.shape[0] == 2 for s in layer.recurrent_states.values())
+    return seq
 
 
-def test_cached_logits_equal_full_forward():
-    model = tiny("gla", [1])
-    ids = torch.randint(0, 64, (1, 20))
+HYBRIDS = [(m, a) for m in ("mamba", "retention", "gla") for a in ([], [1])]
+
+
+@pytest.mark.parametrize("mixer,attn_layers", HYBRIDS)
+def test_generate_on_reloaded_hybrid_equals_argmax_over_full_forwards(tmp_path, mixer, attn_layers):
+    randomize_mixers(tiny(mixer, attn_layers)).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    prompt, new = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2)), 40
+    out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                         return_dict_in_generate=True)
+    assert torch.equal(out.sequences, step_by_step(model, prompt, new))
+    cache = out[CACHE_ARG]
+    assert isinstance(cache, HybridCache)
+    assert cache.get_seq_length() == 7 + new - 1  # generate never feeds back the token it chose last
+    assert sorted(cache.mixer_states) == model.mixer_layers()
+    for state in cache.mixer_states.values():  # fixed-size states, not per-token keys/values
+        assert all(s.shape[0] == 2 and 7 + new - 1 not in s.shape for s in state)
+
+
+@pytest.mark.parametrize("mixer,attn_layers", HYBRIDS)
+@pytest.mark.parametrize("name", CACHE_NAMES)
+def test_cached_logits_equal_full_forward_under_either_cache_name(mixer, attn_layers, name):
+    """A prompt, then one token at a time with the cache: every step's logits equal the full forward's, and
+    the cache counts prompt + steps. A decode that loses the state misses by far more (checked too)."""
+    model = randomize_mixers(tiny(mixer, attn_layers))
+    ids = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         out = model(ids[:, :13], use_cache=True)
-        steps = [out.logits]
-        for t in range(13, 20):
-            out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+        steps, stateless = [out.logits], []
+        for t in range(13, 30):
+            cache = out[CACHE_ARG]
+            assert cache.get_seq_length() == t
+            out = model(ids[:, t : t + 1], use_cache=True, **{name: cache})
             steps.append(out.logits)
-    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+            stateless.append(model(ids[:, t : t + 1], position_ids=torch.tensor([[t]])).logits)
+    assert out[CACHE_ARG].get_seq_length() == 30
+    scale = full.abs().max()
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5 * scale
+    assert (torch.cat(stateless, 1) - full[:, 13:]).abs().max() > 0.1 * scale
+
+
+def test_cache_errors():
+    model = tiny("gla", [1])
+    ids = torch.randint(0, 64, (1, 5))
+    cache = model(ids, use_cache=True)[CACHE_ARG]
+    with pytest.raises(SurgeryError, match="pass the cache once"):
+        model(ids[:, :1], cache=cache, past_key_values=cache)
+    with pytest.raises(SurgeryError, match="keeps its state in a HybridCache, not a DynamicCache: pass no cache"):
+        model(ids[:, :1], **{CACHE_ARG: DynamicCache()})
+
+
+def test_beam_search_reorders_mixer_states():
+    """Beam search keeps the rows of the surviving beams in every mixer state: the score generate reports for
+    its best beam equals the one recomputed with full forwards."""
+    model = randomize_mixers(tiny("retention", [1]))
+    prompt = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(4))
+    out = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, num_beams=3, do_sample=False,
+                         length_penalty=0.0, return_dict_in_generate=True, output_scores=True)
+    seq = out.sequences[0:1]
+    with torch.no_grad():
+        logp = model(seq, use_cache=False).logits.log_softmax(-1)
+    score = logp[0, 5:-1].gather(-1, seq[0, 6:, None]).sum()
+    assert out.sequences_scores[0].item() == pytest.approx(score.item(), abs=1e-4)
 
 
 def test_module_layout_is_gpt2s():
@@ -99,3 +161,16 @@ def test_load_causal_lm_finds_the_hybrid_in_a_fresh_process(tmp_path):
     assert res.stdout.strip().splitlines()[-1] == "HybridGPT2LMHeadModel"
     # a fresh process may pick other CPU kernels (thread count, attention backend): equal to float rounding
     torch.testing.assert_close(torch.load(tmp_path / "out.pt").detach(), ref, rtol=0, atol=1e-6)
+
+
+def test_plain_import_surgery_is_enough_to_load_a_saved_hybrid(tmp_path):
+    """A fresh interpreter that runs `import surgery` and transformers' own Auto class loads a hybrid."""
+    import subprocess
+    import sys
+
+    tiny("gla", [1]).save_pretrained(tmp_path)
+    code = ("import sys, surgery; from transformers import AutoModelForCausalLM; "
+            "print(type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__name__)")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "HybridGPT2LMHeadModel"

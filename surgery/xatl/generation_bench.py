@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
+from surgery.xatl.cache import CACHE_ARG, HybridCache
 from surgery.xatl.model import HybridGPT2LMHeadModel, hybrid_config_from
 
 CONTEXTS = (256, 512, 1024, 2048, 4096)
@@ -41,7 +42,9 @@ def build_models(width: int = 256, depth: int = 4, heads: int = 4, vocab: int = 
 
 
 def cache_bytes(cache) -> int:
-    """Bytes held by a transformers cache (KV tensors or recurrent states), all layers together."""
+    """Bytes held by a cache (KV tensors or recurrent states), all layers together."""
+    if isinstance(cache, HybridCache):
+        return cache.nbytes()
     total = 0
     for layer in cache.layers:
         for value in vars(layer).values():
@@ -52,23 +55,24 @@ def cache_bytes(cache) -> int:
 
 class Decoder:
     """Greedy decoding with a cache: the constructor runs a `context`-token prompt (seconds in `prefill_s`),
-    each call decodes one more token. `cache_key` names the cache argument: "past_key_values" for
-    transformers' GPT-2 and our hybrids, "cache_params" for `MambaForCausalLM`."""
+    each call decodes one more token. `cache_key` names the cache argument and output field: `CACHE_ARG`
+    (the installed transformers' name) for GPT-2 and our hybrids; `MambaForCausalLM` before transformers 5.24
+    used "cache_params"."""
 
     def __init__(self, model: PreTrainedModel, context: int, batch: int = 1, seed: int = 0,
-                 cache_key: str = "past_key_values"):
+                 cache_key: str = CACHE_ARG):
         self.model, self.key = model, cache_key
         ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(seed))
         start = time.perf_counter()
         with torch.no_grad():
             out = model(ids, use_cache=True)
         self.prefill_s = time.perf_counter() - start
-        self.cache, self.next = getattr(out, cache_key), out.logits[:, -1:].argmax(-1)
+        self.cache, self.next = out[cache_key], out.logits[:, -1:].argmax(-1)
 
     @torch.no_grad()
     def __call__(self) -> None:
         out = self.model(self.next, use_cache=True, **{self.key: self.cache})
-        self.cache, self.next = getattr(out, self.key), out.logits[:, -1:].argmax(-1)
+        self.cache, self.next = out[self.key], out.logits[:, -1:].argmax(-1)
 
 
 def time_decode(model: PreTrainedModel, context: int, new_tokens: int = 16, warmup: int = 2, batch: int = 1,
@@ -77,7 +81,8 @@ def time_decode(model: PreTrainedModel, context: int, new_tokens: int = 16, warm
 
     Returns {"ms_per_token": ms of the fastest decoding step (batch sequences at once), "ms_median": the
     median step, "prefill_s": seconds to run the prompt, "cache_bytes_per_seq": cache size per sequence after
-    the last step}."""
+    the last step, "cache_tokens": tokens the cache has seen (context + every decoded step: a decode that
+    dropped its state would show less)}."""
     decoder, times = Decoder(model, context, batch, seed), []
     for i in range(warmup + new_tokens):
         start = time.perf_counter()
@@ -85,7 +90,8 @@ def time_decode(model: PreTrainedModel, context: int, new_tokens: int = 16, warm
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return {"ms_per_token": 1e3 * min(times), "ms_median": 1e3 * statistics.median(times),
-            "prefill_s": decoder.prefill_s, "cache_bytes_per_seq": cache_bytes(decoder.cache) // batch}
+            "prefill_s": decoder.prefill_s, "cache_bytes_per_seq": cache_bytes(decoder.cache) // batch,
+            "cache_tokens": decoder.cache.get_seq_length()}
 
 
 def run_benchmark(contexts=CONTEXTS, mixers=MIXERS, new_tokens: int = 16, batch: int = 1, repeats: int = 1,

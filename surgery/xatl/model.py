@@ -3,9 +3,10 @@
 Design: `HybridGPT2LMHeadModel` *is* a `GPT2LMHeadModel` (same module names: transformer.wte/wpe/h.i.ln_1/
 attn/ln_2/mlp, transformer.ln_f, lm_head), so `surgery.families.GPT2` describes it and every GPT-2 tool
 reads it. In a mixer block, `attn` is a `MixerAttention`: an adapter with GPT2Attention's call signature
-around the mixer (`attn.mixer`). Only `forward` is our own, so that generation can keep a recurrent state:
-the cache is transformers' `DynamicCache` built from `config.layer_types` ("linear_attention" layers hold
-the mixer state, "full_attention" layers a KV cache). Padding masks are not supported (the mixers have no
+around the mixer (`attn.mixer`). `forward` and `prepare_inputs_for_generation` are our own, so that
+generation can keep a recurrent state: the cache is a `surgery.xatl.cache.HybridCache` (mixer layers hold a
+fixed-size state, kept attention layers a KV cache), handed around under the name the installed transformers
+uses (`cache` from 5.24, `past_key_values` before; both are accepted). Padding masks are not supported (the mixers have no
 notion of a masked token); generation with one unpadded prompt batch is.
 """
 
@@ -15,11 +16,11 @@ import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
-from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from surgery.errors import SurgeryError
 from surgery.families import FAMILIES, GPT2
+from surgery.xatl.cache import CACHE_ARG, CACHE_NAMES, HybridCache, as_hybrid_cache, cache_from_kwargs
 from surgery.xatl.mixers import MIXERS, build_mixer
 
 
@@ -39,48 +40,22 @@ class HybridGPT2Config(GPT2Config):
         return ["full_attention" if i in keep else "linear_attention" for i in range(self.n_layer)]
 
 
-class HybridCache(DynamicCache):
-    """DynamicCache that counts the tokens it has seen, so that a model with no attention layer (only
-    fixed-size mixer states) still knows its position."""
-
-    def __init__(self, config: HybridGPT2Config):
-        super().__init__(config=config)
-        self.seen_tokens = 0
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen_tokens
-
-
-def _read_state(layer) -> tuple | None:
-    if not layer.has_previous_state.get(0, False):
-        return None
-    return tuple(layer.recurrent_states[i] for i in range(layer.number_of_states))
-
-
-def _write_state(layer, state: tuple) -> None:
-    """Store a mixer's state tensors as the recurrent states of a `LinearAttentionLayer` (so that the
-    cache's reorder/reset apply to them)."""
-    layer.number_of_states = len(state)
-    for i, s in enumerate(state):
-        layer.recurrent_states[i] = s
-        layer.is_recurrent_states_initialized[i] = True
-        layer.has_previous_state[i] = True
-
-
 class MixerAttention(nn.Module):
-    """Adapter: GPT2Attention's call signature, `(hidden (B, T, D), past_key_values, ...) -> (out, None)`,
-    around a mixer. The mask is ignored (mixers are causal by construction)."""
+    """Adapter: GPT2Attention's call signature, `(hidden (B, T, D), cache, ...) -> (out, None)`, around a
+    mixer; the cache comes under either name (`CACHE_NAMES`), and only a `HybridCache` holds mixer states. The
+    mask is ignored (mixers are causal by construction)."""
 
     def __init__(self, mixer: nn.Module, layer_idx: int):
         super().__init__()
         self.mixer = mixer
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states: torch.Tensor, past_key_values=None, attention_mask=None, **kwargs):
-        layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
-        out, state = self.mixer(hidden_states, None if layer is None else _read_state(layer))
-        if layer is not None:
-            _write_state(layer, state)
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        cache = cache_from_kwargs(args, kwargs)
+        state = cache.mixer_states.get(self.layer_idx) if isinstance(cache, HybridCache) else None
+        out, state = self.mixer(hidden_states, state)
+        if isinstance(cache, HybridCache):
+            cache.mixer_states[self.layer_idx] = state
         return out, None
 
 
@@ -102,22 +77,41 @@ class HybridGPT2LMHeadModel(GPT2LMHeadModel):
         if hasattr(module, "reset_mixer_parameters"):  # after its children: the mixer's own scheme wins
             module.reset_mixer_parameters()
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """`generate` gets a HybridCache (a DynamicCache would not know its length without attention)."""
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = HybridCache(self.config)
+    def generate(self, *args, **kwargs):
+        """transformers' `generate`, handed a fresh HybridCache unless a cache is given or `use_cache=False`
+        (its default cache would have no place for mixer states)."""
+        if all(kwargs.get(n) is None for n in CACHE_NAMES) and kwargs.get("use_cache") is not False:
+            kwargs[CACHE_ARG] = HybridCache()
+        return super().generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None, **kwargs):
+        """`generate`'s inputs for one step: the tokens the cache has not seen yet, and the cache under the name
+        the installed transformers uses. The cache's own token count decides what to feed, whatever
+        `generate` computed (its bookkeeping of linear layers has changed between versions)."""
+        cache = as_hybrid_cache(cache_from_kwargs((), kwargs))
+        seen = cache.get_seq_length() if cache is not None else 0
+        inputs = {"attention_mask": attention_mask, "use_cache": kwargs.get("use_cache"), CACHE_ARG: cache}
+        if inputs_embeds is not None and seen == 0:
+            inputs.update(input_ids=None, inputs_embeds=inputs_embeds)
+        else:
+            inputs["input_ids"] = input_ids[:, seen:]
+        if kwargs.get("logits_to_keep") is not None:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs
 
     def mixer_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.config.layer_types) if t == "linear_attention"]
 
-    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None,
+    def forward(self, input_ids=None, cache=None, attention_mask=None, position_ids=None,
                 labels=None, use_cache=None, inputs_embeds=None, logits_to_keep: int = 0, **kwargs):
-        """input_ids (B, T). With `use_cache`, returns a cache whose mixer layers hold a fixed-size state."""
+        """input_ids (B, T). The cache comes as `cache` or `past_key_values` (`CACHE_NAMES`); with `use_cache`,
+        the output's cache (field `CACHE_ARG`) is a HybridCache whose mixer layers hold a fixed-size state."""
+        past_key_values = as_hybrid_cache(cache_from_kwargs((cache,), kwargs))
         if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 and not bool(attention_mask.all()):
             raise SurgeryError("padding masks are not supported by linear-cost mixers; use unpadded inputs")
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and past_key_values is None:
-            past_key_values = HybridCache(self.config)
+            past_key_values = HybridCache()
         tr = self.transformer
         x = tr.wte(input_ids) if inputs_embeds is None else inputs_embeds
         T = x.shape[1]
@@ -131,16 +125,16 @@ class HybridGPT2LMHeadModel(GPT2LMHeadModel):
             mask = torch.zeros(T, past + T, device=x.device, dtype=x.dtype)
             mask = mask.masked_fill(torch.arange(past + T, device=x.device)[None] > q, torch.finfo(x.dtype).min)[None, None]
         for block in tr.h:
-            x = block(x, past_key_values, mask, use_cache=use_cache)
+            x = block(x, attention_mask=mask, use_cache=use_cache, **{CACHE_ARG: past_key_values})
         x = tr.ln_f(x)
-        if isinstance(past_key_values, HybridCache):
+        if past_key_values is not None:
             past_key_values.seen_tokens = past + T
         logits = self.lm_head(x if not logits_to_keep else x[:, -logits_to_keep:])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size,
                                       num_items_in_batch=kwargs.get("num_items_in_batch"))
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_ARG: past_key_values if use_cache else None})
 
 
 def hybrid_config_from(source_config: GPT2Config, mixer: str, mixer_config: dict | None = None,
