@@ -25,8 +25,9 @@ from surgery.validate import check_fit, check_trainer_config
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """Saves `<run_dir>/checkpoints/last.ckpt` every `every_n_train_steps` optimizer steps, atomically,
-    with the torch RNG state (so dropout after a resume matches an uninterrupted run).
+    """Saves `<run_dir>/checkpoints/last.ckpt` every `every_n_train_steps` optimizer steps and once more when
+    training ends (so `last.ckpt` of a finished run holds the exported model's final step, whatever
+    `max_steps` is), atomically, with the torch RNG state (so dropout after a resume matches an uninterrupted run).
 
     Args:
         every_n_train_steps: steps between checkpoints (0 turns periodic checkpoints off).
@@ -43,6 +44,7 @@ class RunCheckpoint(ModelCheckpoint):
             )
         super().__init__(every_n_train_steps=every_n_train_steps or None, save_last=True, save_top_k=0)
         self.auto_resume, self.overwrite = auto_resume, overwrite
+        self._saved_step: int | None = None  # global step of the last checkpoint this run wrote or resumed
 
     @property
     def state_key(self) -> str:
@@ -53,6 +55,29 @@ class RunCheckpoint(ModelCheckpoint):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._saved_step = trainer.global_step if trainer.ckpt_path else None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if 0 < trainer.max_steps <= trainer.global_step:  # the last step: saved where periodic checkpoints are,
+            self._save_last(trainer)  # so `--ckpt_path last` with a higher max_steps continues mid-epoch
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """Runs that end otherwise (max_epochs, max_time, a callback's stop) save their final step here. Lightning's
+        own end-of-training save happens only when no checkpoint was written at all."""
+        self._save_last(trainer)
+
+    def _save_last(self, trainer) -> None:
+        if trainer.fast_dev_run or self._saved_step == trainer.global_step:
+            return
+        self.last_model_path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        trainer.save_checkpoint(self.last_model_path)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "rng": rng_state()}

@@ -1,0 +1,74 @@
+"""A run directory describes one model with one set of settings: the final checkpoint is written at the end of
+training (whatever `max_steps` is), a resume with changed settings is refused or recorded, and a second
+`surgery fit` into a live run directory is refused."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from reliability_setup import fit_args, load, write_setup
+from surgery.cli import main
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run_dir")
+    recipe = write_setup(root)
+    old = os.environ.get("SURGERY_CACHE")
+    os.environ["SURGERY_CACHE"] = str(root / "cache")
+    torch.set_num_threads(1)
+    yield root, recipe
+    os.environ.pop("SURGERY_CACHE") if old is None else os.environ.__setitem__("SURGERY_CACHE", old)
+
+
+@pytest.fixture(scope="module")
+def finished(setup):
+    """16 steps with a checkpoint every 5: the periodic checkpoints fall at 5, 10 and 15."""
+    root, recipe = setup
+    assert main(fit_args(recipe, root / "a", "--checkpoint.every_n_train_steps", "5")) == 0
+    return root / "a"
+
+
+def test_last_checkpoint_of_a_finished_run_holds_its_final_step(finished, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from surgery.commands import export
+
+    ckpt = load(finished / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == json.loads((finished / "metrics.json").read_text())["steps"] == 16
+    parser = __import__("argparse").ArgumentParser()
+    export.add_arguments(parser)
+    assert export.run(parser.parse_args([str(finished / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "m")])) == 0
+    ids = torch.randint(0, 4000, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(finished / "model")(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(tmp_path / "m")(ids).logits
+    assert torch.allclose(a, b, atol=1e-5, rtol=0)  # export of last.ckpt == the run's model/
+
+
+def test_ckpt_path_last_on_a_finished_run_does_not_train_again(finished):
+    import csv
+
+    root = finished.parent
+    before = load(finished / "checkpoints" / "last.ckpt")["state_dict"]
+    assert main(fit_args(root / "recipe.yaml", finished, "--checkpoint.every_n_train_steps", "5", "--ckpt_path", "last")) == 0
+    log = finished / "logs" / "metrics.csv"
+    assert not log.exists() or not [r for r in csv.DictReader(log.open()) if r.get("train/loss")]  # no step trained again
+    after = load(finished / "checkpoints" / "last.ckpt")
+    assert after["global_step"] == 16
+    for name, t in before.items():
+        assert torch.equal(t, after["state_dict"][name]), name
+
+
+def test_a_finished_run_continued_from_its_final_checkpoint_reads_the_data_as_one_run(finished, setup):
+    root, recipe = setup
+    longer = ("--checkpoint.every_n_train_steps", "5", "--trainer.max_steps", "20")
+    assert main(fit_args(recipe, root / "twenty", *longer)) == 0
+    assert main(fit_args(recipe, finished, *longer, "--ckpt_path", "last")) == 0
+    a, b = load(root / "twenty" / "checkpoints" / "last.ckpt"), load(finished / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 20
+    # The same place in the data: the continued run finished epoch 1 rather than starting epoch 2 at step 16.
+    # (Its weights differ: the lr schedule of a 16-step run decays over 16 steps, not 20.)
+    assert a["loops"]["fit_loop"]["state_dict"] == b["loops"]["fit_loop"]["state_dict"] == {"combined_loader": [{"epoch": 1, "batches": 10}]}
