@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -20,7 +21,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from benchmarks.measure import interleaved, paired_ratio
 from benchmarks.removal_cost import Stepper, set_phase
 from surgery.remove_ln.points import prepare_for_removal
-from surgery.xatl.kernels import torch_paths_only
+from surgery.xatl.kernels import cuda_kernel, torch_paths_only
+from surgery.xatl.mamba import MambaMixer
 from surgery.xatl.model import HybridGPT2LMHeadModel, hybrid_config_from
 
 TARGET_MFU = 0.45
@@ -124,10 +126,25 @@ def removal_rows(cfg: GPT2Config, seq: int, batch: int, device: torch.device, dt
     return rows
 
 
+def kernel_of(model: torch.nn.Module) -> str | None:
+    """"module.name" of the CUDA kernel the model's mixers look up (mamba.py names mamba-ssm's scan inline;
+    the linear-attention mixers carry `fla_kernel`), or None for a mixer without one."""
+    for m in model.modules():
+        if isinstance(m, MambaMixer):
+            return "mamba_ssm.ops.selective_scan_interface.selective_scan_fn"
+        if getattr(m, "fla_kernel", None):
+            return ".".join(m.fla_kernel)
+    return None
+
+
 def kernel_rows(mixers=("mamba", "retention", "gla"), seqs=(1024, 4096), width: int = 768, depth: int = 12,
                 heads: int = 12, device: torch.device | str = "cuda", dtype=torch.bfloat16, repeats: int = 3) -> list[dict]:
     """Training step (forward, backward, AdamW) of each hybrid with its CUDA kernels vs with
-    `torch_paths_only()`, same model, same batch (1, T). One row per (mixer, seq)."""
+    `torch_paths_only()`, same model, same batch (1, T). One row per (mixer, seq).
+
+    `kernel_loaded` says whether the kernel imported on this device and `kernel_fallbacks` counts the
+    timed kernel-side calls that failed and fell back to PyTorch: where the kernel did not load or fell back,
+    "kernel" times the PyTorch path too and the speed-up is no kernel's."""
     device = torch.device(device)
     rows = []
     for mixer in mixers:
@@ -135,6 +152,8 @@ def kernel_rows(mixers=("mamba", "retention", "gla"), seqs=(1024, 4096), width: 
         torch.manual_seed(0)
         model = HybridGPT2LMHeadModel(hybrid_config_from(cfg, mixer)).to(device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        name = kernel_of(model)
+        loaded = name is not None and cuda_kernel(torch.empty(0, device=device), *name.rsplit(".", 1)) is not None
         for seq in seqs:
             ids = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
 
@@ -147,8 +166,13 @@ def kernel_rows(mixers=("mamba", "retention", "gla"), seqs=(1024, 4096), width: 
                 opt.step()
                 return float(loss.detach())
 
-            t = interleaved({"kernel": lambda: step(False), "torch": lambda: step(True)}, repeats, 1, memory=False)
-            rows.append({"mixer": mixer, "seq": seq, "kernel_s": t["kernel"]["median_s"], "torch_s": t["torch"]["median_s"],
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                t = interleaved({"kernel": lambda: step(False), "torch": lambda: step(True)}, repeats, 1, memory=False)
+            fallbacks = [str(w.message) for w in caught if str(w.message).startswith("CUDA kernel")]
+            rows.append({"mixer": mixer, "seq": seq, "kernel": name, "kernel_loaded": loaded,
+                         "kernel_fallbacks": len(fallbacks), "fallback_message": fallbacks[0] if fallbacks else None,
+                         "kernel_s": t["kernel"]["median_s"], "torch_s": t["torch"]["median_s"],
                          "speedup": paired_ratio(t, "torch", "kernel"),
                          "kernel_tok_s": seq / t["kernel"]["median_s"], "torch_tok_s": seq / t["torch"]["median_s"]})
         model = opt = None
@@ -165,6 +189,8 @@ def table(removal: list[dict], kernels: list[dict], peak_flops: float | None) ->
                      f"| {r['ratio']:.3f}x | {mfu[0]} | {mfu[1]} |")
     if kernels:
         lines += ["", "| mixer | L | kernel tok/s | torch tok/s | kernel speed-up |", "|---|---|---|---|---|"]
-        lines += [f"| {r['mixer']} | {r['seq']} | {r['kernel_tok_s']:.0f} | {r['torch_tok_s']:.0f} | {r['speedup']:.1f}x |"
-                  for r in kernels]
+        for r in kernels:
+            ran = r.get("kernel_loaded", True) and not r.get("kernel_fallbacks")
+            speedup = f"{r['speedup']:.1f}x" if ran else f"- (kernel {'fell back' if r.get('kernel_loaded') else 'not loaded'})"
+            lines.append(f"| {r['mixer']} | {r['seq']} | {r['kernel_tok_s']:.0f} | {r['torch_tok_s']:.0f} | {speedup} |")
     return "\n".join(lines)
