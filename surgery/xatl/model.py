@@ -103,10 +103,11 @@ class HybridGPT2LMHeadModel(GPT2LMHeadModel):
         return [i for i, t in enumerate(self.config.layer_types) if t == "linear_attention"]
 
     def forward(self, input_ids=None, cache=None, attention_mask=None, position_ids=None,
-                labels=None, use_cache=None, inputs_embeds=None, logits_to_keep: int = 0, **kwargs):
+                labels=None, use_cache=None, inputs_embeds=None, logits_to_keep: int = 0, past_key_values=None,
+                **kwargs):
         """input_ids (B, T). The cache comes as `cache` or `past_key_values` (`CACHE_NAMES`); with `use_cache`,
         the output's cache (field `CACHE_ARG`) is a HybridCache whose mixer layers hold a fixed-size state."""
-        past_key_values = as_hybrid_cache(cache_from_kwargs((cache,), kwargs))
+        past_key_values = as_hybrid_cache(cache_from_kwargs((cache,), {"past_key_values": past_key_values}))
         if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 and not bool(attention_mask.all()):
             raise SurgeryError("padding masks are not supported by linear-cost mixers; use unpadded inputs")
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
