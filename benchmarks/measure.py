@@ -30,10 +30,12 @@ def cpu_model() -> str:
 
 
 def machine_info() -> dict:
-    """CPU model, cores (visible / usable), torch version and threads, date, load average (1, 5, 15 min)."""
+    """CPU model, cores (visible / usable), torch and transformers versions, threads, date, load average."""
+    import transformers
+
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": usable, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "loadavg": list(os.getloadavg()), "cuda": torch.cuda.is_available()}
 

@@ -19,6 +19,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+import transformers
 
 from surgery.xatl.generation_bench import CONTEXTS, MIXERS, plot, run_benchmark, table
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_benchmark(args.contexts, args.mixers, args.new_tokens, args.batch, args.repeats, verbose=True,
                          **shape)
     meta = {"machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} thread(s)".strip(),
-            "torch": torch.__version__, "date": date.today().isoformat(), "batch": args.batch,
+            "torch": torch.__version__, "transformers": transformers.__version__, "date": date.today().isoformat(), "batch": args.batch,
             "new_tokens": args.new_tokens, "repeats": args.repeats, **shape}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     md = table(rows)
