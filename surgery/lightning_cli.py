@@ -19,7 +19,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from surgery.publish.callback import PublishRun
 from surgery.errors import SurgeryError
 from surgery.guard import DivergenceGuard
-from surgery.resume import AtomicCheckpointIO, choose_checkpoint, read_checkpoint, rng_state, set_rng_state
+from surgery.resume import (AtomicCheckpointIO, check_resume_config, choose_checkpoint, plain, read_checkpoint, rng_state,
+                            set_rng_state)
 from surgery.run import ExportRun
 from surgery.validate import check_fit, check_trainer_config
 
@@ -35,15 +36,20 @@ class RunCheckpoint(ModelCheckpoint):
             (False: refuse to start in a directory that holds an interrupted run).
         overwrite: start again in a run directory that holds a finished run (`metrics.json`); its
             `metrics.json` and `last.ckpt` are deleted first.
+        accept_changes: resume even when the model, data or training settings differ from those the
+            checkpoint was trained with (refused by default, naming each changed key); the changes are
+            recorded in `<run_dir>/resume_changes.json` and `metrics.json`.
     """
 
-    def __init__(self, every_n_train_steps: int = 100, auto_resume: bool = True, overwrite: bool = False):
+    def __init__(self, every_n_train_steps: int = 100, auto_resume: bool = True, overwrite: bool = False,
+                 accept_changes: bool = False):
         if every_n_train_steps < 0:
             raise SurgeryError(
                 f"checkpoint.every_n_train_steps={every_n_train_steps} is negative: use a positive number of steps, or 0 for no periodic checkpoints"
             )
         super().__init__(every_n_train_steps=every_n_train_steps or None, save_last=True, save_top_k=0)
-        self.auto_resume, self.overwrite = auto_resume, overwrite
+        self.auto_resume, self.overwrite, self.accept_changes = auto_resume, overwrite, accept_changes
+        self.run_config: dict | None = None  # the run's parsed config, saved in each checkpoint to compare on resume
         self._saved_step: int | None = None  # global step of the last checkpoint this run wrote or resumed
 
     @property
@@ -80,7 +86,7 @@ class RunCheckpoint(ModelCheckpoint):
         trainer.save_checkpoint(self.last_model_path)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "rng": rng_state()}
+        return {**super().state_dict(), "rng": rng_state(), "config": self.run_config}
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -160,8 +166,14 @@ class SurgeryCLI(LightningCLI):
         check_fit(self.trainer, self.model, self.datamodule)
         config = self.config_init["fit"]
         ckpt = next(cb for cb in self.trainer.callbacks if isinstance(cb, RunCheckpoint))
-        config["ckpt_path"] = choose_checkpoint(self.trainer.default_root_dir, config.get("ckpt_path"), ckpt.auto_resume, ckpt.overwrite)
+        run_dir = Path(self.trainer.default_root_dir)
+        config["ckpt_path"] = choose_checkpoint(run_dir, config.get("ckpt_path"), ckpt.auto_resume, ckpt.overwrite)
+        ckpt.run_config = plain(self.config["fit"].as_dict())
         if config["ckpt_path"] is not None:
-            keep_earlier_log(Path(self.trainer.default_root_dir) / "logs")
+            check_resume_config(config["ckpt_path"], read_checkpoint(config["ckpt_path"]), ckpt.run_config,
+                                ckpt.accept_changes, run_dir)
+            keep_earlier_log(run_dir / "logs")
+        elif os.environ.get("LOCAL_RANK", "0") == "0":
+            (run_dir / "resume_changes.json").unlink(missing_ok=True)  # left by an earlier run in this directory
         if config.get("weights_only") is None:
             config["weights_only"] = True

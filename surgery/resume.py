@@ -157,6 +157,78 @@ def choose_checkpoint(run_dir: str | Path, ckpt_path: str | None, auto_resume: b
     return str(ckpt_path)
 
 
+# Settings a resumed run may change: how long it runs, what it validates, logs and shows, where it
+# checkpoints, exports and publishes, the divergence guard and the backend. Every other key (the model,
+# the data, the seed, batch and precision settings of the trainer) must match the checkpoint's.
+FREE_TO_CHANGE = (
+    "config", "ckpt_path", "weights_only", "export", "publish", "checkpoint", "guard",
+    "trainer.logger", "trainer.callbacks", "trainer.default_root_dir", "trainer.max_steps", "trainer.max_epochs",
+    "trainer.max_time", "trainer.min_steps", "trainer.min_epochs", "trainer.limit_val_batches",
+    "trainer.limit_test_batches", "trainer.limit_predict_batches", "trainer.val_check_interval",
+    "trainer.check_val_every_n_epoch", "trainer.num_sanity_val_steps", "trainer.log_every_n_steps",
+    "trainer.enable_checkpointing", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    "trainer.enable_autolog_hparams", "trainer.profiler", "trainer.detect_anomaly", "trainer.accelerator",
+    "trainer.strategy", "trainer.deterministic", "trainer.benchmark", "trainer.inference_mode", "trainer.model_registry",
+)
+
+
+def _flatten(config: Mapping, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def config_changes(saved: Mapping, current: Mapping) -> dict[str, tuple[Any, Any]]:
+    """Keys (dotted, e.g. `model.init_args.lr`) whose value differs between a checkpoint's run config and the
+    current one: {key: (saved, current)}. Keys in `FREE_TO_CHANGE` (and below them) are left out, and so are
+    keys only one side has (a setting added to or removed from surgery between the two runs)."""
+    a, b = _flatten(saved), _flatten(current)
+    free = lambda key: any(key == f or key.startswith(f + ".") for f in FREE_TO_CHANGE)  # noqa: E731
+    return {k: (a[k], b[k]) for k in a if k in b and a[k] != b[k] and not free(k)}
+
+
+def _arg(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else (value if value and " " not in value else json.dumps(value))
+
+
+def check_resume_config(ckpt_path: str, ckpt: Mapping, current: Mapping, accept: bool, run_dir: str | Path) -> dict | None:
+    """Compare the run config a checkpoint was trained with (saved by `RunCheckpoint`) with the current one.
+
+    No differences (or a checkpoint without a saved config): None. Differences: a SurgeryError naming each
+    changed key, its two values and the flags that restore the checkpoint's, unless `accept`; then the
+    record {"step", "checkpoint", "changes": {key: [saved, current]}}, appended to
+    `<run_dir>/resume_changes.json` (the export copies it into metrics.json).
+    """
+    saved = (ckpt.get("callbacks") or {}).get("RunCheckpoint", {}).get("config")
+    changes = config_changes(saved, current) if isinstance(saved, Mapping) else {}
+    if not changes:
+        return None
+    step = int(ckpt.get("global_step", 0))
+    listed = "\n".join(f"  {k}: {_arg(old)} (checkpoint) -> {_arg(new)} (now)" for k, (old, new) in changes.items())
+    if not accept:
+        back = " ".join(f"--{k} {_arg(old)}" for k, (old, _) in changes.items())
+        raise SurgeryError(
+            f"{ckpt_path} (step {step}) was trained with other settings than this command's:\n{listed}\n"
+            "A resumed run keeps the checkpoint's optimizer, learning-rate schedule and data order, so these would be "
+            f"mixed with the old ones. Resume with the checkpoint's settings ({back}), choose a new "
+            "trainer.default_root_dir to start a new run, or pass --checkpoint.accept_changes true to resume with the "
+            "new settings anyway (the changes are recorded in resume_changes.json and metrics.json)"
+        )
+    record = {"step": step, "checkpoint": str(ckpt_path), "changes": {k: [old, new] for k, (old, new) in changes.items()},
+              "note": "the optimizer state (lr, betas, weight decay) and the learning-rate schedule came from the checkpoint"}
+    rank_zero_info(f"resuming {ckpt_path} (step {step}) with changed settings (--checkpoint.accept_changes):\n{listed}")
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        path = Path(run_dir) / "resume_changes.json"
+        earlier = json.loads(path.read_text()) if path.exists() else []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(earlier + [record], indent=2) + "\n")
+    return record
+
+
 def _steps(metrics: Path) -> str:
     try:
         return str(json.loads(metrics.read_text()).get("steps", "?"))

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from surgery.evaluate import cross_entropy
 
@@ -28,6 +29,7 @@ class ExportRun(L.Callback):
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self._start, self._before = time.time(), 0.0  # _before: training time of the runs this one resumes
+        self._tokens: int | None = 0  # training tokens counted batch by batch (None: unknown, e.g. an older checkpoint)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.time()
@@ -35,11 +37,17 @@ class ExportRun(L.Callback):
     def train_time_s(self) -> float:
         return self._before + time.time() - self._start
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+        if self._tokens is not None:  # counted as trained, so a resume with another batch size is counted right
+            self._tokens = self._tokens + ids.numel() * trainer.world_size if isinstance(ids, torch.Tensor) else None
+
     def state_dict(self) -> dict[str, float]:
-        return {"train_time_s": self.train_time_s()}
+        return {"train_time_s": self.train_time_s(), "tokens_seen": self._tokens}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self._before = float(state.get("train_time_s", 0.0))
+        self._tokens = state.get("tokens_seen")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled or not trainer.is_global_zero:
@@ -54,10 +62,14 @@ class ExportRun(L.Callback):
         batch_size, block_size = dm.batch_size, dm.block_size
         metrics = {
             "steps": trainer.global_step,
-            "tokens_seen": trainer.global_step * batch_size * block_size * trainer.accumulate_grad_batches * trainer.world_size,
+            "tokens_seen": self._tokens if self._tokens is not None else
+            trainer.global_step * batch_size * block_size * trainer.accumulate_grad_batches * trainer.world_size,
             "train_time_s": round(self.train_time_s(), 1),
             "val": cross_entropy(model, dm.split("validation"), batch_size),
         }
+        changes = run_dir / "resume_changes.json"  # settings changed on resume (--checkpoint.accept_changes)
+        if changes.exists():
+            metrics["resumed_with_changes"] = json.loads(changes.read_text())
         if hasattr(pl_module, "run_metrics"):
             metrics.update(pl_module.run_metrics(model, metrics["val"]))
         write_json(run_dir / "metrics.json", metrics)

@@ -72,3 +72,46 @@ def test_a_finished_run_continued_from_its_final_checkpoint_reads_the_data_as_on
     # The same place in the data: the continued run finished epoch 1 rather than starting epoch 2 at step 16.
     # (Its weights differ: the lr schedule of a 16-step run decays over 16 steps, not 20.)
     assert a["loops"]["fit_loop"]["state_dict"] == b["loops"]["fit_loop"]["state_dict"] == {"combined_loader": [{"epoch": 1, "batches": 10}]}
+
+
+def interrupted_copy(finished, dest):
+    """A copy of the finished run as if it had been killed after its last checkpoint (no metrics.json, no model/)."""
+    import shutil
+
+    shutil.copytree(finished, dest)
+    (dest / "metrics.json").unlink()
+    shutil.rmtree(dest / "model")
+    return dest, load(dest / "checkpoints" / "last.ckpt")["global_step"]
+
+
+CHANGED = ("--model.init_args.lr", "0.002", "--data.init_args.batch_size", "4")
+
+
+def test_resume_with_changed_settings_is_refused_naming_each_key(finished, tmp_path, capsys):
+    run, step = interrupted_copy(finished, tmp_path / "run")
+    config_before = (run / "logs" / "config.yaml").read_text()
+    assert main(fit_args(finished.parent / "recipe.yaml", run, *CHANGED)) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'checkpoints' / 'last.ckpt'} (step {step}) was trained with other settings than this command's:" in err
+    assert "  model.init_args.lr: 0.001 (checkpoint) -> 0.002 (now)" in err
+    assert "  data.init_args.batch_size: 8 (checkpoint) -> 4 (now)" in err
+    assert "Resume with the checkpoint's settings (--model.init_args.lr 0.001 --data.init_args.batch_size 8)" in err
+    assert "or pass --checkpoint.accept_changes true to resume with the new settings anyway" in err
+    assert load(run / "checkpoints" / "last.ckpt")["global_step"] == step  # nothing trained, nothing rewritten
+    assert (run / "logs" / "config.yaml").read_text() == config_before and not (run / "metrics.json").exists()
+    # Settings that only say how long to run or what to show may change.
+    assert main(fit_args(finished.parent / "recipe.yaml", run, "--trainer.max_steps", str(step + 1),
+                         "--trainer.log_every_n_steps", "2", "--guard.factor", "4")) == 0
+    assert "resumed_with_changes" not in json.loads((run / "metrics.json").read_text())
+
+
+def test_resume_with_accepted_changes_records_them(finished, tmp_path):
+    run, step = interrupted_copy(finished, tmp_path / "run")
+    assert main(fit_args(finished.parent / "recipe.yaml", run, *CHANGED, "--checkpoint.accept_changes", "true",
+                         "--trainer.max_steps", str(step + 2))) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    [record] = metrics["resumed_with_changes"]
+    assert record["step"] == step and record["changes"] == {"model.init_args.lr": [0.001, 0.002], "data.init_args.batch_size": [8, 4]}
+    assert "learning-rate schedule came from the checkpoint" in record["note"]
+    assert json.loads((run / "resume_changes.json").read_text()) == [record]
+    assert metrics["tokens_seen"] == step * 8 * 32 + 2 * 4 * 32  # each step counted with the batch size it trained with
