@@ -27,8 +27,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def run_lightning(argv: list[str]) -> int:
     from surgery.lightning_cli import SurgeryCLI
+    from surgery.run_lock import release_all
 
-    SurgeryCLI(args=argv)
+    try:
+        SurgeryCLI(args=argv)
+    finally:
+        release_all()  # the run directory's lock, taken by `fit`
     return 0
 
 

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from surgery import run_lock
 from surgery.publish.callback import PublishRun
 from surgery.errors import SurgeryError
 from surgery.guard import DivergenceGuard
@@ -155,6 +156,8 @@ class SurgeryCLI(LightningCLI):
         check_trainer_config(trainer)
         if trainer.default_root_dir is None:
             trainer.default_root_dir = "runs/default"
+        if self.subcommand == "fit":  # before the model loads: a second fit into a live run directory stops here
+            run_lock.acquire(trainer.default_root_dir)
         if trainer.logger in (None, True):
             trainer.logger = {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",

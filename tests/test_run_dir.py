@@ -4,7 +4,9 @@ training (whatever `max_steps` is), a resume with changed settings is refused or
 
 import json
 import os
+import time
 
+import lightning as L
 import pytest
 import torch
 
@@ -115,3 +117,86 @@ def test_resume_with_accepted_changes_records_them(finished, tmp_path):
     assert "learning-rate schedule came from the checkpoint" in record["note"]
     assert json.loads((run / "resume_changes.json").read_text()) == [record]
     assert metrics["tokens_seen"] == step * 8 * 32 + 2 * 4 * 32  # each step counted with the batch size it trained with
+
+
+class SleepAt(L.Callback):
+    """Sleeps for a minute at the start of optimizer step `step` (in a `surgery fit` subprocess)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            time.sleep(60)
+
+
+def test_a_second_fit_into_a_live_run_directory_is_refused(setup, capsys):
+    import signal
+    import subprocess
+    import sys
+
+    root, recipe = setup
+    run = root / "live"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    first = subprocess.Popen([sys.executable, "-m", "surgery.cli", *fit_args(recipe, run, "--trainer.callbacks+=test_run_dir.SleepAt",
+                              "--trainer.callbacks.init_args.step", "6")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (run / "checkpoints" / "last.ckpt").exists():  # step 4's checkpoint: the first fit is training
+            assert first.poll() is None and time.time() < deadline, first.stderr.read().decode()[-3000:] if first.poll() else "timeout"
+            time.sleep(0.5)
+        lock = json.loads((run / ".fit.lock").read_text())
+        assert lock["pid"] == first.pid
+        start = time.time()
+        assert main(fit_args(recipe, run)) == 2
+        assert time.time() - start < 10  # refused before loading anything
+        err = capsys.readouterr().err
+        assert f"trainer.default_root_dir='{run}' is in use by another surgery fit (pid {first.pid} on this machine, since" in err
+        assert "wait for it to finish or stop it, or choose another trainer.default_root_dir" in err
+        assert load(run / "checkpoints" / "last.ckpt")["global_step"] == 4  # the live run's checkpoint untouched
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # The killed run's lock is stale: the same command takes it over and resumes.
+    assert (run / ".fit.lock").exists()
+    assert main(fit_args(recipe, run)) == 0
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 16
+    assert not (run / ".fit.lock").exists()  # released at the end
+
+
+def test_a_stale_or_foreign_lock(tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    from surgery import run_lock
+    from surgery.errors import SurgeryError
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / ".fit.lock").write_text(json.dumps({"pid": int(dead), "host": socket.gethostname(), "started": "x"}))
+    assert run_lock.acquire(tmp_path) == tmp_path / ".fit.lock"  # its process is gone: taken over
+    assert json.loads((tmp_path / ".fit.lock").read_text())["pid"] == os.getpid()
+    run_lock.release_all()
+    assert not (tmp_path / ".fit.lock").exists()
+    (tmp_path / ".fit.lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "2026-01-01T00:00:00"}))
+    with pytest.raises(SurgeryError, match=r"in use by another surgery fit \(pid 1 on host 'elsewhere', since 2026-01-01T00:00:00\)"
+                                            r".*if that process is gone, delete .*\.fit\.lock"):
+        run_lock.acquire(tmp_path)
+
+
+def test_a_run_directory_that_cannot_be_written_is_refused_before_any_work(setup, tmp_path, capsys):
+    root, recipe = setup
+    (tmp_path / "file").write_text("")
+    assert main(fit_args(recipe, tmp_path / "file" / "run")) == 2  # a file where the run directory's parent should be
+    assert f"trainer.default_root_dir='{tmp_path / 'file' / 'run'}' cannot be written (" in capsys.readouterr().err
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        if os.access(parent, os.W_OK):
+            return  # root writes anywhere
+        assert main(fit_args(recipe, parent / "run")) == 2
+    finally:
+        parent.chmod(0o700)
+    assert f"trainer.default_root_dir='{parent / 'run'}' cannot be written (Permission denied" in capsys.readouterr().err
