@@ -155,3 +155,84 @@ def test_an_unreachable_hub_dataset_says_how_to_work_offline(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(SurgeryError, match="could not stream Hub dataset 'openwebtext'.*use --data stdlib"):
         list(load_documents(Corpus("openwebtext"), "train"))
+
+
+def test_a_single_text_file_is_split_by_lines(tmp_path):
+    lines = [f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(200)]
+    (tmp_path / "book.txt").write_text("".join(lines))
+    corpus = Corpus(str(tmp_path / "book.txt"), val_fraction=0.1)
+    [train], [val] = list(load_documents(corpus, "train")), list(load_documents(corpus, "validation"))
+    assert train + val == "".join(lines)  # nothing lost, nothing shared
+    assert val.startswith("line 180: ") and train.endswith("dog\n")  # the last 10%, cut at a line start
+    dm = TokenBlocks(data=str(tmp_path / "book.txt"), tokenizer=TOKENIZER, block_size=32, val_fraction=0.1)
+    assert len(dm.split("train")) > 8 * len(dm.split("validation")) > 0  # both splits usable as given
+    (tmp_path / "one_line.txt").write_text("word " * 400)  # no line breaks: cut where the share says
+    one = Corpus(str(tmp_path / "one_line.txt"), val_fraction=0.25)
+    [a], [b] = list(load_documents(one, "train")), list(load_documents(one, "validation"))
+    assert a + b == "word " * 400 and len(b) == 500
+
+
+def test_a_split_of_a_single_text_file_too_small_says_raise_val_fraction(tmp_path):
+    (tmp_path / "book.txt").write_text("".join(f"line {i} of a short text\n" for i in range(60)))
+    dm = TokenBlocks(data=str(tmp_path / "book.txt"), tokenizer=TOKENIZER, block_size=64, val_fraction=0.02)
+    with pytest.raises(SurgeryError, match="the validation split of .*book.txt' has .* tokens, fewer than one block of 64: .*raise data.val_fraction"):
+        dm.split("validation")
+    dm = TokenBlocks(data=str(tmp_path / "book.txt"), tokenizer=TOKENIZER, block_size=64, val_fraction=0.3)
+    assert len(dm.split("validation")) > 0  # and raising it helps
+
+
+def non_utf8_corpus(root: Path) -> Path:
+    root.mkdir()
+    for i in range(6):
+        text = f"caf\u00e9 number {i}\n" * 20
+        (root / f"{'latin' if i % 2 else 'utf8'}{i}.txt").write_bytes(text.encode("latin-1" if i % 2 else "utf-8"))
+    return root
+
+
+def test_non_utf8_files_are_refused_with_a_count(tmp_path):
+    root = non_utf8_corpus(tmp_path / "corpus")
+    dm = TokenBlocks(data=str(root), tokenizer=TOKENIZER, block_size=16, val_fraction=0.3)
+    with pytest.raises(SurgeryError) as err:
+        dm.split("train")
+    assert str(err.value) == (
+        f"3 of 6 files of data '{root}' are not UTF-8 (latin1.txt, latin3.txt, latin5.txt): convert them to UTF-8, or set "
+        "data.init_args.encoding_errors to 'replace' (undecodable bytes become U+FFFD) or 'skip' (leave those files out)")
+
+
+def test_non_utf8_files_skipped_or_replaced_on_request_are_counted(tmp_path, caplog):
+    root = non_utf8_corpus(tmp_path / "corpus")
+    docs = {}
+    for mode in ("skip", "replace"):
+        caplog.clear()
+        corpus = Corpus(str(root), val_fraction=0.0, encoding_errors=mode)
+        docs[mode] = list(load_documents(corpus, "train"))
+        [record] = [r for r in caplog.records if "not UTF-8" in r.getMessage()]
+        assert record.levelname == "WARNING" and "3 files that are not UTF-8" in record.getMessage()
+        assert "latin1.txt, latin3.txt, latin5.txt" in record.getMessage()
+    assert len(docs["skip"]) == 3 and all("caf\u00e9" in d for d in docs["skip"])
+    assert len(docs["replace"]) == 6 and sum("caf\ufffd" in d for d in docs["replace"]) == 3
+    assert Corpus("stdlib").decode_mode == "skip" and Corpus(str(root)).decode_mode == "refuse"
+    with pytest.raises(SurgeryError, match="data.init_args.encoding_errors='ignore': choose one of refuse, skip, replace"):
+        Corpus(str(root), encoding_errors="ignore")
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"text": "a"}', '{"text": "b"', '{"text": "c"}'], r"rows.jsonl, line 2: not valid JSON \(Expecting ',' delimiter at column 13\); fix or delete the line"),
+    (['{"text": "a"}', '', '{"body": "b", "id": 2}'], r"rows.jsonl, line 3: no field 'text' \(its fields: 'body', 'id'\); set data.init_args.text_field to the field that holds the text"),
+    (['{"text": null}'], r"rows.jsonl, line 1: field 'text' holds null, not text"),
+    (['["text", "a"]'], r"rows.jsonl, line 1: a JSON list, not an object with a 'text' field"),
+])
+def test_malformed_jsonl_names_the_file_and_line(tmp_path, lines, message):
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    dm = TokenBlocks(data=str(tmp_path / "rows.jsonl"), tokenizer=TOKENIZER, block_size=16, val_fraction=0.5)
+    with pytest.raises(SurgeryError, match=message):
+        dm.setup("fit")
+
+
+def test_a_parquet_file_without_the_text_column_names_its_columns(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["alpha"], "id": [1]}), tmp_path / "b.parquet")
+    with pytest.raises(SurgeryError, match=r"b.parquet has no column 'text' \(its columns: 'body', 'id'\); set data.init_args.text_field"):
+        list(load_documents(Corpus(str(tmp_path / "b.parquet")), "train"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -67,12 +68,16 @@ class TokenBlocks(L.LightningDataModule):
         tokenizer: a Hub name or local path, or "bpe-N" to train an N-entry byte-level BPE on the corpus.
         block_size: tokens per training example.
         batch_size: examples per batch.
-        val_fraction: share of files held out for validation (split by a hash of the path).
+        val_fraction: share held out for validation: of files (split by a hash of the path), of rows for a
+            single .jsonl/.parquet file, of text (the end, from a line start) for a single text file.
         max_val_blocks: cap on validation blocks (the first ones, in a fixed order); None for all.
         text_field: field holding text in .jsonl/.parquet rows and Hub datasets.
         max_documents: rows read from a streamed Hub dataset, both splits together (None: all).
         seed: seed of the training order; None (default): the run's `seed_everything`. Saved in the
             checkpoint, so a resumed run keeps its order whatever seed the restart draws.
+        encoding_errors: what a local file that is not UTF-8 does: "refuse" (an error counting all such
+            files), "skip" it or "replace" its undecodable bytes by U+FFFD (both counted in a warning).
+            None (default): "skip" for "stdlib" (a few of its test files are deliberately not UTF-8), else "refuse".
     """
 
     def __init__(
@@ -86,11 +91,12 @@ class TokenBlocks(L.LightningDataModule):
         text_field: str = "text",
         max_documents: int | None = None,
         seed: int | None = None,
+        encoding_errors: Literal["refuse", "skip", "replace"] | None = None,
     ):
         super().__init__()
         if block_size <= 0 or batch_size <= 0:
             raise SurgeryError(f"data.block_size and data.batch_size must be positive (got {block_size}, {batch_size})")
-        self.corpus = Corpus(data, val_fraction, text_field, max_documents)
+        self.corpus = Corpus(data, val_fraction, text_field, max_documents, encoding_errors)
         self.corpus.files()  # fail early on a missing path
         self.tokenizer_spec = tokenizer
         self.block_size, self.batch_size = block_size, batch_size
