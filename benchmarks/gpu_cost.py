@@ -70,9 +70,10 @@ class Bf16Step:
 def _steppers(cfg: GPT2Config, batch: int, seq: int, device: torch.device, dtype, phase: str):
     torch.manual_seed(0)
     plain_model = GPT2LMHeadModel(cfg).to(device)
-    removal_model = GPT2LMHeadModel(cfg).to(device)
+    removal_model = GPT2LMHeadModel(cfg)
     removal_model.load_state_dict(plain_model.state_dict())
     points = prepare_for_removal(removal_model)
+    removal_model.to(device)  # after preparing: the switchable LNs' buffers are created on the CPU
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
     eos = cfg.eos_token_id or 0
     ids[:, seq // 2] = eos
