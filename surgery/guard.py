@@ -1,7 +1,14 @@
-"""The divergence guard: a training step whose loss is not finite, or jumps above `factor` times its
-moving average, is not applied; the guard then skips the batch, rolls back to the last checkpoint
-with a lower learning rate, or stops the run with a message. Every recipe gets it through the CLI
-(`guard:` in the YAML); each event names the LayerNorm removed last when the module removes them.
+"""The divergence guard: a training step whose loss is not finite, or whose monitored loss jumps above
+`factor` times its moving average, is not applied; the guard then skips the batch, rolls back to the
+last checkpoint with a lower learning rate, or stops the run with a message. Every recipe gets it
+through the CLI (`guard:` in the YAML); each event names the LayerNorm removed last when the module
+removes them.
+
+What is judged for spikes: the module's `spike_monitor` (a detached scalar it sets in each training
+step) when it has one, else the training loss. A relative test only makes sense on a quantity whose
+scale does not start near zero: a KL to the original model starts at ~0, so one LN removal that lifts it
+from 0.02 to 0.07 looks like a 3.5x spike while the model barely moved. Distilling modules therefore
+expose the next-token cross-entropy (nats/token), which every loss combination moves, as the monitor.
 """
 
 from __future__ import annotations
@@ -36,8 +43,9 @@ def last_removed(pl_module: L.LightningModule) -> str | None:
 class DivergenceGuard(L.Callback):
     """Refuses steps whose loss diverges.
 
-    A step is bad when its loss (averaged over ranks) is not finite, or, after `warmup_steps` good
-    steps, exceeds `factor` times the moving average (momentum `momentum`) of the good losses. A bad
+    A step is bad when its loss or monitored loss (averaged over ranks) is not finite, or, after
+    `warmup_steps` good steps, its monitored loss (`pl_module.spike_monitor`, else the loss) exceeds
+    `factor` times the moving average (momentum `momentum`) of the good steps' monitored losses. A bad
     step's gradients are dropped before the optimizer sees them (no update, no optimizer state change)
     and the module's buffers (e.g. the fake LNs' moving averages) are put back as they were.
 
@@ -98,7 +106,13 @@ class DivergenceGuard(L.Callback):
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         if self.action == "off":
             return
-        value = trainer.strategy.reduce(loss.detach().float(), reduce_op="mean")
+        monitor = getattr(pl_module, "spike_monitor", None)
+        if monitor is None:
+            value = trainer.strategy.reduce(loss.detach().float(), reduce_op="mean")
+        else:  # one reduction for both; a non-finite loss makes the monitor non-finite too
+            both = torch.stack([loss.detach().float(), monitor.detach().float().to(loss.device)])
+            both = trainer.strategy.reduce(both, reduce_op="mean")
+            value = both[1] if torch.isfinite(both[0]) else both[0]
         self._loss = float(value)
         self._bad = self._bad or self._judge(self._loss)
 

@@ -86,7 +86,8 @@ from surgery.remove_ln.module import LNRemoval  # noqa: E402
 
 
 class SpikyRemoval(LNRemoval):
-    """LNRemoval whose training loss is multiplied by `spikes[step]` at the given steps (nan: a NaN loss)."""
+    """LNRemoval whose training loss (and the cross-entropy the guard watches) is multiplied by
+    `spikes[step]` at the given steps (nan: a NaN loss)."""
 
     def __init__(self, *args, spikes: dict[int, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -97,6 +98,7 @@ class SpikyRemoval(LNRemoval):
         factor = self.spikes.get(self.trainer.global_step)
         if factor is not None:
             out["loss"] = out["loss"] * factor
+            self.spike_monitor = self.spike_monitor * factor
         return out
 
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import torch
 
+from surgery.distill import DistillConfig, Distiller, as_config
 from surgery.errors import SurgeryError
 from surgery.evaluate import cross_entropy
 from surgery.lm import CausalLM
@@ -40,8 +41,10 @@ class LNRemoval(CausalLM):
         aux_loss_weight: weight of the loss that pulls each token's std at the final LN's input
             towards the mean std (0 turns it off).
         keep_ln: control run: fine-tune with every LayerNorm kept, same everything else.
-        control: also train an LN-kept twin on the very same batches (same optimizer settings, its own
-            gradient clipping), so that one run reports original, control and LN-free losses.
+        control: also train an LN-kept twin on the very same batches (same losses, same optimizer
+            settings, its own gradient clipping), so that one run reports original, control and LN-free losses.
+        distill: the training losses (`surgery.distill.DistillConfig`): next-token cross-entropy and/or
+            KL to the original model and hidden-state alignment with it; None: cross-entropy only.
         lr, min_lr_ratio, warmup_steps, weight_decay, betas: as in `CausalLM`.
     """
 
@@ -55,6 +58,7 @@ class LNRemoval(CausalLM):
         aux_loss_weight: float = 0.1,
         keep_ln: bool = False,
         control: bool = False,
+        distill: DistillConfig | None = None,
         lr: float = 6e-4,
         min_lr_ratio: float = 0.5,
         warmup_steps: int = 25,
@@ -67,6 +71,10 @@ class LNRemoval(CausalLM):
         # a dict when rebuilt from a checkpoint's hyperparameters (`load_from_checkpoint`)
         self.schedule = RemovalSchedule(**schedule) if isinstance(schedule, dict) else schedule or RemovalSchedule()
         self.control = copy.deepcopy(self.model) if control and not keep_ln else None
+        self.distill = as_config(distill)
+        # The teacher is a frozen copy of the model as loaded (the original), rebuilt from `init` on resume.
+        self.distiller = Distiller(self.distill, copy.deepcopy(self.model) if self.distill.needs_teacher else None)
+        self.spike_monitor: torch.Tensor | None = None
         self.points = {} if keep_ln else prepare_for_removal(self.model, momentum)
         self.removal = None
         if not keep_ln:
@@ -105,10 +113,10 @@ class LNRemoval(CausalLM):
     def training_step(self, batch: torch.Tensor, batch_idx: int):
         if self.points:
             token_context(self.points).eot_mask = batch == self.tokenizer.eos_token_id
-        lm_loss = self.lm_loss(batch)
+        out = self.distiller(self.model, batch)
         if self.points:
             token_context(self.points).flush()  # this batch's std measurements into the moving averages
-        loss = lm_loss
+        loss, monitor = out.loss, out.monitor
         if self._ln_f_input is not None:
             keep = (batch != self.tokenizer.eos_token_id)
             keep[:, 0] = False
@@ -116,15 +124,20 @@ class LNRemoval(CausalLM):
             self._ln_f_input = None
             loss = loss + self.hparams.aux_loss_weight * aux
             self.log("train/aux_loss", aux)
-        out = {"lm_loss": lm_loss.detach()}
+        result = {"lm_loss": out.parts["ce"]}
+        for name, value in out.parts.items():
+            if name != "ce":
+                self.log(f"train/{name}", value)
         if self.control is not None:
-            control_loss = self.control(batch, labels=batch).loss
-            loss = loss + control_loss
-            out["control_loss"] = control_loss.detach()
-            self.log("train/control_loss", control_loss)
-        self.log("train/loss", lm_loss, prog_bar=True)
+            twin = self.distiller(self.control, batch, teacher_out=out.teacher)
+            loss = loss + twin.loss
+            monitor = monitor + twin.monitor
+            result["control_loss"] = twin.parts["ce"]
+            self.log("train/control_loss", twin.parts["ce"])
+        self.spike_monitor = monitor  # the guard judges cross-entropy, not a KL that starts near 0
+        self.log("train/loss", out.parts["ce"], prog_bar=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"])
-        return {"loss": loss, **out}
+        return {"loss": loss, **result}
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         if self.points:
