@@ -18,7 +18,7 @@ from pathlib import Path
 from surgery.errors import SurgeryError
 
 LOCK_NAME = ".fit.lock"
-_held: set[Path] = set()
+_held: dict[Path, bool] = {}  # lock path -> whether this process created its run directory
 
 
 def _is_first_process() -> bool:
@@ -52,6 +52,7 @@ def acquire(run_dir: str | Path) -> Path | None:
     path = run_dir / LOCK_NAME
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.datetime.now().isoformat(timespec="seconds")}
     try:
+        created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             try:
@@ -71,7 +72,7 @@ def acquire(run_dir: str | Path) -> Path | None:
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(me) + "\n")
-            _held.add(path)
+            _held[path] = created
             return path
     except OSError as err:  # read-only, a file in the way, no space
         raise SurgeryError(
@@ -82,12 +83,18 @@ def acquire(run_dir: str | Path) -> Path | None:
 
 
 def release_all() -> None:
-    """Remove the locks this process holds (called when a fit ends, and at exit)."""
-    for path in list(_held):
+    """Remove the locks this process holds (called when a fit ends, and at exit), and the run directories it
+    created if a fit refused before writing anything left them empty."""
+    for path, created in list(_held.items()):
         owner = _owner(path)
         if owner is not None and owner["pid"] == os.getpid():
             path.unlink(missing_ok=True)
-        _held.discard(path)
+            if created:
+                try:
+                    path.parent.rmdir()
+                except OSError:
+                    pass  # not empty: the run wrote something
+        del _held[path]
 
 
 atexit.register(release_all)

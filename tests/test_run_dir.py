@@ -200,3 +200,10 @@ def test_a_run_directory_that_cannot_be_written_is_refused_before_any_work(setup
     finally:
         parent.chmod(0o700)
     assert f"trainer.default_root_dir='{parent / 'run'}' cannot be written (Permission denied" in capsys.readouterr().err
+
+
+def test_a_fit_refused_before_writing_leaves_no_run_directory(setup, tmp_path, capsys):
+    root, recipe = setup
+    assert main(fit_args(recipe, tmp_path / "new" / "run", "--model.init_args.lr", "-1")) == 2
+    assert "model.init_args.lr=-1.0: must be a positive learning rate" in capsys.readouterr().err
+    assert not (tmp_path / "new" / "run").exists()
