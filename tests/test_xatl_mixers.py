@@ -107,3 +107,13 @@ def test_unknown_mixer_and_bad_options():
         build_mixer("lstm", 32, 4)
     with pytest.raises(SurgeryError, match="must both divide by n_head=5"):
         build_mixer("retention", 32, 5)
+    # A misspelt setting is refused by name, not dropped (each mixer used to take **kwargs and ignore them).
+    with pytest.raises(SurgeryError, match=r"^mixer_config key 'd_stat' is not a setting of mixer 'mamba' \(did you mean "
+                                           r"'d_state'\?\); its settings: d_state, d_conv, expand, dt_rank, chunk$"):
+        build_mixer("mamba", 32, 4, d_stat=8)
+    with pytest.raises(SurgeryError, match=r"key 'gate_rnk' is not a setting of mixer 'gla' \(did you mean 'gate_rank'\?\); "
+                                           r"its settings: key_dim, gate_rank, gate_norm, chunk$"):
+        build_mixer("gla", 32, 4, gate_rnk=8)
+    with pytest.raises(SurgeryError, match=r"key 'd_state' is not a setting of mixer 'retention'; its settings: chunk, key_dim$"):
+        build_mixer("retention", 32, 4, d_state=8)
+    assert build_mixer("mamba", 32, 4, d_state=4).d_state == 4 and build_mixer("gla", 32, 4, gate_rank=4, chunk=8).chunk == 8

@@ -26,7 +26,7 @@ class LinearAttentionMixer(nn.Module):
 
     fla_kernel: tuple[str, str] | None = None
 
-    def __init__(self, d_model: int, n_head: int, key_dim: int | None = None, chunk: int = 32, **_ignored):
+    def __init__(self, d_model: int, n_head: int, key_dim: int | None = None, chunk: int = 32):
         super().__init__()
         key_dim = key_dim or d_model
         if key_dim % n_head or d_model % n_head:

@@ -28,7 +28,7 @@ class MambaMixer(nn.Module):
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 dt_rank: int | None = None, chunk: int | None = None, **_ignored):
+                 dt_rank: int | None = None, chunk: int | None = None):
         super().__init__()
         self.d_model, self.d_state, self.d_conv, self.chunk = d_model, d_state, d_conv, chunk
         self.d_inner = E = expand * d_model
