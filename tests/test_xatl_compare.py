@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+
+from surgery.errors import SurgeryError
 from surgery.xatl.compare import plot, steps_to_match, summarize, val_curve
 
 
@@ -28,3 +31,81 @@ def test_val_curve_joins_the_logs_of_a_resumed_run(tmp_path):
     (logs / "metrics-1.csv").write_text("epoch,step,val/loss\n0,9,5.0\n0,19,4.5\n0,29,4.4\n")
     (logs / "metrics.csv").write_text("epoch,step,val/loss\n0,29,4.3\n0,39,4.1\n")
     assert val_curve(tmp_path) == [(10, 5.0), (20, 4.5), (30, 4.3), (40, 4.1)]
+
+
+def fake_arms(monkeypatch, every: int, steps_done: int):
+    """train_arm replaced by one that writes a validation log every `every` steps up to `steps_done`."""
+    import surgery.xatl.compare as compare
+
+    calls = []
+
+    def train_arm(recipe, run_dir, args, steps=None):
+        calls.append((run_dir.name, args))
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        rows = "".join(f"0,{s - 1},{5 - s / 100}\n" for s in range(every, steps_done + 1, every))
+        (run_dir / "logs" / "metrics.csv").write_text("epoch,step,val/loss\n" + rows)
+        return steps_done
+
+    monkeypatch.setattr(compare, "train_arm", train_arm)
+    return calls
+
+
+RECIPE = "recipes/xatl/quickstart-mamba.yaml"  # max_steps 300, val_check_interval 25
+
+
+def test_fewer_steps_than_the_validation_interval_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    from surgery.xatl.compare import main
+
+    calls = fake_arms(monkeypatch, 25, 10)
+    assert main([RECIPE, "--out", str(tmp_path / "c"), "--steps", "10"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "compare: error: 10 steps is fewer than trainer.val_check_interval=25: no validation loss would be logged to "
+        "compare. Use --steps 25 or more, or add -- --trainer.val_check_interval 2")
+    assert calls == []
+    # With the interval lowered it runs; an arm that logged no validation is named, not an IndexError.
+    fake_arms(monkeypatch, 2, 10)
+    assert main([RECIPE, "--out", str(tmp_path / "c"), "--steps", "10", "--", "--trainer.val_check_interval", "2"]) == 0
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["total_steps"] == 10
+    fake_arms(monkeypatch, 25, 10)
+    assert main([RECIPE, "--out", str(tmp_path / "d"), "--steps", "10", "--", "--trainer.val_check_interval=20"]) == 2
+    assert "compare: error: 10 steps is fewer than trainer.val_check_interval=20" in capsys.readouterr().err
+    fake_arms(monkeypatch, 25, 10)  # arms that logged no validation loss all the same (e.g. no validation data)
+    assert main([RECIPE, "--out", str(tmp_path / "e"), "--steps", "10", "--", "--trainer.val_check_interval", "2"]) == 2
+    assert f"no validation loss was logged in {tmp_path / 'e' / 'xatl'} (logs/metrics.csv)" in capsys.readouterr().err
+
+
+def test_a_rerun_with_other_steps_does_not_reuse_finished_arms(tmp_path, monkeypatch, capsys):
+    from surgery.xatl.compare import main, train_arm
+
+    fake_arms(monkeypatch, 2, 10)
+    out = tmp_path / "c"
+    assert main([RECIPE, "--out", str(out), "--steps", "10", "--", "--trainer.val_check_interval", "2"]) == 0
+    capsys.readouterr()
+    assert main([RECIPE, "--out", str(out), "--steps", "20", "--", "--trainer.val_check_interval", "2"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"compare: error: {out} holds a comparison made with other settings (steps: 10 -> 20): its arms would not be "
+        f"comparable with this command's. Choose another --out, or delete {out} to redo it")
+    assert main([RECIPE, "--out", str(out), "--steps", "10", "--", "--trainer.val_check_interval", "5"]) == 2
+    assert 'overrides: ["--trainer.val_check_interval", "2"] -> ["--trainer.val_check_interval", "5"]' in capsys.readouterr().err
+    (out / "xatl" / "metrics.json").write_text('{"steps": 10}')  # a directory from before command.json existed
+    with pytest.raises(SurgeryError, match=f"{out / 'xatl'} finished 10 steps before, this comparison asks for 20: "
+                                           "choose another --out, or delete .* to retrain it"):
+        train_arm(RECIPE, out / "xatl", [], 20)
+    assert train_arm(RECIPE, out / "xatl", [], 10) == 10  # the same steps: reused
+
+
+def test_the_plot_says_whether_the_transferred_weights_were_unfrozen(tmp_path):
+    import torch
+
+    from surgery.xatl.compare import xatl_label
+
+    def ckpt(unfrozen_at):
+        (tmp_path / "checkpoints").mkdir(exist_ok=True)
+        torch.save({"state_dict": {}, "loops": {}, "global_step": 10, "optimizer_states": [], "lr_schedulers": [],
+                    "xatl_unfrozen_at": unfrozen_at}, tmp_path / "checkpoints" / "last.ckpt")
+        return xatl_label(tmp_path)
+
+    assert ckpt(None) == "XATL (transferred, frozen throughout: never unfrozen)"  # max_steps below unfreeze.step
+    assert ckpt(100) == "XATL (transferred, frozen until step 100)"
+    assert ckpt(0) == "XATL (transferred, trained throughout)"
+    assert xatl_label(tmp_path / "none") == "XATL (transferred)"

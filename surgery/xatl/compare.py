@@ -11,6 +11,8 @@ with `steps_to_match_scratch_final_loss` (null if never reached) and its ratio t
 Resumable: run the same command again after an interruption. An arm whose run directory holds metrics.json
 is done and not retrained (delete the directory to retrain it); an arm with checkpoints/last.ckpt continues
 from it, its validation curve so far kept in logs/metrics-<n>.csv (the CSV logger starts a new file).
+<out>/command.json records the recipe, steps and overrides: a rerun into the same --out with other ones is
+refused rather than mixing arms trained for different settings.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
+from surgery.errors import SurgeryError
 from surgery.run import write_json
 
 
@@ -44,13 +49,54 @@ def val_curve(run_dir: Path) -> list[tuple[int, float]]:
     return sorted(rows.items())
 
 
-def train_arm(recipe: str, run_dir: Path, args: list[str]) -> int:
+def _override(args: list[str], key: str) -> str | None:
+    """The last value given to `--key` in LightningCLI arguments (`--key value` or `--key=value`)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == f"--{key}" and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(f"--{key}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def planned_steps(recipe: str, extra: list[str]) -> tuple[int | None, object, object]:
+    """(trainer.max_steps, trainer.val_check_interval, trainer.check_val_every_n_epoch) of the recipe with the
+    overrides in `extra`, as far as they can be read without building the run."""
+    trainer = (yaml.safe_load(Path(recipe).read_text()) or {}).get("trainer") or {}
+    values = []
+    for key in ("max_steps", "val_check_interval", "check_val_every_n_epoch"):
+        given = _override(extra, f"trainer.{key}")
+        values.append(trainer.get(key) if given is None else yaml.safe_load(given))
+    return tuple(values)
+
+
+def check_command(out: Path, command: dict) -> None:
+    """Refuse to reuse `out` for a comparison with another recipe, step count or overrides; record it otherwise."""
+    path = out / "command.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = [f"{k}: {json.dumps(before.get(k))} -> {json.dumps(v)}" for k, v in command.items() if before.get(k) != v]
+        if changed:
+            raise SurgeryError(
+                f"{out} holds a comparison made with other settings ({'; '.join(changed)}): its arms would not be "
+                f"comparable with this command's. Choose another --out, or delete {out} to redo it"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, command)
+
+
+def train_arm(recipe: str, run_dir: Path, args: list[str], steps: int | None = None) -> int:
     """Train one arm in `run_dir` (LightningCLI `args` added to the recipe), resuming where it stopped.
-    Returns the optimizer steps it took."""
+    Returns the optimizer steps it took. A finished arm of another step count than `steps` is refused."""
     done = run_dir / "metrics.json"
     if done.exists():
+        finished = json.loads(done.read_text())["steps"]
+        if steps is not None and finished != steps:
+            raise SurgeryError(f"{run_dir} finished {finished} steps before, this comparison asks for {steps}: "
+                               f"choose another --out, or delete {run_dir} to retrain it")
         print(f"{run_dir}: finished before (metrics.json), not retrained")
-        return json.loads(done.read_text())["steps"]
+        return finished
     cli_args = ["fit", "--config", recipe, "--trainer.default_root_dir", str(run_dir), *args]
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.exists():
@@ -60,8 +106,12 @@ def train_arm(recipe: str, run_dir: Path, args: list[str]) -> int:
         print(f"{run_dir}: resuming from {last}")
         cli_args += ["--ckpt_path", str(last)]
     from surgery.lightning_cli import SurgeryCLI
+    from surgery.run_lock import release_all
 
-    return SurgeryCLI(args=cli_args).trainer.global_step
+    try:
+        return SurgeryCLI(args=cli_args).trainer.global_step
+    finally:
+        release_all()  # the arm's run directory lock
 
 
 def steps_to_match(curve: list[tuple[int, float]], target: float) -> int | None:
@@ -83,14 +133,30 @@ def summarize(xatl: list[tuple[int, float]], scratch: list[tuple[int, float]], t
     }
 
 
-def plot(xatl, scratch, summary: dict, path: Path, title: str) -> None:
+def xatl_label(run_dir: Path) -> str:
+    """What the XATL arm's transferred weights did, from its final checkpoint: frozen until step N, never
+    unfrozen (max_steps below the unfreeze step), or trained throughout."""
+    from surgery.resume import read_checkpoint
+
+    try:
+        unfrozen_at = read_checkpoint(run_dir / "checkpoints" / "last.ckpt").get("xatl_unfrozen_at", -1)
+    except SurgeryError:
+        unfrozen_at = -1
+    if unfrozen_at == -1:
+        return "XATL (transferred)"
+    if unfrozen_at is None:
+        return "XATL (transferred, frozen throughout: never unfrozen)"
+    return "XATL (transferred, trained throughout)" if unfrozen_at == 0 else f"XATL (transferred, frozen until step {unfrozen_at})"
+
+
+def plot(xatl, scratch, summary: dict, path: Path, title: str, xatl_name: str = "XATL (transferred)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(*zip(*xatl), marker="o", ms=3, label="XATL (transferred, frozen then unfrozen)")
+    ax.plot(*zip(*xatl), marker="o", ms=3, label=xatl_name)
     ax.plot(*zip(*scratch), marker="o", ms=3, label="from scratch")
     ax.axhline(summary["scratch_final_val_loss"], color="gray", lw=0.8, ls="--")
     if summary["steps_to_match_scratch_final_loss"] is not None:
@@ -103,6 +169,14 @@ def plot(xatl, scratch, summary: dict, path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return compare(argv)
+    except SurgeryError as err:
+        print(f"compare: error: {err}", file=sys.stderr)
+        return 2
+
+
+def compare(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe")
     parser.add_argument("--out", default=None, help="default: runs/xatl/compare-<recipe name>")
@@ -110,15 +184,30 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     args, extra = parser.parse_args(argv[:cut]), argv[cut + 1 :]  # after --: LightningCLI arguments for both runs
+    if not Path(args.recipe).is_file():
+        raise SurgeryError(f"recipe {args.recipe!r} does not exist")
     out = Path(args.out or f"runs/xatl/compare-{Path(args.recipe).stem}")
     if args.steps:
         extra += ["--trainer.max_steps", str(args.steps)]
+    steps, interval, every_n_epochs = planned_steps(args.recipe, extra)
+    if isinstance(steps, int) and isinstance(interval, int) and every_n_epochs is None and 0 < steps < interval:
+        raise SurgeryError(
+            f"{steps} steps is fewer than trainer.val_check_interval={interval}: no validation loss would be logged to "
+            f"compare. Use --steps {interval} or more, or add -- --trainer.val_check_interval {max(1, steps // 4)}"
+        )
+    check_command(out, {"recipe": str(Path(args.recipe).resolve()), "steps": steps, "overrides": argv[cut + 1 :]})
     runs = {"xatl": [], "scratch": ["--model.init_args.transfer", "[]", "--model.init_args.freeze", "false"]}
-    steps = {name: train_arm(args.recipe, out / name, [*extra, *own]) for name, own in runs.items()}
+    steps_done = {name: train_arm(args.recipe, out / name, [*extra, *own], steps if isinstance(steps, int) and steps > 0 else None)
+                  for name, own in runs.items()}
     xatl, scratch = val_curve(out / "xatl"), val_curve(out / "scratch")
-    summary = summarize(xatl, scratch, steps["xatl"])
+    if not xatl or not scratch:
+        raise SurgeryError(
+            f"no validation loss was logged in {out / 'xatl' if not xatl else out / 'scratch'} (logs/metrics.csv): "
+            "trainer.val_check_interval must be at most the number of steps"
+        )
+    summary = summarize(xatl, scratch, steps_done["xatl"])
     write_json(out / "metrics.json", summary)
-    plot(xatl, scratch, summary, out / "compare.png", f"XATL vs scratch: {Path(args.recipe).stem}")
+    plot(xatl, scratch, summary, out / "compare.png", f"XATL vs scratch: {Path(args.recipe).stem}", xatl_label(out / "xatl"))
     print(json.dumps({k: v for k, v in summary.items() if not k.endswith("_val")}, indent=2))
     print(f"plot: {out / 'compare.png'}")
     return 0
