@@ -18,9 +18,36 @@ def write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
+def sources(pl_module: L.LightningModule, datamodule) -> dict:
+    """Where the run's starting model (`init` or `source` of the module) and its data came from, as resolved
+    while it trained: {"started_from" / "trained_on": {"name": as given, "local_path": absolute path, or None for the
+    Hub}}. A relative local path given in a recipe means nothing elsewhere; `surgery publish` names only Hub ones."""
+    from surgery.errors import SurgeryError
+    from surgery.loading import resolve
+
+    out = {}
+    hp = getattr(pl_module, "hparams", {})
+    init = hp.get("init") or hp.get("source")
+    if isinstance(init, str):
+        try:
+            ref, local = resolve(init)
+        except SurgeryError:
+            ref, local = init, True
+        out["started_from"] = {"name": init, "local_path": ref if local else None}
+    corpus = getattr(datamodule, "corpus", None)
+    if corpus is not None:
+        try:
+            local = corpus.files() is not None
+        except SurgeryError:
+            local = True
+        out["trained_on"] = {"name": corpus.source, "local_path": str(corpus.root().resolve()) if local else None}
+    return out
+
+
 class ExportRun(L.Callback):
     """At the end of fit: save the exported model and tokenizer to `<run_dir>/model`, evaluate it on the
-    validation split and write `<run_dir>/metrics.json` (plus whatever the module adds via `run_metrics(exported, val)`).
+    validation split and write `<run_dir>/metrics.json` (plus where the run started from and its data, see
+    `sources`, and whatever the module adds via `run_metrics(exported, val)`).
 
     Args:
         enabled: turn the export off (e.g. for quick experiments).
@@ -67,6 +94,7 @@ class ExportRun(L.Callback):
             "train_time_s": round(self.train_time_s(), 1),
             "val": cross_entropy(model, dm.split("validation"), batch_size),
         }
+        metrics.update(sources(pl_module, dm))
         changes = run_dir / "resume_changes.json"  # settings changed on resume (--checkpoint.accept_changes)
         if changes.exists():
             metrics["resumed_with_changes"] = json.loads(changes.read_text())

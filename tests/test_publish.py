@@ -101,6 +101,28 @@ def test_card_of_a_model_with_layernorm_and_local_base(tmp_path):
     assert "ln-free" not in meta["tags"] and "transformer-lens" in meta["tags"] and "base_model" not in meta
 
 
+def test_a_shipped_checkpoint_path_is_not_a_base_model_from_anywhere(tmp_path, monkeypatch):
+    """`checkpoints/tiny-gpt2-stdlib` reads like a Hub id (OWNER/NAME); from a run directory outside the clone and
+    another working directory it used to be written as `base_model`, which the Hub refuses on upload."""
+    monkeypatch.chdir(tmp_path)
+    run = make_run(tmp_path / "elsewhere" / "run", init="checkpoints/tiny-gpt2-stdlib", data="corpora/web.jsonl", verify=False)
+    source = find_source(run)
+    assert card.base_model(source) is None  # an older run (nothing recorded): the clone's checkpoints/ is searched
+    assert card.datasets(source) == ["corpora/web.jsonl"]  # the old guess for a path that exists nowhere now
+    metrics = {**REMOVAL_METRICS,
+               "started_from": {"name": "my-org/base", "local_path": "/data/my-org/base"},  # local when it trained
+               "trained_on": {"name": "corpora/web.jsonl", "local_path": "/data/corpora"}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    source = find_source(run)
+    assert card.base_model(source) is None and card.datasets(source) == []
+    metrics.update(started_from={"name": "gpt2", "local_path": None}, trained_on={"name": "HuggingFaceFW/fineweb", "local_path": None})
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    source = find_source(run)
+    assert card.base_model(source) == "gpt2" and card.datasets(source) == ["HuggingFaceFW/fineweb"]
+    assert main(["publish", str(run), "--repo-id", REPO, "--dry-run", str(tmp_path / "out")]) == 0
+    assert front_matter((tmp_path / "out" / "README.md").read_text())["base_model"] == "gpt2"
+
+
 def test_result_rows_of_ln_tuning_and_xatl_runs():
     ln_tune = {"steps": 150, "val": {"loss": 3.8950947, "perplexity": 49.16, "tokens": 11220},
                "ln_tune": {"selection": "fisher", "trainable": 230, "ln_entries": 2304, "val_before": {"loss": 3.9045243}}}

@@ -39,7 +39,11 @@ def test_last_checkpoint_of_a_finished_run_holds_its_final_step(finished, tmp_pa
     from surgery.commands import export
 
     ckpt = load(finished / "checkpoints" / "last.ckpt")
-    assert ckpt["global_step"] == json.loads((finished / "metrics.json").read_text())["steps"] == 16
+    metrics = json.loads((finished / "metrics.json").read_text())
+    assert ckpt["global_step"] == metrics["steps"] == 16
+    root = finished.parent  # where the run started from, as resolved while it trained (for the model card)
+    assert metrics["started_from"] == {"name": str(root / "init"), "local_path": str((root / "init").resolve())}
+    assert metrics["trained_on"] == {"name": str(root / "corpus.jsonl"), "local_path": str(root.resolve())}
     parser = __import__("argparse").ArgumentParser()
     export.add_arguments(parser)
     assert export.run(parser.parse_args([str(finished / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "m")])) == 0

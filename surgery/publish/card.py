@@ -44,14 +44,29 @@ def is_hub_name(name, search_dirs: list[Path]) -> bool:
 
 
 def _search_dirs(source: PublishSource) -> list[Path]:
-    dirs = [Path.cwd()]
+    """Where a relative path in an older run's recipe may be relative to: the current directory, the run
+    directory's parents and the directory this package lies in (e.g. the clone holding checkpoints/)."""
+    dirs = [Path.cwd(), Path(__file__).resolve().parents[2]]
     if source.run_dir is not None:
         dirs += list(source.run_dir.resolve().parents)
     return dirs
 
 
+def _resolved(source: PublishSource, key: str) -> tuple[bool, str | None]:
+    """(known, Hub name) from what the run recorded in metrics.json while it trained (`surgery.run.sources`):
+    a name that resolved to a local path then is never a Hub id, wherever the run directory lies now."""
+    entry = source.metrics.get(key)
+    if not isinstance(entry, dict) or "local_path" not in entry:
+        return False, None
+    name = entry.get("name")
+    return True, (name if entry["local_path"] is None and is_hub_name(name, []) else None)
+
+
 def base_model(source: PublishSource) -> str | None:
     """The Hub model the run started from (`model.init_args.init` or `.source` of the recipe), if it is one."""
+    known, name = _resolved(source, "started_from")
+    if known:
+        return name
     args = (source.recipe.get("model") or {}).get("init_args") or {}
     name = args.get("init") or args.get("source")
     return name if is_hub_name(name, _search_dirs(source)) else None
@@ -59,10 +74,12 @@ def base_model(source: PublishSource) -> str | None:
 
 def datasets(source: PublishSource) -> list[str]:
     """Hub datasets the run trained on (`data.init_args.data` of the recipe); local files and 'stdlib' are not listed."""
-    args = (source.recipe.get("data") or {}).get("init_args") or {}
-    name = args.get("data")
-    ok = name not in CORPUS_NAMES and is_hub_name(name, _search_dirs(source))
-    return [name] if ok else []
+    known, name = _resolved(source, "trained_on")
+    if not known:
+        args = (source.recipe.get("data") or {}).get("init_args") or {}
+        name = args.get("data")
+        name = name if is_hub_name(name, _search_dirs(source)) else None
+    return [name] if name is not None and name not in CORPUS_NAMES else []
 
 
 def metadata(source: PublishSource, ln_free: bool, license: str, base: str | None, data: list[str]) -> dict:
