@@ -158,10 +158,12 @@ def choose_checkpoint(run_dir: str | Path, ckpt_path: str | None, auto_resume: b
 
 
 # Settings a resumed run may change: how long it runs, what it validates, logs and shows, where it
-# checkpoints, exports and publishes, the divergence guard and the backend. Every other key (the model,
-# the data, the seed, batch and precision settings of the trainer) must match the checkpoint's.
+# checkpoints, exports and publishes, the divergence guard and the backend; and seed_everything, which a
+# resume does not use (the checkpoint restores the RNG state and the data order) and which a recipe without
+# one draws afresh at every start. Every other key (the model, the data, batch and precision settings of
+# the trainer) must match the checkpoint's.
 FREE_TO_CHANGE = (
-    "config", "ckpt_path", "weights_only", "export", "publish", "checkpoint", "guard",
+    "config", "ckpt_path", "weights_only", "seed_everything", "export", "publish", "checkpoint", "guard",
     "trainer.logger", "trainer.callbacks", "trainer.default_root_dir", "trainer.max_steps", "trainer.max_epochs",
     "trainer.max_time", "trainer.min_steps", "trainer.min_epochs", "trainer.limit_val_batches",
     "trainer.limit_test_batches", "trainer.limit_predict_batches", "trainer.val_check_interval",
