@@ -1,4 +1,13 @@
-"""Training a hybrid GPT-2 with cross-architecture transfer: the module and the freeze -> unfreeze schedule.
+"""Training a hybrid GPT-2 with cross-architecture transfer: the module, its stages and the freeze -> unfreeze
+schedule.
+
+Stages, by optimizer step (one `surgery fit` run; the stage follows from the step, so a resumed run is in
+the stage it left): 1. attention alignment (`align.steps` > 0): each mixer learns to reproduce the source's
+attention output from the source's own attention input (surgery.xatl.align); 2. training with the
+`distill` losses (KL to the source, hidden-state alignment and/or next-token CE; surgery.distill); 3. from
+`lm_after`, the next-token loss alone. Without `align` and `distill`, training is the next-token loss
+throughout (the XATL paper's recipe). The source, frozen, is the teacher; it is no module attribute, so it
+is neither optimized nor saved (a resumed run loads it again from `source`).
 
 Transferred weights start frozen (requires_grad False: AdamW leaves them bit-identical) while the mixers
 train; at the unfreeze step they join training as their own parameter groups, with their own linear
@@ -14,9 +23,11 @@ from typing import Any
 import lightning as L
 import torch
 
+from surgery.distill import DistillConfig, Distiller, Teacher, as_config, next_token_ce
 from surgery.errors import SurgeryError
 from surgery.lm import CausalLM, cosine_with_warmup
 from surgery.loading import load_causal_lm
+from surgery.xatl.align import AttentionAligner
 from surgery.xatl.model import HybridGPT2LMHeadModel, hybrid_config_from
 from surgery.xatl.transfer import DEFAULT_COMPONENTS, transfer_shared_weights
 
@@ -38,6 +49,15 @@ class UnfreezeSchedule:
     window: int = 50
     warmup_steps: int = 50
     lr_ratio: float = 1.0
+
+
+@dataclass
+class AlignStage:
+    """Stage 1: `steps` optimizer steps of attention alignment (0: none), loss "normalized_mse" | "mse" |
+    "cosine" between each mixer's output and the source attention's output."""
+
+    steps: int = 0
+    loss: str = "normalized_mse"
 
 
 class UnfreezeTransferred(L.Callback):
@@ -90,7 +110,11 @@ class XatlLM(CausalLM):
         attn_layers: blocks that keep softmax attention (copied whole with "attn_layers").
         transfer: components copied from the source (see transfer_shared_weights); [] trains the same
             architecture from scratch (the control).
-        freeze: freeze the transferred weights until `unfreeze` says otherwise.
+        freeze: freeze the transferred weights until `unfreeze` says otherwise (its step counts from 0, the
+            alignment stage included).
+        align: stage 1 (see AlignStage); needs a transfer (the source is the teacher).
+        distill: the losses of stage 2 (`surgery.distill.DistillConfig`); None: next-token loss.
+        lm_after: step from which only the next-token loss trains (stage 3); None: never.
         lr, min_lr_ratio, warmup_steps, weight_decay, betas: as in `CausalLM` (for the mixers).
     """
 
@@ -98,7 +122,8 @@ class XatlLM(CausalLM):
                  attn_layers: list[int] | None = None, transfer: list[str] = list(DEFAULT_COMPONENTS),
                  freeze: bool = True, unfreeze: UnfreezeSchedule | None = None, lr: float = 1e-3,
                  min_lr_ratio: float = 0.1, warmup_steps: int = 50, weight_decay: float = 0.1,
-                 betas: tuple[float, float] = (0.9, 0.95), tokenizer: Any = None):
+                 betas: tuple[float, float] = (0.9, 0.95), align: AlignStage | None = None,
+                 distill: DistillConfig | None = None, lm_after: int | None = None, tokenizer: Any = None):
         L.LightningModule.__init__(self)  # not CausalLM.__init__: it would build a GPT-2 we do not want
         # Lightning collects the arguments of frames that hold a `__class__` cell (normally made by super()),
         # and under the CLI also stores the class path, which `fit --ckpt_path` needs to parse them back.
@@ -112,9 +137,27 @@ class XatlLM(CausalLM):
         self.model = HybridGPT2LMHeadModel(hybrid_config_from(src.config, mixer, mixer_config, attn_layers))
         self.report = transfer_shared_weights(src, self.model, transfer)
         self.transferred = self.report.parameter_names if freeze else []
-        self.unfreeze_schedule = unfreeze or UnfreezeSchedule()
+        self.unfreeze_schedule = UnfreezeSchedule(**unfreeze) if isinstance(unfreeze, dict) else unfreeze or UnfreezeSchedule()
         self.unfrozen_at: int | None = None if self.transferred else 0
         self._set_transferred_trainable(self.unfrozen_at is not None)
+        self.align = AlignStage(**align) if isinstance(align, dict) else align or AlignStage()
+        self.distill, self.lm_after = as_config(distill), lm_after
+        uses_teacher = self.align.steps > 0 or self.distill.needs_teacher
+        if uses_teacher and not transfer:
+            raise SurgeryError("align/distill use the source as a teacher: they make no sense for a model trained "
+                               "from scratch (transfer: []); drop them for the scratch arm")
+        teacher = Teacher(src) if uses_teacher else None
+        self.aligner = AttentionAligner(teacher, self.model.mixer_layers(), self.align.loss) if self.align.steps else None
+        self.distiller = Distiller(self.distill, teacher)
+        self.spike_monitor: torch.Tensor | None = None
+
+    def stage(self, step: int) -> str:
+        """"align", "distill" or "lm": what trains at optimizer step `step`."""
+        if step < self.align.steps:
+            return "align"
+        if self.distill.needs_teacher and (self.lm_after is None or step < self.lm_after):
+            return "distill"
+        return "lm"
 
     def _set_transferred_trainable(self, on: bool) -> None:
         params = dict(self.model.named_parameters())
@@ -153,8 +196,30 @@ class XatlLM(CausalLM):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss = super().training_step(batch, batch_idx)
+        """The stage's loss; `spike_monitor` (for the divergence guard) is the next-token CE in every stage,
+        so its scale does not jump at a stage change."""
+        stage = self.stage(self.global_step)
+        if stage == "align":
+            loss, per_layer = self.aligner(self.model, batch)
+            with torch.no_grad():
+                ce = next_token_ce(self.model(batch).logits, batch)
+            for i, v in per_layer.items():
+                self.log(f"align/layer{i}", v)
+            self.log("align/loss", loss, prog_bar=True)
+        elif stage == "distill":
+            out = self.distiller(self.model, batch)
+            loss, ce = out.loss, out.monitor
+            for k, v in out.parts.items():
+                self.log(f"distill/{k}", v, prog_bar=k == "kl")
+        else:
+            loss = self.lm_loss(batch)
+            ce = loss.detach()
+        self.spike_monitor = ce.detach()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ce", ce)
+        self.log("lr", self.optimizers().param_groups[0]["lr"])
         self.log("xatl/frozen", float(self.unfrozen_at is None))
+        self.log("xatl/stage", float(("align", "distill", "lm").index(stage)))
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -168,4 +233,5 @@ class XatlLM(CausalLM):
     def run_metrics(self, exported=None, val=None) -> dict:
         return {"xatl": {"mixer": self.hparams.mixer, "transfer": list(self.hparams.transfer),
                          "transferred_params": self.report.num_params, "frozen_tensors": len(self.transferred),
-                         "unfrozen_at": self.unfrozen_at}}
+                         "unfrozen_at": self.unfrozen_at, "align_steps": self.align.steps,
+                         "distill": self.distill.describe(), "lm_after": self.lm_after}}
