@@ -123,6 +123,17 @@ def test_a_shipped_checkpoint_path_is_not_a_base_model_from_anywhere(tmp_path, m
     assert front_matter((tmp_path / "out" / "README.md").read_text())["base_model"] == "gpt2"
 
 
+def test_the_card_says_when_a_run_was_resumed_with_changed_settings(tmp_path):
+    run = make_run(tmp_path / "run", verify=False)
+    record = {"step": 60, "checkpoint": "x", "changes": {"model.init_args.lr": [0.001, 0.002]},
+              "note": "the optimizer state (lr, betas, weight decay) and the learning-rate schedule came from the checkpoint"}
+    (run / "metrics.json").write_text(json.dumps({**REMOVAL_METRICS, "resumed_with_changes": [record]}))
+    assert main(["publish", str(run), "--repo-id", REPO, "--dry-run", str(tmp_path / "out")]) == 0
+    assert ("The run was resumed at step 60 with changed settings (`model.init_args.lr` 0.001 -> 0.002; the optimizer "
+            "state (lr, betas, weight decay) and the learning-rate schedule came from the checkpoint): `recipe.yaml` holds "
+            "the settings after the change") in (tmp_path / "out" / "README.md").read_text()
+
+
 def test_result_rows_of_ln_tuning_and_xatl_runs():
     ln_tune = {"steps": 150, "val": {"loss": 3.8950947, "perplexity": 49.16, "tokens": 11220},
                "ln_tune": {"selection": "fisher", "trainable": 230, "ln_entries": 2304, "val_before": {"loss": 3.9045243}}}

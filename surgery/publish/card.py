@@ -6,6 +6,7 @@ Every number in the tables is read from the run's files; nothing is typed in by 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -218,8 +219,6 @@ def render(source: PublishSource, repo_id: str, meta: dict, checks: dict, files:
         plots = sorted(f for f in files if f.startswith("plots/"))
         lines += [""] + [f"![{Path(f).stem}]({f})" for f in plots] if plots else []
     if source.verify_dir is not None:
-        import json
-
         report = json.loads((source.verify_dir / "report.json").read_text())
         lines += ["", "## Verification in TransformerLens", "", f"`surgery verify` on {report.get('validation_blocks', '?')} "
                   f"held-out blocks of {report.get('block_size', '?')} tokens (`verify/report.json`).", "", *verify_table(report)]
@@ -233,5 +232,10 @@ def render(source: PublishSource, repo_id: str, meta: dict, checks: dict, files:
         lines += ["", "## Reproduce", "", "`recipe.yaml` is the full Lightning CLI configuration of the run "
                   "(local paths in it refer to the machine it ran on):", "", "```bash", "pip install lm-surgery",
                   "surgery fit --config recipe.yaml", "```"]
+        for change in source.metrics.get("resumed_with_changes") or []:  # --checkpoint.accept_changes
+            what = "; ".join(f"`{k}` {json.dumps(v[0])} -> {json.dumps(v[1])}" for k, v in change.get("changes", {}).items())
+            lines += ["", f"The run was resumed at step {change.get('step')} with changed settings ({what}; "
+                      f"{change.get('note', '')}): `recipe.yaml` holds the settings after the change, so it does not "
+                      "reproduce this run exactly (`metrics.json`: `resumed_with_changes`)."]
     lines += ["", "## Files", "", *[f"- `{f}`" for f in sorted(files) if f != "README.md"]]
     return "\n".join(lines) + "\n"

@@ -133,6 +133,18 @@ def summarize(xatl: list[tuple[int, float]], scratch: list[tuple[int, float]], t
     }
 
 
+def full_validation(out: Path) -> dict:
+    """Each arm's loss on the whole validation split (from its metrics.json) and the source's own on the same
+    split: {"source_full_val", "xatl_full_val", "scratch_full_val", "xatl_gap_vs_source"} (nats/token; None
+    where an arm wrote no metrics.json, e.g. with the export turned off)."""
+    arms = {name: json.loads(p.read_text()) if (p := out / name / "metrics.json").exists() else {}
+            for name in ("xatl", "scratch")}
+    source = (arms["xatl"].get("xatl") or {}).get("source_val_loss")
+    xatl, scratch = ((arms[n].get("val") or {}).get("loss") for n in ("xatl", "scratch"))
+    return {"source_full_val": source, "xatl_full_val": xatl, "scratch_full_val": scratch,
+            "xatl_gap_vs_source": None if source is None or xatl is None else xatl - source}
+
+
 def xatl_label(run_dir: Path) -> str:
     """What the XATL arm's transferred weights did, from its final checkpoint: frozen until step N, never
     unfrozen (max_steps below the unfreeze step), or trained throughout."""
@@ -196,7 +208,9 @@ def compare(argv: list[str] | None = None) -> int:
             f"compare. Use --steps {interval} or more, or add -- --trainer.val_check_interval {max(1, steps // 4)}"
         )
     check_command(out, {"recipe": str(Path(args.recipe).resolve()), "steps": steps, "overrides": argv[cut + 1 :]})
-    runs = {"xatl": [], "scratch": ["--model.init_args.transfer", "[]", "--model.init_args.freeze", "false"]}
+    # the scratch arm: same architecture, data, steps and lr, nothing copied or frozen, next-token loss only
+    runs = {"xatl": [], "scratch": ["--model.init_args.transfer", "[]", "--model.init_args.freeze", "false",
+                                    "--model.init_args.align", "null", "--model.init_args.distill", "null"]}
     steps_done = {name: train_arm(args.recipe, out / name, [*extra, *own], steps if isinstance(steps, int) and steps > 0 else None)
                   for name, own in runs.items()}
     xatl, scratch = val_curve(out / "xatl"), val_curve(out / "scratch")
@@ -206,6 +220,7 @@ def compare(argv: list[str] | None = None) -> int:
             "trainer.val_check_interval must be at most the number of steps"
         )
     summary = summarize(xatl, scratch, steps_done["xatl"])
+    summary.update(full_validation(out))
     write_json(out / "metrics.json", summary)
     plot(xatl, scratch, summary, out / "compare.png", f"XATL vs scratch: {Path(args.recipe).stem}", xatl_label(out / "xatl"))
     print(json.dumps({k: v for k, v in summary.items() if not k.endswith("_val")}, indent=2))
