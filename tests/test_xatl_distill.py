@@ -134,3 +134,19 @@ def test_teacher_stages_need_a_transfer(source_dir):
         XatlLM(source_dir, transfer=[], freeze=False, align=AlignStage(steps=5))
     with pytest.raises(SurgeryError, match="make no sense for a model trained from scratch"):
         XatlLM(source_dir, transfer=[], freeze=False, distill=DistillConfig(kl_weight=1))
+
+
+def test_comparison_reports_the_source_on_the_full_split(tmp_path):
+    import json
+
+    from surgery.xatl.compare import full_validation
+
+    for arm, body in {"xatl": {"val": {"loss": 4.0}, "xatl": {"source_val_loss": 3.7}},
+                      "scratch": {"val": {"loss": 5.5}}}.items():
+        (tmp_path / arm).mkdir()
+        (tmp_path / arm / "metrics.json").write_text(json.dumps(body))
+    got = full_validation(tmp_path)
+    assert got["source_full_val"] == 3.7 and got["xatl_full_val"] == 4.0 and got["scratch_full_val"] == 5.5
+    assert got["xatl_gap_vs_source"] == pytest.approx(0.3)
+    (tmp_path / "scratch" / "metrics.json").unlink()
+    assert full_validation(tmp_path)["scratch_full_val"] is None

@@ -231,7 +231,18 @@ class XatlLM(CausalLM):
         self._set_transferred_trainable(self.unfrozen_at is not None)
 
     def run_metrics(self, exported=None, val=None) -> dict:
-        return {"xatl": {"mixer": self.hparams.mixer, "transfer": list(self.hparams.transfer),
+        """The run's XATL settings, and the source's own loss on the same validation split with the gap to it
+        (`gap_vs_source` = this model's loss - the source's, nats/token)."""
+        source_val = None
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if val is not None and dm is not None and hasattr(dm, "split"):
+            from surgery.evaluate import cross_entropy
+
+            teacher = self.distiller.teacher or self.aligner and self.aligner.teacher
+            src = teacher.model if teacher else load_causal_lm(self.hparams.source)
+            source_val = cross_entropy(src.to(self.device).eval(), dm.split("validation"), dm.batch_size)["loss"]
+        gap = None if source_val is None else val["loss"] - source_val
+        return {"xatl": {"source_val_loss": source_val, "gap_vs_source": gap, "mixer": self.hparams.mixer, "transfer": list(self.hparams.transfer),
                          "transferred_params": self.report.num_params, "frozen_tensors": len(self.transferred),
                          "unfrozen_at": self.unfrozen_at, "align_steps": self.align.steps,
                          "distill": self.distill.describe(), "lm_after": self.lm_after}}
