@@ -96,17 +96,35 @@ def as_config(config: DistillConfig | dict | None) -> DistillConfig:
 
 
 # -- losses on tensors ---------------------------------------------------------------------------------
-def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy (nats/token) of logits (B, T, V) predicting ids (B, T) one position ahead."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, log_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy (nats/token) of logits (B, T, V) predicting ids (B, T) one position ahead.
+    `log_probs`: log_softmax(logits) when already computed (the KL at T = 1 shares it)."""
+    if log_probs is None:
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    return -log_probs[:, :-1].gather(-1, ids[:, 1:, None]).mean()
 
 
-def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """T^2 * mean over positions of KL(softmax(teacher / T) || softmax(student / T)); logits (..., V), fp32."""
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    kl = (t.exp() * (t - s)).sum(-1)
-    return kl.mean() * temperature**2
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                  student_log_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """T^2 * mean over positions of KL(softmax(teacher / T) || softmax(student / T)); logits (..., V), fp32.
+
+    Written as sum p_t log p_t (no gradient) - sum p_t log p_s, each one dot product over every position
+    and vocabulary entry, so that no (..., V) product is kept for backward. `student_log_probs`:
+    log_softmax(student / T), if known.
+    """
+    s = student_log_probs
+    if s is None:
+        s = F.log_softmax(_scaled(student_logits, temperature), dim=-1)
+    n = s.numel() // s.shape[-1]  # positions
+    with torch.no_grad():
+        t = F.log_softmax(_scaled(teacher_logits, temperature), dim=-1).flatten()
+        p = t.exp()
+        neg_entropy = torch.dot(p, t)
+    return (neg_entropy - torch.dot(p, s.flatten())) / n * temperature**2
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits.float() if temperature == 1 else logits.float() / temperature
 
 
 def hidden_alignment(student: list[torch.Tensor], teacher: list[torch.Tensor], kind: str = "normalized_mse") -> torch.Tensor:
@@ -217,10 +235,12 @@ class Distiller:
         out = run(student, ids, self.layers)
         if self.teacher is not None and teacher_out is None:
             teacher_out = self.teacher(ids, self.layers)
-        ce = next_token_ce(out.logits, ids)
+        log_probs = F.log_softmax(out.logits.float(), dim=-1)  # shared by the CE and a KL at T = 1
+        ce = next_token_ce(out.logits, ids, log_probs)
         parts, loss = {"ce": ce}, c.lm_weight * ce if c.lm_weight else 0.0
         if c.kl_weight:
-            parts["kl"] = kl_to_teacher(out.logits, teacher_out.logits, c.temperature)
+            at_t = log_probs if c.temperature == 1 else None
+            parts["kl"] = kl_to_teacher(out.logits, teacher_out.logits, c.temperature, at_t)
             loss = loss + c.kl_weight * parts["kl"]
         if c.hidden_weight:
             parts["hidden"] = hidden_alignment(out.hidden, teacher_out.hidden, c.hidden_loss)
