@@ -150,3 +150,46 @@ def test_comparison_reports_the_source_on_the_full_split(tmp_path):
     assert got["xatl_gap_vs_source"] == pytest.approx(0.3)
     (tmp_path / "scratch" / "metrics.json").unlink()
     assert full_validation(tmp_path)["scratch_full_val"] is None
+
+
+class ValOnly(L.LightningDataModule):
+    """What attn_layers: auto reads from a data module: split("validation") and batch_size."""
+
+    def __init__(self):
+        super().__init__()
+        self.batch_size = 4
+        self.blocks = [torch.randint(0, 64, (32,), generator=torch.Generator().manual_seed(100 + i)) for i in range(16)]
+
+    def split(self, name):
+        return self.blocks
+
+    def train_dataloader(self):
+        return loader()
+
+
+def test_auto_attention_layers_are_the_costliest_and_deterministic(source_dir):
+    from surgery.xatl.auto_layers import choose_layers, rank_layers
+
+    src = GPT2LMHeadModel.from_pretrained(source_dir)
+    batches = [torch.stack(ValOnly().blocks[i : i + 4]) for i in range(0, 16, 4)]
+    one = rank_layers(src, "retention", None, batches, ["attn_out", "qkv"], steps=4, seed=3)
+    assert one == rank_layers(src, "retention", None, batches, ["attn_out", "qkv"], steps=4, seed=3)
+    assert sorted(i for i, _ in one) == [0, 1, 2] and [e for _, e in one] == sorted((e for _, e in one), reverse=True)
+    assert choose_layers(one, 2) == sorted([one[0][0], one[1][0]])
+    with pytest.raises(SurgeryError, match="keeps 3 attention layer"):
+        choose_layers(one, 3)
+    # in a run: the model is rebuilt with the chosen layers before training; the ranking is reported
+    module = XatlLM(source_dir, mixer="retention", attn_layers="auto", auto_attn={"keep": 1, "steps": 4, "batches": 4, "seed": 3},
+                    transfer=["embeddings", "norms", "mlp", "lm_head", "attn_layers", "attn_out", "qkv"])
+    assert module.model.config.attn_layers == []
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(module, datamodule=ValOnly())
+    assert module.model.config.attn_layers == [one[0][0]] and module.ranking == one
+    kept = module.model.transformer.h[one[0][0]].attn
+    assert type(kept).__name__ == "GPT2Attention"  # copied whole, frozen so far
+    assert torch.equal(kept.c_attn.weight, src.transformer.h[one[0][0]].attn.c_attn.weight)
+    assert module.run_metrics()["xatl"]["attn_layers"] == [one[0][0]]
+    with pytest.raises(SurgeryError, match="resume with attn_layers"):
+        XatlLM(source_dir, mixer="retention", attn_layers=[2] if one[0][0] != 2 else [0]).on_load_checkpoint(
+            {"hf_config": {"attn_layers": [one[0][0]]}})

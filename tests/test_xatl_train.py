@@ -99,7 +99,8 @@ def test_hyperparameters_are_the_init_arguments(source_dir):
     assert hp.source == source_dir and hp.mixer == "gla" and hp.lr == 3e-3 and hp.weight_decay == 0.05
     assert hp.unfreeze.step == 7 and "tokenizer" not in hp
     assert set(hp) == {"source", "mixer", "mixer_config", "attn_layers", "transfer", "freeze", "unfreeze", "lr",
-                       "min_lr_ratio", "warmup_steps", "weight_decay", "betas", "align", "distill", "lm_after"}
+                       "min_lr_ratio", "warmup_steps", "weight_decay", "betas", "align", "distill", "lm_after",
+                       "auto_attn"}
 
 
 def test_errors(source_dir):

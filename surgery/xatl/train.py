@@ -18,7 +18,7 @@ relative improvement of the mean training loss between consecutive windows falls
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -28,6 +28,7 @@ from surgery.errors import SurgeryError
 from surgery.lm import CausalLM, cosine_with_warmup
 from surgery.loading import load_causal_lm
 from surgery.xatl.align import AttentionAligner
+from surgery.xatl.auto_layers import choose_layers, rank_layers
 from surgery.xatl.model import HybridGPT2LMHeadModel, hybrid_config_from
 from surgery.xatl.transfer import DEFAULT_COMPONENTS, transfer_shared_weights
 
@@ -49,6 +50,19 @@ class UnfreezeSchedule:
     window: int = 50
     warmup_steps: int = 50
     lr_ratio: float = 1.0
+
+
+@dataclass
+class AutoAttn:
+    """`attn_layers: auto`: keep softmax attention at the `keep` layers whose mixer is left with the largest
+    error after a probe of `steps` alignment steps (lr `lr`, seed `seed`) on the first `batches` validation
+    batches (surgery.xatl.auto_layers)."""
+
+    keep: int = 1
+    steps: int = 50
+    batches: int = 8
+    lr: float = 2e-3
+    seed: int = 0
 
 
 @dataclass
@@ -107,7 +121,8 @@ class XatlLM(CausalLM):
     Args:
         source: the GPT-2 to take the architecture (and the weights) from: Hub name, directory, .ckpt.
         mixer: "mamba" | "retention" | "gla". mixer_config: the mixer's options (e.g. {"d_state": 16}).
-        attn_layers: blocks that keep softmax attention (copied whole with "attn_layers").
+        attn_layers: blocks that keep softmax attention (copied whole with "attn_layers"); "auto": chosen
+            by `auto_attn` when training starts.
         transfer: components copied from the source (see transfer_shared_weights); [] trains the same
             architecture from scratch (the control).
         freeze: freeze the transferred weights until `unfreeze` says otherwise (its step counts from 0, the
@@ -119,7 +134,7 @@ class XatlLM(CausalLM):
     """
 
     def __init__(self, source: str, mixer: str = "mamba", mixer_config: dict[str, Any] | None = None,
-                 attn_layers: list[int] | None = None, transfer: list[str] = list(DEFAULT_COMPONENTS),
+                 attn_layers: list[int] | Literal["auto"] | None = None, auto_attn: AutoAttn | None = None, transfer: list[str] = list(DEFAULT_COMPONENTS),
                  freeze: bool = True, unfreeze: UnfreezeSchedule | None = None, lr: float = 1e-3,
                  min_lr_ratio: float = 0.1, warmup_steps: int = 50, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), align: AlignStage | None = None,
@@ -134,21 +149,52 @@ class XatlLM(CausalLM):
         if tokenizer is not None and len(tokenizer) > src.config.vocab_size:
             raise SurgeryError(f"the tokenizer has {len(tokenizer)} entries but {source!r} embeds only "
                                f"{src.config.vocab_size}: set data.tokenizer to the source's tokenizer")
-        self.model = HybridGPT2LMHeadModel(hybrid_config_from(src.config, mixer, mixer_config, attn_layers))
-        self.report = transfer_shared_weights(src, self.model, transfer)
-        self.transferred = self.report.parameter_names if freeze else []
         self.unfreeze_schedule = UnfreezeSchedule(**unfreeze) if isinstance(unfreeze, dict) else unfreeze or UnfreezeSchedule()
+        self.align = AlignStage(**align) if isinstance(align, dict) else align or AlignStage()
+        self.auto_attn = AutoAttn(**auto_attn) if isinstance(auto_attn, dict) else auto_attn or AutoAttn()
+        self.distill, self.lm_after = as_config(distill), lm_after
+        if (self.align.steps > 0 or self.distill.needs_teacher or attn_layers == "auto") and not transfer:
+            raise SurgeryError("align, distill and attn_layers: auto use the source as a teacher: they make no sense "
+                               "for a model trained from scratch (transfer: []); drop them for the scratch arm")
+        self.source_model = Teacher(src)  # the source, frozen; a Teacher is no nn.Module: neither trained nor saved
+        self.ranking: list[tuple[int, float]] | None = None
+        self._build([] if attn_layers == "auto" else attn_layers)
+
+    def _build(self, attn_layers: list[int] | None) -> None:
+        """The hybrid with softmax attention kept at `attn_layers`, the transfer into it, what is frozen."""
+        hp, src = self.hparams, self.source_model.model
+        self.model = HybridGPT2LMHeadModel(hybrid_config_from(src.config, hp.mixer, hp.mixer_config, attn_layers))
+        self.report = transfer_shared_weights(src, self.model, hp.transfer)
+        self.transferred = self.report.parameter_names if hp.freeze else []
         self.unfrozen_at: int | None = None if self.transferred else 0
         self._set_transferred_trainable(self.unfrozen_at is not None)
-        self.align = AlignStage(**align) if isinstance(align, dict) else align or AlignStage()
-        self.distill, self.lm_after = as_config(distill), lm_after
         uses_teacher = self.align.steps > 0 or self.distill.needs_teacher
-        if uses_teacher and not transfer:
-            raise SurgeryError("align/distill use the source as a teacher: they make no sense for a model trained "
-                               "from scratch (transfer: []); drop them for the scratch arm")
-        teacher = Teacher(src) if uses_teacher else None
+        teacher = self.source_model if uses_teacher else None
         self.aligner = AttentionAligner(teacher, self.model.mixer_layers(), self.align.loss) if self.align.steps else None
         self.distiller = Distiller(self.distill, teacher)
+
+    def setup(self, stage: str) -> None:
+        """With attn_layers: auto, rank the layers on the data module's first validation batches and rebuild the
+        hybrid with the costliest `auto_attn.keep` layers as attention (before the optimizer exists and before a
+        checkpoint is restored: the ranking is deterministic, so a resumed run rebuilds the same model)."""
+        if self.hparams.attn_layers != "auto" or self.ranking is not None:
+            return
+        dm = self.trainer.datamodule
+        if dm is None or not hasattr(dm, "split"):
+            raise SurgeryError("attn_layers: auto ranks layers on the data module's validation split; use a "
+                               "surgery.data data module, or list the layers to keep")
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(dm.split("validation"), batch_size=dm.batch_size)
+        batches = [b.to(self.device) for b, _ in zip(loader, range(self.auto_attn.batches))]
+        a = self.auto_attn
+        self.ranking = rank_layers(self.source_model.model, self.hparams.mixer, self.hparams.mixer_config, batches,
+                                   list(self.hparams.transfer), a.steps, a.lr, a.seed)
+        chosen = choose_layers(self.ranking, a.keep)
+        print(f"xatl: attn_layers auto kept attention at {chosen}; alignment error by layer, worst first: "
+              + ", ".join(f"{i}: {e:.4f}" for i, e in self.ranking))
+        self._build(chosen)
+
         self.spike_monitor: torch.Tensor | None = None
 
     def stage(self, step: int) -> str:
@@ -227,6 +273,10 @@ class XatlLM(CausalLM):
         checkpoint["xatl_unfrozen_at"] = self.unfrozen_at
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = (checkpoint.get("hf_config") or {}).get("attn_layers")
+        if saved is not None and list(saved) != list(self.model.config.attn_layers or []):
+            raise SurgeryError(f"the checkpoint's model keeps attention at {saved}, this run's at "
+                               f"{self.model.config.attn_layers}: resume with attn_layers: {saved}")
         self.unfrozen_at = checkpoint.get("xatl_unfrozen_at")
         self._set_transferred_trainable(self.unfrozen_at is not None)
 
@@ -238,11 +288,12 @@ class XatlLM(CausalLM):
         if val is not None and dm is not None and hasattr(dm, "split"):
             from surgery.evaluate import cross_entropy
 
-            teacher = self.distiller.teacher or self.aligner and self.aligner.teacher
-            src = teacher.model if teacher else load_causal_lm(self.hparams.source)
+            src = self.source_model.model
             source_val = cross_entropy(src.to(self.device).eval(), dm.split("validation"), dm.batch_size)["loss"]
         gap = None if source_val is None else val["loss"] - source_val
         return {"xatl": {"source_val_loss": source_val, "gap_vs_source": gap, "mixer": self.hparams.mixer, "transfer": list(self.hparams.transfer),
                          "transferred_params": self.report.num_params, "frozen_tensors": len(self.transferred),
                          "unfrozen_at": self.unfrozen_at, "align_steps": self.align.steps,
-                         "distill": self.distill.describe(), "lm_after": self.lm_after}}
+                         "distill": self.distill.describe(), "lm_after": self.lm_after,
+                         "attn_layers": list(self.model.config.attn_layers or []),
+                         "attn_layer_ranking": self.ranking}}
