@@ -134,3 +134,14 @@ def test_missing_teacher_and_bad_layers_are_refused():
         Distiller(DistillConfig(kl_weight=1.0))
     with pytest.raises(SurgeryError, match=r"distill.hidden_layers=\[3\]: the model has blocks 0..2"):
         Distiller(DistillConfig(hidden_weight=1.0, hidden_layers=[3]), random_gpt2(0))
+
+
+def test_bracket_gap_is_taken_from_the_better_of_original_and_control():
+    from surgery.remove_ln.report import gaps
+
+    above = gaps({"original": 3.70, "control (LN kept)": 3.78, "LN-free": 3.79})  # the fine-tune lost ground
+    assert above == pytest.approx({"gap_vs_original": 0.09, "gap_vs_control": 0.01, "gap_vs_best": 0.09})
+    below = gaps({"original": 3.70, "control (LN kept)": 3.69, "LN-free": 3.71})  # the fine-tune improved
+    assert below == pytest.approx({"gap_vs_original": 0.01, "gap_vs_control": 0.02, "gap_vs_best": 0.02})
+    assert gaps({"original": 3.70, "LN-free": 3.72}) == pytest.approx({"gap_vs_original": 0.02, "gap_vs_best": 0.02})
+    assert gaps({"original": 3.70, "fine-tuned (LN kept)": 3.72}) == {}

@@ -30,6 +30,9 @@ def test_run_reports_original_control_and_ln_free_losses(finished_run):
     assert set(losses) == {"original", "control (LN kept)", "LN-free"}
     assert losses["control (LN kept)"] < losses["original"] - 0.01  # the twin trains: a random init learns fast
     assert metrics["gap_vs_control"] == pytest.approx(losses["LN-free"] - losses["control (LN kept)"])
+    assert metrics["gap_vs_original"] == pytest.approx(losses["LN-free"] - losses["original"])
+    assert metrics["gap_vs_best"] == pytest.approx(losses["LN-free"] - min(losses["original"], losses["control (LN kept)"]))
+    assert metrics["losses"] == "1 x CE"  # the setup's recipe has no distill section: cross-entropy alone
     assert metrics["val"]["loss"] == pytest.approx(losses["LN-free"])
     assert metrics["export_logit_diff"]["relative"] < 1e-4
     assert [r["point"] for r in metrics["removed"]] == ["h.0.ln_2", "h.1.ln_2", "h.0.ln_1_qk", "h.1.ln_1_qk", "h.0.ln_1_v", "h.1.ln_1_v", "ln_f"]
