@@ -2,8 +2,9 @@
 
 `load_hooked(path_or_model)` converts a Hugging Face GPT-2 into a TransformerLens model:
 
-- an LN-free export (`config.surgery_ln_free`; every LayerNorm is `(x - mean) * w / sqrt(eps) + b` with
-  eps = 1e12, see `surgery.remove_ln.export`) becomes a model with **no normalization at all**
+- an LN-free model (every LayerNorm neutralised by a huge eps, so it computes `(x - mean) * w / sqrt(eps) + b`:
+  our export, Baroni et al.'s and Heimersheim's published formats; detected from the weights by
+  `surgery.ln_free.scan_norms`, not from a config key) becomes a model with **no normalization at all**
   (`normalization_type=None`: no `hook_scale`, no `hook_normalized`). Each LN is folded exactly into
   the weights that read it: the centering `C = I - 11^T/d` and the gain `w/sqrt(eps)` into W_Q/W_K/W_V,
   W_in and an untied W_U; the LN bias into b_Q/b_K/b_V, b_in and b_U. The residual-to-logits map is
@@ -27,13 +28,16 @@ from surgery.errors import SurgeryError
 
 # HF activation name -> TransformerLens act_fn
 _ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
-MIN_LN_FREE_EPS = 1e6  # an LN-free export's eps must dwarf the residual variance for `w/sqrt(eps)` to be its gain
 
 
-def is_ln_free(model_or_config) -> bool:
-    """True for an LN-free export (its config carries `surgery_ln_free`)."""
-    config = getattr(model_or_config, "config", model_or_config)
-    return getattr(config, "surgery_ln_free", None) is not None
+def is_ln_free(model, tokens: torch.Tensor | None = None) -> bool:
+    """True when every norm of `model` is neutralised (measured: `surgery.ln_free.detect_ln_free`); SurgeryError
+    naming the norms that still normalize when only some are."""
+    from surgery.ln_free import detect_ln_free
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"is_ln_free measures a model's norms; it takes a model, not a {type(model).__name__}")
+    return detect_ln_free(model, tokens)
 
 
 def load_hf(path_or_model):
@@ -67,15 +71,20 @@ def _check_supported(config) -> None:
         raise SurgeryError("GPT-2 attention scaling other than 1/sqrt(d_head) is not supported by the lens conversion")
     if config.activation_function not in _ACTIVATIONS:
         raise SurgeryError(f"activation {config.activation_function!r} is not supported (known: {', '.join(_ACTIVATIONS)})")
-    if is_ln_free(config) and config.layer_norm_epsilon < MIN_LN_FREE_EPS:
-        raise SurgeryError(
-            f"config says the model is LN-free but layer_norm_epsilon = {config.layer_norm_epsilon:g} "
-            f"(an LN-free export uses 1e12): its LayerNorms still normalize per token"
-        )
 
 
-def tl_config(config, ln_free: bool) -> dict:
-    """A TransformerLens config dict for a GPT-2 `config`."""
+def norm_eps(model) -> float:
+    """The one epsilon of a GPT-2's LayerNorms, read from the modules (TransformerLens has a single `eps`; reading
+    it from an official config instead of the model is how LN-free models go wrong)."""
+    eps = {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)}
+    if len(eps) != 1:
+        raise SurgeryError(f"the LayerNorms of this model use different epsilons {sorted(eps)}; TransformerLens has one eps")
+    return eps.pop()
+
+
+def tl_config(config, ln_free: bool, eps: float | None = None) -> dict:
+    """A TransformerLens config dict for a GPT-2 `config`; `eps` (default config.layer_norm_epsilon) is the
+    LayerNorm epsilon of a model with LN (unused without normalization)."""
     d = config.n_embd
     return {
         "n_layers": config.n_layer,
@@ -88,7 +97,7 @@ def tl_config(config, ln_free: bool) -> dict:
         "n_ctx": config.n_positions,
         "act_fn": _ACTIVATIONS[config.activation_function],
         "normalization_type": None if ln_free else "LN",
-        "eps": 1e-5 if ln_free else config.layer_norm_epsilon,
+        "eps": 1e-5 if ln_free else (config.layer_norm_epsilon if eps is None else eps),
         "positional_embedding_type": "standard",
         "original_architecture": "GPT2LMHeadModel",
         "default_prepend_bos": False,
@@ -98,7 +107,7 @@ def tl_config(config, ln_free: bool) -> dict:
 
 
 def _fold_norm(ln: nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold an LN-free export's LayerNorm into the affine map `x @ weight + bias` that reads it.
+    """Fold a neutralised LayerNorm into the affine map `x @ weight + bias` that reads it.
 
     The LN computes `(x - mean(x)) * g + b` with g = w / sqrt(eps) (var << eps); `weight` is
     (d_model, d_out) in `x @ weight` orientation. Returns (C diag(g) weight, bias + b @ weight), in float64.
@@ -109,13 +118,14 @@ def _fold_norm(ln: nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor) -> tu
     return folded, bias.double() + ln.bias.double() @ weight.double()
 
 
-def tl_state_dict(model) -> dict[str, torch.Tensor]:
+def tl_state_dict(model, ln_free: bool | None = None) -> dict[str, torch.Tensor]:
     """The weights of an HF GPT-2 in TransformerLens property format (`embed.W_E`, `blocks.0.attn.W_Q`, ...).
 
-    LN-free exports have their LayerNorms folded in (see module docstring); other models keep `ln*.w/b`.
+    LN-free models (`ln_free`, default: measured by `is_ln_free`) have their LayerNorms folded in (see module
+    docstring); other models keep `ln*.w/b`.
     """
     cfg = model.config
-    ln_free = is_ln_free(cfg)
+    ln_free = is_ln_free(model) if ln_free is None else ln_free
     d, n_heads = cfg.n_embd, cfg.n_head
     d_head = d // n_heads
     tr = model.transformer
@@ -163,10 +173,12 @@ def _major_version() -> int:
     return int(version.split(".")[0])
 
 
-def load_hooked(path_or_model, tokenizer=None, device: str | torch.device = "cpu"):
+def load_hooked(path_or_model, tokenizer=None, device: str | torch.device = "cpu", ln_free: bool | None = None):
     """A TransformerLens model for a GPT-2 directory or in-memory `transformers` GPT-2, offline.
 
-    LN-free export -> no normalization (no `hook_scale`); a model with LayerNorms -> `normalization_type="LN"`.
+    LN-free model -> no normalization (no `hook_scale`); a model with LayerNorms -> `normalization_type="LN"`.
+    `ln_free` defaults to `is_ln_free(model)` (measured; a partly converted model is refused with the names
+    of the norms that still normalize); pass a decision already made to skip the measurement.
     With TransformerLens 4.x the result is a `TransformerBridge` (hook names as in HookedTransformer:
     `blocks.{l}.attn.hook_z` (batch, pos, head, d_head), `blocks.{l}.hook_resid_post` (batch, pos, d_model), ...);
     with 3.x a `HookedTransformer`. `tokenizer` defaults to the directory's own (None for an in-memory model).
@@ -174,8 +186,9 @@ def load_hooked(path_or_model, tokenizer=None, device: str | torch.device = "cpu
     hf_model, dir_tokenizer = load_hf(path_or_model)
     _check_supported(hf_model.config)
     tokenizer = tokenizer if tokenizer is not None else dir_tokenizer
-    ln_free = is_ln_free(hf_model.config)
-    cfg, state = tl_config(hf_model.config, ln_free), tl_state_dict(hf_model)
+    ln_free = is_ln_free(hf_model) if ln_free is None else ln_free
+    cfg = tl_config(hf_model.config, ln_free, None if ln_free else norm_eps(hf_model))
+    state = tl_state_dict(hf_model, ln_free)
     if _major_version() < 4:  # TransformerLens 3.x: HookedTransformer (4.x removed it)
         return _load_hooked_transformer(cfg, state, tokenizer, device)
     import transformer_lens.model_bridge.sources.native  # noqa: F401  (attaches boot_native)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from lens_models import make_ln_free, tiny_gpt2
 
+from surgery.errors import SurgeryError
 from surgery.lens import load_hooked
 from surgery.lens_checks import (
     attention_sink_mass,
@@ -151,5 +152,8 @@ def test_verify_ln_free_helper_catches_a_broken_export():
     """A config that claims LN-free over weights that are not: the HF model's LayerNorms still use eps 1e-5."""
     hf = tiny_gpt2()
     hf.config.surgery_ln_free, hf.config.layer_norm_epsilon = {"scale": 1e6}, 1e12
-    with pytest.raises(AssertionError, match="hf_tl_max_abs_logit_diff"):
+    with pytest.raises(SurgeryError, match=r"but its norms still normalize per token .*transformer\.h\.0\.ln_1 \(eps 1e-05, "):
+        verify_ln_free(hf)
+    del hf.config.surgery_ln_free  # without the claim it is a model with LayerNorms: the helper lists what fails
+    with pytest.raises(AssertionError, match="hf_scale_spread .*has_normalization is true"):
         verify_ln_free(hf)

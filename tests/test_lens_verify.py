@@ -78,7 +78,9 @@ def test_error_ln_free_flag_over_real_layernorms(dirs, tmp_path, capsys):
     tok.save_pretrained(tmp_path / "broken")
     rc = main(["verify", str(tmp_path / "broken"), "--out", str(tmp_path / "out"), "--data", dirs["corpus"], *ARGS])
     assert rc == 2
-    assert "layer_norm_epsilon = 1e-05 (an LN-free export uses 1e12)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "config.surgery_ln_free says model" in err and "but its norms still normalize per token" in err
+    assert "transformer.h.0.ln_1 (eps 1e-05, scale varies by" in err
 
 
 def test_error_not_a_model_directory(dirs, tmp_path, capsys):

@@ -105,9 +105,14 @@ def test_mask_load_errors(tmp_path):
 
 def test_models_without_layernorm_are_refused():
     ln_free = tiny_gpt2()
-    ln_free.config.surgery_ln_free = {"scale": 1e6}
-    with pytest.raises(SurgeryError, match="is an LN-free export \\(config.surgery_ln_free is set\\).*nothing to LN-tune"):
+    for ln in (m for m in ln_free.modules() if isinstance(m, torch.nn.LayerNorm)):
+        ln.eps = 1e12  # neutralised: the per-token scale is sqrt(1e12) for every token (detected, no config key)
+    with pytest.raises(SurgeryError, match="is LN-free \\(every norm's per-token scale is fixed.*nothing to LN-tune"):
         ln_tune(ln_free)
+    claimed = tiny_gpt2()
+    claimed.config.surgery_ln_free = {"scale": 1e6}  # the key over LayerNorms that still normalize
+    with pytest.raises(SurgeryError, match="config.surgery_ln_free says .* but its norms still normalize per token"):
+        ln_tune(claimed)
     plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(SurgeryError, match="'Sequential' has no LayerNorm"):
         ln_tune(plain)

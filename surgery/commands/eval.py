@@ -1,4 +1,9 @@
-"""`surgery eval MODEL_DIR --data SOURCE`: held-out cross-entropy (nats/token) and perplexity."""
+"""`surgery eval MODEL_DIR --data SOURCE`: held-out cross-entropy (nats/token) and perplexity.
+
+The result says what the model's norms do (`norms`: "LN-free", "with LN", or, for a Lightning checkpoint of a
+LayerNorm removal in progress, "partly LN-free"), measured by `surgery.ln_free.scan_norms`; a published model
+that is only partly converted is refused with the names of the norms that still normalize.
+"""
 
 from __future__ import annotations
 
@@ -22,13 +27,16 @@ def run(args) -> int:
 
     from surgery.data import TokenBlocks
     from surgery.evaluate import cross_entropy
+    from surgery.ln_free import check_consistent, scan_norms
     from surgery.loading import load_causal_lm
 
     model = load_causal_lm(args.model)
+    scan = scan_norms(model)
+    check_consistent(model, scan)  # a removal checkpoint may be part-way; an exported model may not
     data = TokenBlocks(args.data, args.tokenizer or args.model, args.block_size, args.batch_size, max_val_blocks=args.max_blocks)
-    result = {"model": args.model, "data": args.data, "block_size": args.block_size}
+    result = {"model": args.model, "data": args.data, "block_size": args.block_size, "norms": scan.kind()}
     result.update(cross_entropy(model, data.split("validation"), args.batch_size, progress=True))
-    table = Table(title=f"{args.model} on {args.data} (validation split)")
+    table = Table(title=f"{args.model} ({scan.kind()}) on {args.data} (validation split)")
     for col in ("cross-entropy (nats/token)", "perplexity", "tokens"):
         table.add_column(col, justify="right")
     table.add_row(f"{result['loss']:.4f}", f"{result['perplexity']:.3f}", str(result["tokens"]))

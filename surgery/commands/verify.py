@@ -3,8 +3,10 @@
 Loads each model into TransformerLens (`surgery.lens.load_hooked`, offline), runs every check of
 `surgery.lens_report.verify_model` on held-out text, prints a side-by-side table and writes `report.json`,
 `report.md`, `dla_error_per_layer.png` and `patching_scatter.png` into `--out`.
-Exit status 1 when MODEL_DIR is an LN-free export that fails its checks
-(`surgery.lens_checks.LN_FREE_THRESHOLDS`).
+A model is LN-free when every norm is neutralised, measured on held-out text (`surgery.ln_free`; our
+export, Baroni et al.'s and Heimersheim's published formats alike, no config key needed); a partly converted
+model is refused (exit 2) with the names of the norms that still normalize.
+Exit status 1 when MODEL_DIR is LN-free and fails its checks (`surgery.lens_checks.LN_FREE_THRESHOLDS`).
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ def run(args) -> int:
 
     from surgery.data import TokenBlocks
     from surgery.errors import SurgeryError
-    from surgery.lens import is_ln_free, load_hf, load_hooked, transformer_lens_version
+    from surgery.lens import load_hf, load_hooked, transformer_lens_version
     from surgery.lens_checks import LN_FREE_THRESHOLDS, ln_free_failures
     from surgery.lens_report import VerifySettings, plot, print_table, verify_model, write_markdown
+    from surgery.ln_free import check_consistent, scan_norms
 
     torch.manual_seed(args.seed)
     models = {"model": (args.model, *load_hf(args.model))}
@@ -69,17 +72,24 @@ def run(args) -> int:
         raise SurgeryError(f"the tokenizer of {args.model!r} produces ids up to {int(blocks.tokens.max())}, beyond the model's vocabulary ({vocab})")
     settings = VerifySettings(dla_blocks=args.dla_blocks, seg_len=args.seg_len, n_prompts=args.prompts, seed=args.seed)
 
-    results, names = {}, {}
+    scan_tokens = torch.stack([blocks[i] for i in range(min(2, len(blocks)))]) if len(blocks) else None  # held-out text
+    scans = {}
+    for key, (_, hf_model, _) in models.items():
+        scans[key] = scan_norms(hf_model, scan_tokens)
+        check_consistent(hf_model, scans[key], allow_removal_in_progress=False)
+    ln_free = scans["model"].ln_free
+
+    results, names, detection = {}, {}, {}
     for key, (path, hf_model, tokenizer) in models.items():
-        label = f"{key} ({'LN-free' if is_ln_free(hf_model) else 'with LN'})"
-        hooked = load_hooked(hf_model, tokenizer=tokenizer)
+        label = f"{key} ({'LN-free' if scans[key].ln_free else 'with LN'})"
+        hooked = load_hooked(hf_model, tokenizer=tokenizer, ln_free=scans[key].ln_free)
         results[label] = verify_model(hf_model, hooked, blocks, settings)
-        names[label] = path
+        names[label], detection[label] = path, scans[key].summary()
     title = f"surgery verify: {args.model}" + (f" vs {args.baseline}" if args.baseline else "")
     print_table(results, title)
 
     model_label = next(iter(results))
-    failures = ln_free_failures(results[model_label]) if is_ln_free(models["model"][1]) else []
+    failures = ln_free_failures(results[model_label]) if ln_free else []
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "models": names,
@@ -89,6 +99,7 @@ def run(args) -> int:
         "settings": vars(settings),
         "transformer_lens": transformer_lens_version(),
         "ln_free_thresholds": LN_FREE_THRESHOLDS,
+        "ln_free_detection": detection,
         "failures": failures,
         "results": results,
     }
@@ -99,6 +110,6 @@ def run(args) -> int:
     if failures:
         print("LN-free checks FAILED: " + "; ".join(failures))
         return 1
-    if is_ln_free(models["model"][1]):
+    if ln_free:
         print("LN-free checks passed: " + ", ".join(f"{k} < {v:g}" for k, v in LN_FREE_THRESHOLDS.items()) + ", no normalization")
     return 0

@@ -26,12 +26,16 @@ def _model_name(model: nn.Module) -> str:
 def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every norm module with trainable affine parameters, by module name, in definition order.
 
-    Refuses an LN-free export (`config.surgery_ln_free`) and a model with no norms at all.
+    Refuses an LN-free model (every norm neutralised by a huge epsilon, measured by `surgery.ln_free`: our
+    export or a published LN-free GPT-2, with or without `config.surgery_ln_free`), a partly converted one
+    (naming the norms that still normalize), and a model with no norms at all.
     """
-    if getattr(getattr(model, "config", None), "surgery_ln_free", None) is not None:
+    from surgery.ln_free import detect_ln_free
+
+    if detect_ln_free(model):
         raise SurgeryError(
-            f"model {_model_name(model)!r} is an LN-free export (config.surgery_ln_free is set): its LayerNorms "
-            "are fixed centering folded into the next layers, so there is nothing to LN-tune. "
+            f"model {_model_name(model)!r} is LN-free (every norm's per-token scale is fixed by a huge epsilon): its "
+            "LayerNorms are fixed affine maps folded into the next layers, so there is nothing to LN-tune. "
             "LN-tune the model before removing LayerNorm, or use LoRA/BitFit on the LN-free model"
         )
     found = {n: m for n, m in model.named_modules() if _is_norm(m) and any(True for _ in m.parameters(recurse=False))}
