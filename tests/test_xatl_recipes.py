@@ -34,11 +34,15 @@ def test_print_config(recipe, capsys):
 
 @pytest.mark.parametrize("mixer", ["mamba", "retention", "gla"])
 def test_scratch_control_differs_only_in_what_is_transferred(mixer):
-    """Same architecture, data, steps and learning rate as the XATL recipe: only transfer, freeze and the
-    run directory differ."""
+    """Same architecture, data, steps and learning rate as the XATL recipe: only transfer, freeze, the run
+    directory and the stages that use the source as a teacher (align, distill, lm_after) differ."""
     here = Path(__file__).parent.parent / "recipes" / "xatl"
     xatl, scratch = (yaml.safe_load((here / f"quickstart-{mixer}{s}.yaml").read_text()) for s in ("", "-scratch"))
     assert scratch["model"]["init_args"]["transfer"] == [] and scratch["model"]["init_args"]["freeze"] is False
+    teacher_stages = ("align", "distill", "lm_after")
+    assert not any(k in scratch["model"]["init_args"] for k in teacher_stages)
+    for key in teacher_stages:
+        xatl["model"]["init_args"].pop(key, None)
     for cfg in (xatl, scratch):
         for key in ("transfer", "freeze"):
             del cfg["model"]["init_args"][key]
