@@ -10,7 +10,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from surgery.errors import SurgeryError
-import surgery.xatl  # noqa: F401,E402  registers the hybrid_gpt2 model type with the Auto classes
 
 
 def _looks_like_path(name: str) -> bool:

@@ -6,8 +6,8 @@ reads it. In a mixer block, `attn` is a `MixerAttention`: an adapter with GPT2At
 around the mixer (`attn.mixer`). `forward` and `prepare_inputs_for_generation` are our own, so that
 generation can keep a recurrent state: the cache is a `surgery.xatl.cache.HybridCache` (mixer layers hold a
 fixed-size state, kept attention layers a KV cache), handed around under the name the installed transformers
-uses (`cache` from 5.24, `past_key_values` before; both are accepted). Padding masks are not supported (the mixers have no
-notion of a masked token); generation with one unpadded prompt batch is.
+uses (`cache` from 5.24, `past_key_values` before; both are accepted). Padding masks are not supported (the
+mixers have no notion of a masked token); generation with one unpadded prompt batch is.
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ class XatlLM(CausalLM):
         source: the GPT-2 to take the architecture (and the weights) from: Hub name, directory, .ckpt.
         mixer: "mamba" | "retention" | "gla". mixer_config: the mixer's options (e.g. {"d_state": 16}).
         attn_layers: blocks that keep softmax attention (copied whole with "attn_layers"); "auto": chosen
-            by `auto_attn` when training starts.
+            by `auto_attn` when training starts. auto_attn: see AutoAttn.
         transfer: components copied from the source (see transfer_shared_weights); [] trains the same
             architecture from scratch (the control).
         freeze: freeze the transferred weights until `unfreeze` says otherwise (its step counts from 0, the
@@ -134,7 +134,8 @@ class XatlLM(CausalLM):
     """
 
     def __init__(self, source: str, mixer: str = "mamba", mixer_config: dict[str, Any] | None = None,
-                 attn_layers: list[int] | Literal["auto"] | None = None, auto_attn: AutoAttn | None = None, transfer: list[str] = list(DEFAULT_COMPONENTS),
+                 attn_layers: list[int] | Literal["auto"] | None = None, auto_attn: AutoAttn | None = None,
+                 transfer: list[str] = list(DEFAULT_COMPONENTS),
                  freeze: bool = True, unfreeze: UnfreezeSchedule | None = None, lr: float = 1e-3,
                  min_lr_ratio: float = 0.1, warmup_steps: int = 50, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), align: AlignStage | None = None,
@@ -158,6 +159,7 @@ class XatlLM(CausalLM):
                                "for a model trained from scratch (transfer: []); drop them for the scratch arm")
         self.source_model = Teacher(src)  # the source, frozen; a Teacher is no nn.Module: neither trained nor saved
         self.ranking: list[tuple[int, float]] | None = None
+        self.spike_monitor: torch.Tensor | None = None  # the next-token CE of the last step, for the guard
         self._build([] if attn_layers == "auto" else attn_layers)
 
     def _build(self, attn_layers: list[int] | None) -> None:
@@ -194,8 +196,6 @@ class XatlLM(CausalLM):
         print(f"xatl: attn_layers auto kept attention at {chosen}; alignment error by layer, worst first: "
               + ", ".join(f"{i}: {e:.4f}" for i, e in self.ranking))
         self._build(chosen)
-
-        self.spike_monitor: torch.Tensor | None = None
 
     def stage(self, step: int) -> str:
         """"align", "distill" or "lm": what trains at optimizer step `step`."""
@@ -284,14 +284,15 @@ class XatlLM(CausalLM):
         """The run's XATL settings, and the source's own loss on the same validation split with the gap to it
         (`gap_vs_source` = this model's loss - the source's, nats/token)."""
         source_val = None
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if val is not None and dm is not None and hasattr(dm, "split"):
+        dm = self.trainer.datamodule if val is not None else None  # with `val`, called by ExportRun in a run
+        if dm is not None and hasattr(dm, "split"):
             from surgery.evaluate import cross_entropy
 
             src = self.source_model.model
             source_val = cross_entropy(src.to(self.device).eval(), dm.split("validation"), dm.batch_size)["loss"]
         gap = None if source_val is None else val["loss"] - source_val
-        return {"xatl": {"source_val_loss": source_val, "gap_vs_source": gap, "mixer": self.hparams.mixer, "transfer": list(self.hparams.transfer),
+        return {"xatl": {"source_val_loss": source_val, "gap_vs_source": gap, "mixer": self.hparams.mixer,
+                         "transfer": list(self.hparams.transfer),
                          "transferred_params": self.report.num_params, "frozen_tensors": len(self.transferred),
                          "unfrozen_at": self.unfrozen_at, "align_steps": self.align.steps,
                          "distill": self.distill.describe(), "lm_after": self.lm_after,
