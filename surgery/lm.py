@@ -7,15 +7,16 @@ from typing import Any
 
 import lightning as L
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from surgery.errors import SurgeryError
 from surgery.loading import load_causal_lm
 
 
 def build_model(init: str | None, config: dict[str, Any] | None, tokenizer: Any = None) -> PreTrainedModel:
-    """`init` names a pretrained model (Hub, directory, .ckpt); without it, a fresh GPT-2 from `config`
-    whose vocabulary and end-of-text id are the tokenizer's."""
+    """`init` names a pretrained model (Hub, directory, .ckpt); without it, a fresh model from `config`
+    (its `model_type`, default gpt2, picks the Hugging Face config class; the other keys are that class's
+    fields) whose vocabulary and end-of-text id are the tokenizer's."""
     vocab_size = len(tokenizer) if tokenizer is not None else None
     if init:
         model = load_causal_lm(init)
@@ -29,8 +30,13 @@ def build_model(init: str | None, config: dict[str, Any] | None, tokenizer: Any 
     special = {}
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         special = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id}
-    cfg = GPT2Config(**{"vocab_size": vocab_size or 50257, **special, **(config or {})})
-    return GPT2LMHeadModel(cfg)
+    fields = dict(config or {})
+    model_type = fields.pop("model_type", "gpt2")
+    try:
+        cfg = AutoConfig.for_model(model_type, **{"vocab_size": vocab_size or 50257, **special, **fields})
+    except ValueError as err:
+        raise SurgeryError(f"model.config.model_type {model_type!r}: {err}") from None
+    return AutoModelForCausalLM.from_config(cfg)
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -46,7 +52,8 @@ class CausalLM(L.LightningModule):
 
     Args:
         init: pretrained model to start from (Hub name, local directory or .ckpt); None trains from scratch.
-        config: GPT2Config fields for a model trained from scratch (vocab size comes from the tokenizer).
+        config: for a model trained from scratch, `model_type` (gpt2, gpt_neox, llama, ...) and that
+            config class's fields (vocab size comes from the tokenizer).
         lr: peak learning rate. min_lr_ratio: final lr as a share of `lr`.
         warmup_steps: linear warm-up steps. weight_decay, betas: AdamW settings (no decay on biases,
             norms and embeddings' positions).

@@ -1,9 +1,9 @@
-"""Tiny random GPT-2s for the LayerNorm-removal tests."""
+"""Tiny random models (GPT-2, and one per family layout) for the norm-removal tests."""
 
 from __future__ import annotations
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, LlamaConfig
 
 from surgery.remove_ln.points import prepare_for_removal
 
@@ -31,3 +31,31 @@ def all_fake(seed: int = 0, n_layer: int = 2) -> tuple[GPT2LMHeadModel, dict]:
     for ln in points.values():
         ln.go_fake()
     return model, points
+
+
+FAMILY_CONFIGS = {  # one tiny config per family layout; "neox" has a parallel residual, "neox_seq" not
+    "gpt2": lambda v: GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=v, n_positions=64, eos_token_id=0, bos_token_id=0),
+    "neox": lambda v: GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                    vocab_size=v, max_position_embeddings=64, rotary_pct=0.25, use_parallel_residual=True,
+                                    tie_word_embeddings=False, eos_token_id=0, bos_token_id=0),
+    "neox_seq": lambda v: GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                        vocab_size=v, max_position_embeddings=64, rotary_pct=0.5, use_parallel_residual=False,
+                                        tie_word_embeddings=False, eos_token_id=0, bos_token_id=0),
+    "llama": lambda v: LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=48, vocab_size=v, max_position_embeddings=64, tie_word_embeddings=True,
+                                   eos_token_id=0, bos_token_id=0),
+}
+
+
+def tiny_model(kind: str, seed: int = 0, vocab: int = 64):
+    """A tiny random model of one family layout with every parameter perturbed (norm gains far from 1, biases
+    far from 0), so that a mistake in which outputs read which norm shows."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(FAMILY_CONFIGS[kind](vocab))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln_" in name:
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
+            else:
+                p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()

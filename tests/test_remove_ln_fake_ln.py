@@ -3,12 +3,18 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from surgery.errors import SurgeryError
-from surgery.remove_ln.fake_ln import SplitQKVInput, SwitchableLayerNorm, TokenContext, per_token_std
+from surgery.families import GPT2, GPT_NEOX
+from surgery.remove_ln.fake_ln import SwitchableLayerNorm, TokenContext, per_token_std
 from surgery.remove_ln.points import find_points, prepare_for_removal, token_context
-from tests.remove_ln_models import tiny_gpt2
+from surgery.remove_ln.split_input import AttnInputNorms, SplitQKVInput
+from tests.remove_ln_models import tiny_gpt2, tiny_model
+
+
+def gpt2_split(model, block, qk, v) -> SplitQKVInput:
+    return SplitQKVInput(block.attn.c_attn, AttnInputNorms(qk, v), GPT2.value_outputs(model.config))
 
 
 def layernorm(d: int = 16, seed: int = 0) -> torch.nn.LayerNorm:
@@ -99,7 +105,7 @@ def test_split_qkv_input_reads_through_separate_norms():
     x = torch.randn(2, 9, 32)
     reference = block.attn.c_attn(block.ln_1(x))
     qk, v = SwitchableLayerNorm(block.ln_1), SwitchableLayerNorm(block.ln_1)
-    split = SplitQKVInput(block.attn.c_attn, qk, v)
+    split = gpt2_split(model, block, qk, v)
     assert torch.allclose(split(x), reference, atol=1e-5)
     with torch.no_grad():
         v.bias.add_(1.0)  # moving the value path's LN changes only the value columns
@@ -108,18 +114,18 @@ def test_split_qkv_input_reads_through_separate_norms():
     assert not torch.allclose(out[..., 64:], reference[..., 64:], atol=1e-3)
 
 
-def test_preparing_twice_names_the_module_that_is_not_a_layernorm():
+def test_preparing_twice_names_the_prepared_module():
     model = tiny_gpt2()
     prepare_for_removal(model)
-    with pytest.raises(SurgeryError, match=r"transformer\.h\.0\.ln_1 is a Identity, not a LayerNorm"):
+    with pytest.raises(SurgeryError, match=r"transformer\.h\.0\.ln_1 is already prepared for removal"):
         prepare_for_removal(model)
 
 
-def test_a_model_outside_the_gpt2_family_is_refused():
-    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+def test_qwen3_is_refused_naming_its_per_head_qk_norms():
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, head_dim=16,
                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
-    with pytest.raises(SurgeryError, match="model type 'llama' is not supported"):
-        prepare_for_removal(llama)
+    with pytest.raises(SurgeryError, match="model type 'qwen3' is not supported: .*q_norm, k_norm.*supported: gpt2, gpt_neox, .*llama, mistral, qwen2"):
+        prepare_for_removal(qwen3)
 
 
 def test_all_points_share_one_token_context():
@@ -147,7 +153,7 @@ def test_split_input_measures_both_paths_in_one_pass():
     block = model.transformer.h[0]
     context = TokenContext()
     qk, v = SwitchableLayerNorm(block.ln_1, context), SwitchableLayerNorm(block.ln_1, context)
-    split = SplitQKVInput(block.attn.c_attn, qk, v).train()
+    split = gpt2_split(model, block, qk, v).train()
     x = torch.randn(2, 9, 32) * torch.linspace(0.5, 3, 9)[None, :, None]
     eot = torch.zeros(2, 9, dtype=torch.bool)
     eot[1, 4] = True
@@ -166,12 +172,16 @@ def test_split_input_measures_both_paths_in_one_pass():
 
 @pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("state", ["real", "fake", "mixed", "fake_special"])
-def test_split_input_folded_matmul_matches_two_norms_values_and_gradients(state, fold):
+@pytest.mark.parametrize("kind", ["gpt2", "neox"])
+def test_split_input_folded_matmul_matches_two_norms_values_and_gradients(state, fold, kind):
     """Whichever path SplitQKVInput takes (one folded matmul or two), its outputs and every gradient equal
-    those of LN_qk(x) W_qk + b_qk and LN_v(x) W_v + b_v computed separately."""
-    model = tiny_gpt2()
-    block = model.transformer.h[0]
-    qk, v = SwitchableLayerNorm(block.ln_1), SwitchableLayerNorm(block.ln_1)
+    those of LN_qk(x) W + b on the query/key outputs and LN_v(x) W + b on the value outputs, computed
+    separately: GPT-2's [q|k|v] Conv1D and GPT-NeoX's per-head interleaved Linear."""
+    model = tiny_model(kind)
+    fam = GPT2 if kind == "gpt2" else GPT_NEOX
+    block = model.get_submodule(fam.blocks)[0]
+    proj, norm = block.get_submodule(fam.qkv[0]), block.get_submodule(fam.attn_norm)
+    qk, v = SwitchableLayerNorm(norm), SwitchableLayerNorm(norm)
     torch.manual_seed(1)
     with torch.no_grad():
         for ln in (qk, v):
@@ -181,18 +191,18 @@ def test_split_input_folded_matmul_matches_two_norms_values_and_gradients(state,
         qk.go_fake(sigma=1.3, special_first=state == "fake_special")
     if state in ("fake", "fake_special"):
         v.go_fake(sigma=0.7)
-    split = SplitQKVInput(block.attn.c_attn, qk, v).eval()
+    mask = fam.value_outputs(model.config)
+    split = SplitQKVInput(proj, AttnInputNorms(qk, v), mask).eval()
     split.fold_min_tokens = 0 if fold else 10**9
     x = torch.randn(2, 9, 32) * 2
     r = torch.randn(2, 9, 96)
-    params = [block.attn.c_attn.weight, block.attn.c_attn.bias, qk.weight, qk.bias, v.weight, v.bias]
+    params = [proj.weight, proj.bias, qk.weight, qk.bias, v.weight, v.bias]
 
     def grads(out):
         return torch.autograd.grad((out * r).sum(), params)
 
     out = split(x)
-    w, b = block.attn.c_attn.weight, block.attn.c_attn.bias
-    ref = torch.cat([qk(x) @ w[:, :64] + b[:64], v(x) @ w[:, 64:] + b[64:]], -1)
+    ref = torch.where(mask, proj(v(x)), proj(qk(x)))
     assert torch.allclose(out, ref, atol=1e-5)
     for g, g_ref in zip(grads(split(x)), grads(ref)):
         assert torch.allclose(g, g_ref, atol=1e-4)

@@ -1,9 +1,11 @@
-"""A LayerNorm that can be switched, once, into a *fake* LayerNorm with a fixed scale.
+"""A norm (LayerNorm or RMSNorm) that can be switched, once, into a *fake* norm with a fixed scale.
 
-Real:  LN(x)   = (x - mean(x)) / std_token(x) * weight + bias
-Fake:  fake(x) = (x - mean(x)) / sigma         * weight + bias
+Real LayerNorm:  LN(x)   = (x - mean(x)) / std_token(x) * weight + bias
+Fake LayerNorm:  fake(x) = (x - mean(x)) / sigma         * weight + bias
+Real RMSNorm:    RMS(x)  = x / rms_token(x) * weight      (rms = sqrt(mean(x^2) + eps), computed in fp32)
+Fake RMSNorm:    fake(x) = x / sigma * weight             (no centering: the residual stream is linear anyway)
 
-`sigma` is a scalar per LN (optionally with separate scalars for the first position and for
+`sigma` is a scalar per norm (optionally with separate scalars for the first position and for
 end-of-text tokens during the transition). While real, the LN keeps a moving average of the mean
 per-token std of its input; when it goes fake, `sigma` is frozen at that average (or at a
 calibration-table value). All of this state is in buffers, so it lives in every checkpoint.
@@ -90,9 +92,21 @@ def per_token_std(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (x.var(-1, unbiased=False) + eps).sqrt()
 
 
-class SwitchableLayerNorm(nn.Module):
-    """Drop-in for `nn.LayerNorm` (same weight/bias) that can be made fake.
+def is_rmsnorm(module: nn.Module) -> bool:
+    return "RMSNorm" in type(module).__name__
 
+
+def _rms_standardize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / rms_token(x) in x's dtype, rstd (…, 1) in fp32), as Llama's RMSNorm computes it."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * rstd).to(x.dtype), rstd
+
+
+class SwitchableLayerNorm(nn.Module):
+    """Drop-in for an `nn.LayerNorm` or an RMSNorm (same weight, and bias where it has one) that can be made fake.
+
+    `center` is False for an RMSNorm: it neither subtracts the mean nor has a bias (`bias` is None).
     Buffers (all scalars): `fake` (0/1), `sigma`, `sigma_first`, `sigma_eot`, `special_first` and
     `special_eot` (0/1: whether the first position / EOT tokens still use their own sigma), and the moving
     averages `avg_std`, `avg_std_first`, `avg_std_eot` with `avg_count` (number of updates; 0 = not yet
@@ -101,11 +115,13 @@ class SwitchableLayerNorm(nn.Module):
     device-to-host copy.
     """
 
-    def __init__(self, ln: nn.LayerNorm, context: TokenContext | None = None, momentum: float = 0.9):
+    def __init__(self, ln: nn.Module, context: TokenContext | None = None, momentum: float = 0.9):
         super().__init__()
+        self.center = not is_rmsnorm(ln)
         self.weight = nn.Parameter(ln.weight.detach().clone())
-        self.bias = nn.Parameter(ln.bias.detach().clone())
-        self.eps = ln.eps
+        bias = getattr(ln, "bias", None) if self.center else None
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.eps = float(ln.eps if hasattr(ln, "eps") else ln.variance_epsilon)
         self.momentum = momentum
         self.context = context or TokenContext()
         self.track = True  # update the moving averages on training forwards while real
@@ -123,7 +139,7 @@ class SwitchableLayerNorm(nn.Module):
 
     @torch.no_grad()
     def _measure(self, rstd: torch.Tensor) -> None:
-        """Record this batch's per-token std (1 / rstd of LayerNorm) summed over other tokens, the first
+        """Record this batch's per-token scale (1 / rstd: std for a LayerNorm, rms for an RMSNorm) summed over other tokens, the first
         position and EOT tokens; `context.flush()` folds it into the averages."""
         _, _, member, counts = self.context.groups(rstd.shape[:-1], rstd.device)
         sums = member @ rstd.reshape(-1).float().reciprocal()
@@ -152,81 +168,47 @@ class SwitchableLayerNorm(nn.Module):
             self.special_eot.fill_(0.0)
         self._sync_flags()
 
+    def _affine(self, z: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        return z * gain if self.bias is None else torch.addcmul(self.bias, z, gain)
+
     def standardize(self, x: torch.Tensor, *also: "SwitchableLayerNorm") -> torch.Tensor:
-        """(x - mean) / std_token, no affine, for a real LN; measures the std for this LN and for the
-        real LNs `also` reading the same input (one pass for all of them)."""
-        if self.training and self.track:
+        """x / scale_token(x) (centered first for a LayerNorm), no affine, for a real norm; measures the scale
+        for this norm and for the real norms `also` reading the same input (one pass for all of them)."""
+        measure = self.training and self.track
+        if self.center:
+            if not measure:
+                return F.layer_norm(x, x.shape[-1:], None, None, self.eps)
             out, _, rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, self.eps)
+        else:
+            out, rstd = _rms_standardize(x, self.eps)
+        if measure:
             for ln in (self, *also):
                 if ln.track:
                     ln._measure(rstd.detach())
-            return out
-        return F.layer_norm(x, x.shape[-1:], None, None, self.eps)
+        return out
+
+    def fixed_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What a fake norm scales: x centered (LayerNorm) or x itself (RMSNorm)."""
+        return x - x.mean(-1, keepdim=True) if self.center else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_fake:
-            if self.training and self.track:
+            if self.center and not (self.training and self.track):
+                return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+            if self.center:
                 out, _, rstd = torch.native_layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
                 self._measure(rstd.detach())
                 return out
-            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-        centered = x - x.mean(-1, keepdim=True)
+            return self.weight * self.standardize(x)
+        z = self.fixed_input(x)
         if self.has_specials:
             first, eot, _, _ = self.context.groups(x.shape[:-1], x.device)
             sigma = torch.where(first & self.special_first.bool(), self.sigma_first, self.sigma)
             sigma = torch.where(eot & self.special_eot.bool(), self.sigma_eot, sigma)
-            return torch.addcmul(self.bias, centered / sigma.unsqueeze(-1).to(x.dtype), self.weight)
-        return torch.addcmul(self.bias, centered, self.weight / self.sigma.to(x.dtype))
+            return self._affine(z / sigma.unsqueeze(-1).to(x.dtype), self.weight)
+        return self._affine(z, self.weight / self.sigma.to(x.dtype))
 
     def extra_repr(self) -> str:
+        kind = "LayerNorm" if self.center else "RMSNorm"
         state = f"fake, sigma={float(self.sigma):.4g}" if self.is_fake else f"real, avg_std={float(self.avg_std):.4g}"
-        return f"{self.weight.shape[0]}, {state}"
-
-
-class SplitQKVInput(nn.Module):
-    """GPT-2's fused `c_attn` (Conv1D d -> 3d) reading the raw residual stream through two LNs:
-    one for the query/key columns, one for the value columns. Replaces `ln_1` + `c_attn`.
-
-    Input (B, T, d) residual; output (B, T, 3d) = [LN_qk(x) W_qk + b_qk, LN_v(x) W_v + b_v].
-    While both LNs are real, or both fake with no special tokens, they differ only in their affines: z is
-    computed once, and on batches of more than 3d tokens the affines are folded into one matmul (the cost of
-    plain GPT-2's `ln_1` + `c_attn`); otherwise two matmuls.
-    """
-
-    def __init__(self, c_attn: nn.Module, ln_qk: SwitchableLayerNorm, ln_v: SwitchableLayerNorm):
-        super().__init__()
-        self.c_attn, self.ln_qk, self.ln_v = c_attn, ln_qk, ln_v
-        self.d = c_attn.weight.shape[0]
-        self.fold_min_tokens = 3 * self.d  # fold only when a batch has more tokens than c_attn has outputs
-
-    def _shared_input(self, x: torch.Tensor):
-        """(z, gain_qk, gain_v) when both LNs are `z * gain + bias` of one z: both real (z standardized
-        once), or both fake without special tokens (z centered); None while they differ."""
-        qk, v = self.ln_qk, self.ln_v
-        if not qk.is_fake and not v.is_fake:
-            return qk.standardize(x, v), qk.weight, v.weight
-        if qk.is_fake and v.is_fake and not qk.has_specials and not v.has_specials:
-            return x - x.mean(-1, keepdim=True), qk.weight / qk.sigma, v.weight / v.sigma
-        return None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b, d = self.c_attn.weight, self.c_attn.bias, self.d
-        shared = self._shared_input(x)
-        if shared is not None and x.numel() >= self.fold_min_tokens * d:
-            # one matmul as in plain GPT-2: the two LN affines folded into c_attn (O(d * 3d) extra work)
-            z, g_qk, g_v = shared
-            w3 = w.view(d, 3, d)  # input dim, (q, k, v), output dim
-            w_eff = (w3 * torch.stack([g_qk, g_qk, g_v], 1).unsqueeze(-1)).view(d, 3 * d)
-            b_ln = torch.stack([self.ln_qk.bias, self.ln_qk.bias, self.ln_v.bias], 1)
-            b_eff = b + torch.einsum("ij,ijk->jk", b_ln, w3).reshape(3 * d)
-            return torch.addmm(b_eff, z.reshape(-1, d), w_eff).view(*x.shape[:-1], 3 * d)
-        if shared is not None:  # two affines of one z (O(tokens * d) extra work)
-            z, g_qk, g_v = shared
-            x_qk, x_v = torch.addcmul(self.ln_qk.bias, z, g_qk), torch.addcmul(self.ln_v.bias, z, g_v)
-        else:
-            x_qk, x_v = self.ln_qk(x), self.ln_v(x)
-        # split(), not slicing: the backward of a slice fills a zero gradient of the whole weight per slice
-        (w_qk, w_v), (b_qk, b_v) = w.split([2 * d, d], 1), b.split([2 * d, d])
-        qk = torch.addmm(b_qk, x_qk.reshape(-1, d), w_qk)
-        v = torch.addmm(b_v, x_v.reshape(-1, d), w_v)
-        return torch.cat([qk, v], dim=-1).view(*x.shape[:-1], 3 * d)
+        return f"{kind} {self.weight.shape[0]}, {state}"

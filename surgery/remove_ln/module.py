@@ -10,6 +10,7 @@ import torch
 from surgery.distill import DistillConfig, Distiller, as_config
 from surgery.errors import SurgeryError
 from surgery.evaluate import cross_entropy
+from surgery.families import blocks
 from surgery.lm import CausalLM
 from surgery.remove_ln.calibrate import calibrate
 from surgery.remove_ln.export import export_ln_free
@@ -28,10 +29,10 @@ def std_uniformity_loss(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 class LNRemoval(CausalLM):
-    """Fine-tunes a GPT-2 while its LayerNorms go fake on a schedule; exports an LN-free model.
+    """Fine-tunes a pretrained model (GPT-2, GPT-NeoX, Llama-style) while its norms go fake on a schedule; exports an LN-free model.
 
     Args:
-        init: the pretrained GPT-2 (Hub name, local directory, or .ckpt).
+        init: the pretrained model (Hub name, local directory, or .ckpt).
         schedule: when each LayerNorm goes fake.
         sigma_source: "moving_average" (momentum average of the mean per-token std, frozen at removal;
             Baroni et al. 2025) or "table" (measured once on `calibration_batches` training batches
@@ -92,7 +93,7 @@ class LNRemoval(CausalLM):
         return [self.removal] if self.removal else []
 
     def n_blocks(self) -> int:
-        return self.model.config.n_layer
+        return len(blocks(self.model))
 
     # -- training ------------------------------------------------------------------------------
     def on_fit_start(self) -> None:

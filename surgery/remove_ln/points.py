@@ -1,8 +1,9 @@
-"""Turn a GPT-2's LayerNorms into switchable ones, and name the points a removal schedule acts on.
+"""Turn a model's norms into switchable ones, and name the points a removal schedule acts on.
 
-Point names: `h.{i}.ln_2` (MLP input), `h.{i}.ln_1_qk` and `h.{i}.ln_1_v` (attention input, query/key
-and value paths, each its own LN), `ln_f` (final). After `prepare_for_removal`, a block's `ln_1` is an
-Identity and its `c_attn` is a `SplitQKVInput` reading the residual stream through both ln_1 copies.
+Point names are the same for every family: `h.{i}.ln_2` (the MLP norm), `h.{i}.ln_1_qk` and `h.{i}.ln_1_v`
+(the attention norm's query/key and value paths, each its own copy), `ln_f` (the final norm). After
+`prepare_for_removal`, a block's attention norm is an `AttnInputNorms` holding both copies, and its attention
+input projection(s) read the residual stream through them (`surgery.remove_ln.split_input`).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 from torch import nn
 
 from surgery.errors import SurgeryError
-from surgery.families import blocks, family_of, get_module, set_module
-from surgery.remove_ln.fake_ln import SplitQKVInput, SwitchableLayerNorm, TokenContext
+from surgery.families import Family, blocks, family_of, get_module, set_module
+from surgery.remove_ln.fake_ln import SwitchableLayerNorm, TokenContext, is_rmsnorm
+from surgery.remove_ln.split_input import AttnInputNorms, NormedInput, SplitQKVInput
 
 KINDS = ("ln_2", "ln_1_qk", "ln_1_v", "ln_f")  # removal order of the papers
 
@@ -22,49 +24,77 @@ def point_names(n_blocks: int) -> dict[str, list[str]]:
     return {**per_block, "ln_f": ["ln_f"]}
 
 
-def _as_layernorm(module: nn.Module, path: str) -> nn.LayerNorm:
-    if isinstance(module, nn.LayerNorm):
-        return module
-    raise SurgeryError(
-        f"{path} is a {type(module).__name__}, not a LayerNorm: this model has no LayerNorm there "
-        "(already LN-free, or not prepared from a pretrained model); start from a model with its LayerNorms"
-    )
+def _as_norm(module: nn.Module, path: str, fam: Family) -> nn.Module:
+    """The family's norm at `path`, or a SurgeryError saying what stands there instead."""
+    expected = "an RMSNorm" if fam.norm_kind == "rmsnorm" else "a LayerNorm"
+    if isinstance(module, (SwitchableLayerNorm, AttnInputNorms)):
+        raise SurgeryError(f"{path} is already prepared for removal: start from the pretrained model, not a removal run's")
+    ok = is_rmsnorm(module) if fam.norm_kind == "rmsnorm" else isinstance(module, nn.LayerNorm)
+    if not ok:
+        raise SurgeryError(
+            f"{path} is a {type(module).__name__}, not {expected}: this model has no norm there "
+            "(already LN-free, or not a pretrained model of its family); start from a model with its norms"
+        )
+    return module
+
+
+def _refuse_fixed_norms(model: nn.Module) -> None:
+    """A norm already neutralised (an LN-free model, ours or a published one) has nothing left to remove."""
+    from surgery.ln_free import scan_norms
+
+    if any(isinstance(m, (SwitchableLayerNorm, AttnInputNorms)) for m in model.modules()):
+        return  # `_as_norm` names the prepared module
+    fixed = scan_norms(model).fixed
+    if fixed:
+        raise SurgeryError(
+            f"{len(fixed)} norm(s) of this model are already neutralised (their per-token scale is fixed by a huge "
+            f"epsilon: {', '.join(fixed[:3])}...): it is already LN-free, there is nothing to remove. "
+            "Start from the original pretrained model"
+        )
 
 
 def prepare_for_removal(model: nn.Module, momentum: float = 0.9) -> dict[str, SwitchableLayerNorm]:
-    """Replace every LayerNorm of `model` (in place) by a real `SwitchableLayerNorm`; return them by point name.
+    """Replace every norm of `model` (in place) by a real `SwitchableLayerNorm`; return them by point name.
 
     Behaviour is unchanged until a point goes fake (outputs equal to float rounding).
     """
     fam = family_of(model)
+    _refuse_fixed_norms(model)
     context = TokenContext()
     points: dict[str, SwitchableLayerNorm] = {}
     for i, block in enumerate(blocks(model)):
-        ln_1 = _as_layernorm(get_module(block, fam.attn_norm), f"{fam.blocks}.{i}.{fam.attn_norm}")
-        ln_2 = _as_layernorm(get_module(block, fam.mlp_norm), f"{fam.blocks}.{i}.{fam.mlp_norm}")
-        ln_qk = SwitchableLayerNorm(ln_1, context, momentum)
-        ln_v = SwitchableLayerNorm(ln_1, context, momentum)
-        set_module(block, fam.attn_in, SplitQKVInput(get_module(block, fam.attn_in), ln_qk, ln_v))
-        set_module(block, fam.attn_norm, nn.Identity())
-        points[f"h.{i}.ln_2"] = SwitchableLayerNorm(ln_2, context, momentum)
+        where = f"{fam.blocks}.{i}"
+        attn_norm = _as_norm(get_module(block, fam.attn_norm), f"{where}.{fam.attn_norm}", fam)
+        mlp_norm = _as_norm(get_module(block, fam.mlp_norm), f"{where}.{fam.mlp_norm}", fam)
+        norms = AttnInputNorms(SwitchableLayerNorm(attn_norm, context, momentum), SwitchableLayerNorm(attn_norm, context, momentum))
+        norms.train(attn_norm.training)  # new modules start in training mode; keep the model's mode
+        set_module(block, fam.attn_norm, norms)
+        if fam.qkv_layout == "separate":
+            for path, which in zip(fam.qkv, ("qk", "qk", "v")):
+                proj = get_module(block, path)
+                set_module(block, path, NormedInput(proj, norms, which).train(proj.training))
+        else:
+            proj = get_module(block, fam.qkv[0])
+            set_module(block, fam.qkv[0], SplitQKVInput(proj, norms, fam.value_outputs(model.config)).train(proj.training))
+        points[f"h.{i}.ln_2"] = SwitchableLayerNorm(mlp_norm, context, momentum).train(mlp_norm.training)
         set_module(block, fam.mlp_norm, points[f"h.{i}.ln_2"])
-        points[f"h.{i}.ln_1_qk"], points[f"h.{i}.ln_1_v"] = ln_qk, ln_v
-    ln_f = _as_layernorm(get_module(model, fam.final_norm), fam.final_norm)
-    points["ln_f"] = SwitchableLayerNorm(ln_f, context, momentum)
+        points[f"h.{i}.ln_1_qk"], points[f"h.{i}.ln_1_v"] = norms.ln_qk, norms.ln_v
+    final = _as_norm(get_module(model, fam.final_norm), fam.final_norm, fam)
+    points["ln_f"] = SwitchableLayerNorm(final, context, momentum).train(final.training)
     set_module(model, fam.final_norm, points["ln_f"])
     return points
 
 
 def find_points(model: nn.Module) -> dict[str, SwitchableLayerNorm]:
-    """The switchable LNs of a model already prepared by `prepare_for_removal`, by point name."""
+    """The switchable norms of a model already prepared by `prepare_for_removal`, by point name."""
     fam = family_of(model)
     points: dict[str, SwitchableLayerNorm] = {}
     for i, block in enumerate(blocks(model)):
-        split = get_module(block, fam.attn_in)
-        if not isinstance(split, SplitQKVInput):
-            raise SurgeryError("model was not prepared for LayerNorm removal (no split Q/K/V input in block 0)")
+        norms = get_module(block, fam.attn_norm)
+        if not isinstance(norms, AttnInputNorms):
+            raise SurgeryError(f"model was not prepared for norm removal ({fam.blocks}.{i}.{fam.attn_norm} is not split)")
         points[f"h.{i}.ln_2"] = get_module(block, fam.mlp_norm)
-        points[f"h.{i}.ln_1_qk"], points[f"h.{i}.ln_1_v"] = split.ln_qk, split.ln_v
+        points[f"h.{i}.ln_1_qk"], points[f"h.{i}.ln_1_v"] = norms.ln_qk, norms.ln_v
     points["ln_f"] = get_module(model, fam.final_norm)
     return points
 

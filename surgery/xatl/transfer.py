@@ -2,8 +2,7 @@
 layers the twin keeps, and optionally attention weights into the mixers (W_O -> output projection; Q/K/V ->
 mixer inputs, the Mamba-in-the-Llama mapping V -> x, K -> B, Q -> C for Mamba).
 
-Module locations come from `surgery.families`; nothing here knows GPT-2's attribute names except the
-attention output projection, which the family registry does not describe yet (`_ATTN_OUT`).
+Module locations come from `surgery.families`; nothing here knows a family's attribute names.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from surgery.families import Family, blocks, family_of, get_module
 
 COMPONENTS = ("embeddings", "norms", "mlp", "lm_head", "attn_layers", "attn_out", "qkv")
 DEFAULT_COMPONENTS = ("embeddings", "norms", "mlp", "lm_head", "attn_layers")
-_ATTN_OUT = {"gpt2": "c_proj", "hybrid_gpt2": "c_proj"}  # attention output projection, relative to `attn`
 
 
 @dataclass
@@ -140,17 +138,17 @@ def transfer_shared_weights(source: nn.Module, target: nn.Module,
         slots, mpath = mixer.transfer_slots(), f"{tp}.{ft.attn}.mixer"
         hint = f"block {i} {type(mixer).__name__}: the mixer's shapes do not allow this mapping"
         if "attn_out" in components:
-            w, b = _as_linear(get_module(s_attn, _ATTN_OUT[fs.name]))
+            w, b = _as_linear(get_module(sb, fs.attn_out))
             lin, rows = slots["o"]
-            cp.rows(lin, rows, w, b, _name(mixer, lin, mpath), f"{sp}.{fs.attn}.{_ATTN_OUT[fs.name]}", hint)
+            cp.rows(lin, rows, w, b, _name(mixer, lin, mpath), f"{sp}.{fs.attn_out}", hint)
         if "qkv" in components:
-            w, b = _as_linear(get_module(sb, fs.attn_in))
+            w, b = _as_linear(get_module(sb, fs.qkv[0]))
             d = w.shape[0] // 3
             for j, key in enumerate("qkv"):
                 lin, rows = slots[key]
                 part = slice(j * d, (j + 1) * d)
                 cp.rows(lin, rows, w[part], None if b is None else b[part], _name(mixer, lin, mpath),
-                        f"{sp}.{fs.attn_in}[{key.upper()}]", hint)
+                        f"{sp}.{fs.qkv[0]}[{key.upper()}]", hint)
     return cp.report
 
 

@@ -1,0 +1,144 @@
+"""The attention norm split in two: one copy for the query/key path, one for the value path.
+
+The papers remove the attention norm's Q/K and V paths at different steps, so a prepared block holds two
+`SwitchableLayerNorm` copies of it. `AttnInputNorms` takes the attention norm's place (its forward passes the
+residual stream through unchanged) and owns both copies; the attention input projection(s) are wrapped to read
+the raw stream through them:
+
+- a fused projection (GPT-2's [q|k|v] Conv1D, GPT-NeoX's per-head [q,k,v] Linear) becomes a `SplitQKVInput`,
+  which knows from a mask which of its outputs are value features;
+- separate q/k/v projections (Llama-style) each become a `NormedInput` reading one copy; q and k share the
+  one normalized tensor per forward.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from surgery.families import in_out_weight
+from surgery.remove_ln.fake_ln import SwitchableLayerNorm
+
+
+class AttnInputNorms(nn.Module):
+    """Stands where the attention norm was: identity on the residual stream, owner of the two copies."""
+
+    def __init__(self, ln_qk: SwitchableLayerNorm, ln_v: SwitchableLayerNorm):
+        super().__init__()
+        self.ln_qk, self.ln_v = ln_qk, ln_v
+        self._memo: dict[str, tuple[weakref.ref, torch.Tensor]] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def __getstate__(self):  # copies and pickles start with no memo (it holds a weak reference)
+        state = self.__dict__.copy()
+        state["_memo"] = {}
+        return state
+
+    def normed(self, which: str, x: torch.Tensor, uses: int) -> torch.Tensor:
+        """`ln_qk(x)` or `ln_v(x)`, computed (and measured) once for the `uses` projections reading it."""
+        if uses > 1:
+            hit = self._memo.get(which)
+            if hit is not None and hit[0]() is x:
+                self._memo.pop(which)
+                return hit[1]
+        out = (self.ln_qk if which == "qk" else self.ln_v)(x)
+        if uses > 1:
+            self._memo[which] = (weakref.ref(x), out)
+        return out
+
+    def shared_input(self, x: torch.Tensor):
+        """(z, gain_qk, gain_v) when both copies are `z * gain + bias` of one z: both real (z standardized once),
+        or both fake without special tokens (z their fixed input); None while they differ."""
+        qk, v = self.ln_qk, self.ln_v
+        if not qk.is_fake and not v.is_fake:
+            return qk.standardize(x, v), qk.weight, v.weight
+        if qk.is_fake and v.is_fake and not qk.has_specials and not v.has_specials:
+            return qk.fixed_input(x), qk.weight / qk.sigma, v.weight / v.sigma
+        return None
+
+
+class _ReadsNorms(nn.Module):
+    """Holds the block's `AttnInputNorms` without registering it (the block owns it at the norm's place)."""
+
+    def __init__(self, proj: nn.Module, norms: AttnInputNorms):
+        super().__init__()
+        self.proj = proj
+        object.__setattr__(self, "_norms", norms)
+
+    @property
+    def norms(self) -> AttnInputNorms:
+        return self._norms
+
+
+class SplitQKVInput(_ReadsNorms):
+    """A fused Q/K/V projection reading the raw residual stream: value outputs (`value_mask`) through `ln_v`,
+    query/key outputs through `ln_qk`.
+
+    While both copies are real, or both fake with no special tokens, they differ only in their affines: z is
+    computed once, and on batches of more tokens than the projection has outputs the affines are folded into
+    one matmul (the cost of the plain norm + projection); otherwise two matmuls over the two column groups.
+    """
+
+    def __init__(self, proj: nn.Module, norms: AttnInputNorms, value_mask: torch.Tensor):
+        super().__init__(proj, norms)
+        self.register_buffer("value_mask", value_mask.clone(), persistent=False)
+        idx = torch.arange(len(value_mask))
+        self.register_buffer("qk_idx", idx[~value_mask], persistent=False)
+        self.register_buffer("v_idx", idx[value_mask], persistent=False)
+        self.register_buffer("inverse", torch.argsort(torch.cat([idx[~value_mask], idx[value_mask]])), persistent=False)
+        n_qk = int((~value_mask).sum())
+        self.v_last = bool(value_mask[n_qk:].all())  # GPT-2: [q|k|v], values a contiguous tail
+        self.fold_min_tokens = len(value_mask)  # fold only when a batch has more tokens than the projection outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = in_out_weight(self.proj), self.proj.bias
+        d, n_out = w.shape
+        ln_qk, ln_v = self.norms.ln_qk, self.norms.ln_v
+        shared = self.norms.shared_input(x)
+        flat = x.reshape(-1, d)
+        if shared is not None and flat.shape[0] >= self.fold_min_tokens:
+            z, g_qk, g_v = shared  # fold both affines into the projection: O(d * n_out) extra work
+            mask = self.value_mask
+            w_eff = torch.where(mask, w * g_v[:, None], w * g_qk[:, None])
+            if ln_qk.bias is not None:
+                shift = torch.where(mask, ln_v.bias @ w, ln_qk.bias @ w)
+                b = shift if b is None else b + shift
+            out = z.reshape(-1, d) @ w_eff if b is None else torch.addmm(b, z.reshape(-1, d), w_eff)
+            return out.view(*x.shape[:-1], n_out)
+        if shared is not None:
+            z, g_qk, g_v = shared
+            x_qk, x_v = ln_qk._affine(z, g_qk), ln_v._affine(z, g_v)
+        else:
+            x_qk, x_v = ln_qk(x), ln_v(x)
+        if self.v_last:  # split(), not slicing: a slice's backward fills a zero gradient of the whole weight
+            n_qk = len(self.qk_idx)
+            w_qk, w_v = w.split([n_qk, n_out - n_qk], 1)
+            b_qk, b_v = (None, None) if b is None else b.split([n_qk, n_out - n_qk])
+        else:
+            w_qk, w_v = w.index_select(1, self.qk_idx), w.index_select(1, self.v_idx)
+            b_qk, b_v = (None, None) if b is None else (b.index_select(0, self.qk_idx), b.index_select(0, self.v_idx))
+        qk, v = _linear(x_qk.reshape(-1, d), w_qk, b_qk), _linear(x_v.reshape(-1, d), w_v, b_v)
+        out = torch.cat([qk, v], dim=-1)
+        if not self.v_last:
+            out = out.index_select(1, self.inverse)
+        return out.view(*x.shape[:-1], n_out)
+
+
+class NormedInput(_ReadsNorms):
+    """One of separate q/k/v projections reading the raw residual stream through its norm copy
+    (`which` = "qk" for the query and key projections, "v" for the value projection)."""
+
+    def __init__(self, proj: nn.Module, norms: AttnInputNorms, which: str):
+        super().__init__(proj, norms)
+        self.which = which
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norms.normed(self.which, x, uses=2 if self.which == "qk" else 1))
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return x @ w if b is None else torch.addmm(b, x, w)
