@@ -14,7 +14,7 @@ import torch
 from lens_models import make_ln_free
 
 from surgery.lens import has_normalization, load_hf, load_hooked
-from surgery.lens_checks import dla_check, logit_agreement, verify_ln_free
+from surgery.lens.checks import dla_check, logit_agreement, verify_ln_free
 
 CHECKPOINT = Path(os.environ.get("SURGERY_TINY_CHECKPOINT", Path(__file__).parents[1] / "checkpoints" / "tiny-gpt2-stdlib"))
 

@@ -13,7 +13,7 @@ from lens_models import make_ln_free, tiny_gpt2
 
 from surgery.errors import SurgeryError
 from surgery.lens import load_hooked
-from surgery.lens_checks import (
+from surgery.lens.checks import (
     attention_sink_mass,
     dla_check,
     frozen_attribution,
@@ -21,7 +21,7 @@ from surgery.lens_checks import (
     residual_components,
     verify_ln_free,
 )
-from surgery.lens_patching import induction_metric, induction_prompts, patching_effects
+from surgery.lens.patching import induction_metric, induction_prompts, patching_effects
 
 
 def _tokens(vocab=64, shape=(3, 40), seed=0):

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from surgery.cli import main
 from surgery.errors import SurgeryError
 from surgery.lens import has_normalization, load_hooked
-from surgery.lens_checks import logit_agreement, verify_ln_free
+from surgery.lens.checks import logit_agreement, verify_ln_free
 from surgery.ln_free import check_consistent, detect_ln_free, scan_norms
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-gpt2-stdlib"

@@ -70,7 +70,7 @@ def test_export_of_an_unprepared_model_is_refused():
 
 
 def test_transformer_lens_finds_no_per_token_scale_in_the_export():
-    from surgery.lens_checks import verify_ln_free
+    from surgery.lens.checks import verify_ln_free
 
     model, _ = all_fake()
     result = verify_ln_free(export_ln_free(model))  # raises naming any failed criterion

@@ -1,12 +1,12 @@
 """`surgery verify MODEL_DIR [--baseline ORIGINAL_DIR] --out DIR`: residual-stream checks in TransformerLens.
 
 Loads each model into TransformerLens (`surgery.lens.load_hooked`, offline), runs every check of
-`surgery.lens_report.verify_model` on held-out text, prints a side-by-side table and writes `report.json`,
+`surgery.lens.report.verify_model` on held-out text, prints a side-by-side table and writes `report.json`,
 `report.md`, `dla_error_per_layer.png` and `patching_scatter.png` into `--out`.
 A model is LN-free when every norm is neutralised, measured on held-out text (`surgery.ln_free`; our
 export, Baroni et al.'s and Heimersheim's published formats alike, no config key needed); a partly converted
 model is refused (exit 2) with the names of the norms that still normalize.
-Exit status 1 when MODEL_DIR is LN-free and fails its checks (`surgery.lens_checks.LN_FREE_THRESHOLDS`).
+Exit status 1 when MODEL_DIR is LN-free and fails its checks (`surgery.lens.checks.LN_FREE_THRESHOLDS`).
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def run(args) -> int:
     from surgery.data import TokenBlocks
     from surgery.errors import SurgeryError
     from surgery.lens import load_hf, load_hooked, transformer_lens_version
-    from surgery.lens_checks import LN_FREE_THRESHOLDS, ln_free_failures
-    from surgery.lens_report import VerifySettings, plot, print_table, verify_model, write_markdown
+    from surgery.lens.checks import LN_FREE_THRESHOLDS, ln_free_failures
+    from surgery.lens.report import VerifySettings, plot, print_table, verify_model, write_markdown
     from surgery.ln_free import check_consistent, scan_norms
 
     torch.manual_seed(args.seed)

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from surgery.lens import has_normalization
-from surgery.lens_checks import attention_sink_mass, dla_check, hf_scale_spread, logit_agreement
-from surgery.lens_patching import induction_prompts, patching_effects
+from surgery.lens.checks import attention_sink_mass, dla_check, hf_scale_spread, logit_agreement
+from surgery.lens.patching import induction_prompts, patching_effects
 
 
 @dataclass
