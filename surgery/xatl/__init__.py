@@ -1,11 +1,15 @@
-"""Cross-architecture transfer (XATL, Choi 2024): GPT-2's embeddings, LayerNorms, MLPs and LM head copied
-into a model whose attention is a linear-cost mixer (Mamba, retention, gated linear attention); the
-mixers train first with the copied weights frozen, then everything trains.
+"""Cross-architecture transfer (XATL, Choi 2024): a source model's embeddings, norms, MLPs, LM head (and
+attention weights into the mixers) copied into a twin whose attention is a linear-cost mixer (Mamba,
+retention, gated linear attention) in some or all layers; the mixers train first with the copied weights
+frozen, then everything trains. Sources: every family in surgery.families (GPT-2, GPT-NeoX/Pythia, Llama-style).
 
-Importing this package registers `hybrid_gpt2` with transformers' Auto classes.
+Importing this package registers the hybrid model types (`hybrid_gpt2`, `hybrid_gpt_neox`, `hybrid_llama`, ...)
+with transformers' Auto classes.
 """
 
 from surgery.xatl.mixers import MIXERS, build_mixer
-from surgery.xatl.model import HybridGPT2Config, HybridGPT2LMHeadModel, hybrid_config_from
+from surgery.xatl.model import (HYBRID_CONFIGS, HYBRID_MODELS, HybridGPT2Config, HybridGPT2LMHeadModel,
+                                hybrid_config_from, hybrid_model)
 
-__all__ = ["MIXERS", "build_mixer", "HybridGPT2Config", "HybridGPT2LMHeadModel", "hybrid_config_from"]
+__all__ = ["MIXERS", "build_mixer", "HYBRID_CONFIGS", "HYBRID_MODELS", "HybridGPT2Config", "HybridGPT2LMHeadModel",
+           "hybrid_config_from", "hybrid_model"]

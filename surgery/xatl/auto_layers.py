@@ -17,7 +17,7 @@ from torch import nn
 from surgery.distill import Teacher
 from surgery.errors import SurgeryError
 from surgery.xatl.align import AttentionAligner
-from surgery.xatl.model import HybridGPT2LMHeadModel, hybrid_config_from
+from surgery.xatl.model import hybrid_config_from, hybrid_model
 from surgery.xatl.transfer import transfer_shared_weights
 
 MIXER_INPUTS = ("attn_out", "qkv")  # the transfer components that initialize a mixer
@@ -30,7 +30,7 @@ def rank_layers(source: nn.Module, mixer: str, mixer_config: dict | None, batche
         raise SurgeryError("ranking layers for attn_layers: auto needs at least one batch of data")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        probe = HybridGPT2LMHeadModel(hybrid_config_from(source.config, mixer, mixer_config, []))
+        probe = hybrid_model(hybrid_config_from(source.config, mixer, mixer_config, []))
         components = ["norms", *[c for c in transfer if c in MIXER_INPUTS]]
         transfer_shared_weights(source, probe, components)
         aligner = AttentionAligner(Teacher(source), probe.mixer_layers())

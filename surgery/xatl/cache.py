@@ -22,6 +22,8 @@ from surgery.errors import SurgeryError
 
 CACHE_ARG = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 CACHE_NAMES = ("cache", "past_key_values")
+# Names under which a decoder layer hands the cache to its attention module (GPT-NeoX's layer uses `layer_past`).
+LAYER_CACHE_NAMES = (*CACHE_NAMES, "layer_past")
 
 
 class HybridCache(DynamicCache):
@@ -52,9 +54,9 @@ class HybridCache(DynamicCache):
         return total
 
 
-def cache_from_kwargs(args: tuple, kwargs: dict, position: int = 0):
-    """The cache handed to a module under either name (or as the positional argument `position` of `args`)."""
-    given = [kwargs[n] for n in CACHE_NAMES if kwargs.get(n) is not None]
+def cache_from_kwargs(args: tuple, kwargs: dict, position: int = 0, names: tuple[str, ...] = CACHE_NAMES):
+    """The cache handed to a module under one of `names` (or as the positional argument `position` of `args`)."""
+    given = [kwargs[n] for n in names if kwargs.get(n) is not None]
     if len(args) > position and args[position] is not None:
         given.append(args[position])
     if len(given) > 1:

@@ -29,7 +29,7 @@ from surgery.lm import CausalLM, cosine_with_warmup
 from surgery.loading import load_causal_lm
 from surgery.xatl.align import AttentionAligner
 from surgery.xatl.auto_layers import choose_layers, rank_layers
-from surgery.xatl.model import HybridGPT2LMHeadModel, hybrid_config_from
+from surgery.xatl.model import hybrid_config_from, hybrid_model
 from surgery.xatl.transfer import DEFAULT_COMPONENTS, transfer_shared_weights
 
 
@@ -165,7 +165,7 @@ class XatlLM(CausalLM):
     def _build(self, attn_layers: list[int] | None) -> None:
         """The hybrid with softmax attention kept at `attn_layers`, the transfer into it, what is frozen."""
         hp, src = self.hparams, self.source_model.model
-        self.model = HybridGPT2LMHeadModel(hybrid_config_from(src.config, hp.mixer, hp.mixer_config, attn_layers))
+        self.model = hybrid_model(hybrid_config_from(src.config, hp.mixer, hp.mixer_config, attn_layers))
         self.report = transfer_shared_weights(src, self.model, hp.transfer)
         self.transferred = self.report.parameter_names if hp.freeze else []
         self.unfrozen_at: int | None = None if self.transferred else 0

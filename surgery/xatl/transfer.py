@@ -1,8 +1,11 @@
-"""Copy the components a GPT-2 shares with its hybrid twin: embeddings, norms, MLPs, LM head, whole attention
-layers the twin keeps, and optionally attention weights into the mixers (W_O -> output projection; Q/K/V ->
-mixer inputs, the Mamba-in-the-Llama mapping V -> x, K -> B, Q -> C for Mamba).
+"""Copy the components a source model (GPT-2, GPT-NeoX/Pythia, Llama-style) shares with its hybrid twin:
+embeddings, norms, MLPs (gated SwiGLU ones whole), LM head, whole attention layers the twin keeps, and
+optionally attention weights into the mixers (W_O -> output projection; Q/K/V -> mixer inputs, the
+Mamba-in-the-Llama mapping V -> x, K -> B, Q -> C for Mamba; GPT-NeoX's per-head interleaved projection
+de-interleaved and grouped KV heads repeated to the query heads, see surgery.xatl.qkv).
 
-Module locations come from `surgery.families`; nothing here knows a family's attribute names.
+Module locations and projection layouts come from `surgery.families`; nothing here knows a family's attribute
+names.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from torch import nn
 
 from surgery.errors import SurgeryError
 from surgery.families import Family, blocks, family_of, get_module
+from surgery.xatl.qkv import linear_parts, qkv_weights
 
 COMPONENTS = ("embeddings", "norms", "mlp", "lm_head", "attn_layers", "attn_out", "qkv")
 DEFAULT_COMPONENTS = ("embeddings", "norms", "mlp", "lm_head", "attn_layers")
@@ -44,15 +48,6 @@ class TransferReport:
         return f"copied {len(self.copied)} tensors ({self.num_params:,} parameters)" + "".join(f"\n  {n}" for n in self.notes)
 
 
-def _as_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight (out, in), bias) of an nn.Linear or a GPT-2 Conv1D (which stores (in, out))."""
-    if isinstance(module, nn.Linear):
-        return module.weight, module.bias
-    if type(module).__name__ == "Conv1D":
-        return module.weight.T, module.bias
-    raise SurgeryError(f"cannot read a projection from {type(module).__name__}")
-
-
 class _Copier:
     def __init__(self, target: nn.Module):
         self.names = {id(p): n for n, p in target.named_parameters(remove_duplicate=False)}
@@ -79,11 +74,11 @@ class _Copier:
             self.record(f"{dst_path}.{name}", f"{src_path}.{name}", p.numel())
 
     def rows(self, dst: nn.Linear, rows: slice, w: torch.Tensor, b: torch.Tensor | None, dst_path: str,
-             src_name: str, hint: str) -> None:
-        """Copy a (out, in) weight and its bias into rows `rows` of a Linear."""
+             src_name: str, hint: str, how: str = "") -> None:
+        """Copy a (out, in) weight and its bias into rows `rows` of a Linear; `how` notes a reshaping."""
         whole = rows == slice(0, dst.out_features)
-        note = "" if whole else f"rows {rows.start}:{rows.stop} of {dst.out_features}"
-        self.copy(dst.weight[rows], w, src_name, hint, f"{dst_path}.weight" + (f"[{note}]" if note else ""))
+        note = "; ".join(filter(None, [how, "" if whole else f"rows {rows.start}:{rows.stop} of {dst.out_features}"]))
+        self.copy(dst.weight[rows], w, src_name, hint, f"{dst_path}.weight" + ("" if whole else f"[{note}]"))
         self.record(f"{dst_path}.weight", src_name, w.numel(), note, whole)
         if b is not None and dst.bias is not None:
             self.copy(dst.bias[rows], b, src_name + " bias", hint, f"{dst_path}.bias")
@@ -93,6 +88,9 @@ class _Copier:
 
 
 def _check_compatible(source: nn.Module, target: nn.Module, fs: Family, ft: Family) -> None:
+    if ft.name not in (fs.name, "hybrid_" + fs.name):
+        raise SurgeryError(f"cannot transfer from a {fs.name} model into a {ft.name} one: build the target from "
+                           "the source config with hybrid_config_from")
     ws, wt = get_module(source, fs.tok_emb).embedding_dim, get_module(target, ft.tok_emb).embedding_dim
     if ws != wt:
         raise SurgeryError(f"source width {ws} differs from target width {wt}: transfer needs the same width "
@@ -104,11 +102,13 @@ def _check_compatible(source: nn.Module, target: nn.Module, fs: Family, ft: Fami
 
 def transfer_shared_weights(source: nn.Module, target: nn.Module,
                             components: tuple[str, ...] | list[str] = DEFAULT_COMPONENTS) -> TransferReport:
-    """Copy `components` of `source` (a GPT-2 family model) into `target` (same width and depth, e.g. a
-    HybridGPT2LMHeadModel) in place. Components: embeddings (token + position), norms (every LN; the
-    source's LN epsilon and `surgery_ln_free` go along, so an LN-free source gives an LN-free target),
-    mlp, lm_head, attn_layers (attention blocks the target keeps, copied whole), attn_out (attention output
-    projection -> mixer output projection), qkv (Q/K/V -> the mixer's input projections).
+    """Copy `components` of `source` (a model of a supported family) into `target` (its hybrid twin, same
+    width and depth: `hybrid_model(hybrid_config_from(source.config, ...))`) in place. Components: embeddings
+    (token, and position where learned), norms (every norm; the source's epsilon and `surgery_ln_free` go
+    along, so an LN-free source gives an LN-free target), mlp (every MLP projection), lm_head, attn_layers
+    (attention blocks the target keeps, copied whole, rotary and grouped KV heads as they are), attn_out
+    (attention output projection -> mixer output projection), qkv (Q/K/V in query-head order -> the mixer's
+    input projections; see surgery.xatl.qkv).
     Returns a TransferReport; raises SurgeryError on unknown components or mismatched shapes."""
     unknown = sorted(set(components) - set(COMPONENTS))
     if unknown:
@@ -138,17 +138,13 @@ def transfer_shared_weights(source: nn.Module, target: nn.Module,
         slots, mpath = mixer.transfer_slots(), f"{tp}.{ft.attn}.mixer"
         hint = f"block {i} {type(mixer).__name__}: the mixer's shapes do not allow this mapping"
         if "attn_out" in components:
-            w, b = _as_linear(get_module(sb, fs.attn_out))
+            w, b = linear_parts(get_module(sb, fs.attn_out))
             lin, rows = slots["o"]
             cp.rows(lin, rows, w, b, _name(mixer, lin, mpath), f"{sp}.{fs.attn_out}", hint)
         if "qkv" in components:
-            w, b = _as_linear(get_module(sb, fs.qkv[0]))
-            d = w.shape[0] // 3
-            for j, key in enumerate("qkv"):
+            for key, (w, b, src_name, note) in qkv_weights(sb, fs, source.config, sp).items():
                 lin, rows = slots[key]
-                part = slice(j * d, (j + 1) * d)
-                cp.rows(lin, rows, w[part], None if b is None else b[part], _name(mixer, lin, mpath),
-                        f"{sp}.{fs.qkv[0]}[{key.upper()}]", hint)
+                cp.rows(lin, rows, w, b, _name(mixer, lin, mpath), src_name, hint, note)
     return cp.report
 
 
@@ -162,12 +158,13 @@ def _copy_norms(source, target, fs: Family, ft: Family, cp: _Copier) -> None:
     for s, t in zip(src_paths + [fs.final_norm], dst_paths + [ft.final_norm]):
         sm, tm = get_module(source, s), get_module(target, t)
         cp.module(sm, tm, s, t)
-        if hasattr(sm, "eps") and tm.eps != sm.eps:
-            tm.eps = sm.eps
-    eps = getattr(source.config, "layer_norm_epsilon", None)
-    if eps is not None and getattr(target.config, "layer_norm_epsilon", eps) != eps:
-        target.config.layer_norm_epsilon = eps
-        cp.report.notes.append(f"LayerNorm epsilon set to the source's {eps:g}")
+        for attr in ("eps", "variance_epsilon"):  # nn.LayerNorm's, and transformers' RMSNorms'
+            if hasattr(sm, attr) and getattr(tm, attr) != getattr(sm, attr):
+                setattr(tm, attr, getattr(sm, attr))
+    eps = getattr(source.config, fs.eps_key, None)
+    if eps is not None and getattr(target.config, ft.eps_key, eps) != eps:
+        setattr(target.config, ft.eps_key, eps)
+        cp.report.notes.append(f"norm epsilon set to the source's {eps:g}")
     ln_free = getattr(source.config, "surgery_ln_free", None)
     if ln_free is not None:
         target.config.surgery_ln_free = ln_free
