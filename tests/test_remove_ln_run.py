@@ -61,7 +61,7 @@ def test_export_of_a_run_stopped_mid_removal_is_refused(finished_run, tmp_path, 
     state["state_dict"]["model.transformer.ln_f.fake"] = torch.tensor(0.0)  # as if killed before ln_f went
     torch.save(state, ckpt)
     assert main(["export", str(ckpt), "--out", str(tmp_path / "x")]) == 2
-    assert "1 LayerNorm(s) are still real or use special sigmas (ln_f" in capsys.readouterr().err
+    assert "1 norm(s) are still real or use special sigmas (ln_f" in capsys.readouterr().err
 
 
 def test_max_steps_ending_before_the_schedule_is_refused(finished_run, capsys):

@@ -1,0 +1,53 @@
+"""Every norm-removal and pretraining recipe parses and shows its full configuration (`--print_config`)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from surgery.lightning_cli import SurgeryCLI
+
+ROOT = Path(__file__).parent.parent / "recipes"
+RECIPES = sorted((ROOT / "remove_ln").glob("*.yaml")) + sorted((ROOT / "pretrain").glob("*.yaml"))
+
+
+def printed(recipe: Path, capsys) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        SurgeryCLI(args=["fit", "--config", str(recipe), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_each_family_has_a_quick_start_and_real_model_recipes():
+    names = {p.name for p in RECIPES}
+    assert {"quickstart.yaml", "quickstart-pythia.yaml", "quickstart-llama.yaml"} <= names
+    assert {"pythia-70m.yaml", "pythia-410m.yaml", "smollm2-135m.yaml", "tiny-pythia.yaml", "tiny-llama.yaml"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_print_config(recipe, capsys):
+    config = printed(recipe, capsys)
+    args = config["model"]["init_args"]
+    if recipe.parent.name == "pretrain":
+        assert config["model"]["class_path"] == "surgery.lm.CausalLM" and args["init"] is None
+        family = {"tiny-gpt2.yaml": "gpt2", "tiny-pythia.yaml": "gpt_neox", "tiny-llama.yaml": "llama"}[recipe.name]
+        assert args["config"].get("model_type", "gpt2") == family
+        return
+    assert config["model"]["class_path"] == "surgery.remove_ln.module.LNRemoval"
+    assert args["schedule"]["gaps"] and args["distill"] is not None or args["distill"] is None  # defaults shown
+    if recipe.name.startswith("quickstart"):  # offline: a shipped checkpoint, its own tokenizer, the CPU
+        assert args["init"].startswith("checkpoints/tiny-") and config["data"]["init_args"]["tokenizer"] == args["init"]
+        assert config["trainer"]["accelerator"] == "cpu"
+    else:
+        assert config["trainer"]["accelerator"] == "gpu" and config["data"]["init_args"]["tokenizer"] == args["init"]
+
+
+def test_family_quick_starts_differ_from_the_gpt2_one_only_in_model_and_run_directory():
+    for family in ("pythia", "llama"):
+        base = yaml.safe_load((ROOT / "remove_ln" / "quickstart.yaml").read_text())
+        other = yaml.safe_load((ROOT / "remove_ln" / f"quickstart-{family}.yaml").read_text())
+        for cfg in (base, other):
+            cfg["model"]["init_args"].pop("init")
+            cfg["data"]["init_args"].pop("tokenizer")
+            cfg["trainer"].pop("default_root_dir")
+        assert other == base
