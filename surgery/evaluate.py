@@ -8,6 +8,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from surgery.errors import SurgeryError
+
 
 @torch.no_grad()
 def cross_entropy(model: torch.nn.Module, blocks: Dataset, batch_size: int = 16, progress: bool = False) -> dict:
@@ -27,5 +29,8 @@ def cross_entropy(model: torch.nn.Module, blocks: Dataset, batch_size: int = 16,
         total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
         count += targets.numel()
     model.train(was_training)
+    if count == 0:
+        raise SurgeryError("no token to predict: every evaluated block must hold at least 2 tokens, and there must be at "
+                           "least one block; raise the block size or the number of blocks")
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}

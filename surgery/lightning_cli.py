@@ -20,6 +20,7 @@ from surgery import run_lock
 from surgery.publish.callback import PublishRun
 from surgery.errors import SurgeryError
 from surgery.guard import DivergenceGuard
+from surgery.parse_errors import SurgeryArgumentParser
 from surgery.resume import (AtomicCheckpointIO, check_resume_config, choose_checkpoint, plain, read_checkpoint, rng_state,
                             set_rng_state)
 from surgery.run import ExportRun
@@ -118,6 +119,7 @@ class SurgeryCLI(LightningCLI):
             parser_kwargs={c: {"usage": f"surgery {c} --config RECIPE.yaml [--key value ...]"} for c in ("fit", "validate", "test", "predict")},
             args=None if args == sys.argv[1:] else args,  # Lightning warns when given the command line as args
             auto_configure_optimizers=False,
+            parser_class=SurgeryArgumentParser,  # a refused recipe in one line, not jsonargparse's nested report
         )
 
     def _parse_ckpt_path(self) -> None:

@@ -44,11 +44,25 @@ def load_causal_lm(name: str, dtype: torch.dtype = torch.float32) -> PreTrainedM
     if local:
         check_weight_files(Path(ref))
     try:
-        return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, use_safetensors=True)
     except OSError as err:
         if local:
             raise SurgeryError(f"could not load the model in {name!r}: {err}") from err
         raise _hub_error(name, err) from err
+    return check_finite(model, name)
+
+
+def check_finite(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """Refuse a model with NaN or infinite weights (a diverged run, a bad conversion): nothing trained or measured
+    from it would mean anything, and the failure would surface far away (a norm with no measured scale)."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise SurgeryError(
+            f"model {name!r} has NaN or infinite weights in {', '.join(bad[:3])}{more}: it cannot be trained or "
+            "evaluated. Load an earlier checkpoint of it, or the model it was trained from"
+        )
+    return model
 
 
 PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "tf_model.h5", "flax_model.msgpack")
@@ -148,7 +162,7 @@ def load_lightning_checkpoint(path: str) -> PreTrainedModel:
             f"{path!r} does not match the model its config describes (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}): it was written by a different version or module"
         )
-    return model.eval()
+    return check_finite(model, path).eval()
 
 
 def _tied_keys(model: PreTrainedModel) -> set[str]:

@@ -30,6 +30,20 @@ def check_trainer_config(trainer: Any) -> None:
     if trainer.max_epochs is not None and (trainer.max_epochs == 0 or trainer.max_epochs < -1):
         raise _fail("trainer.max_epochs", trainer.max_epochs, "a run needs at least one epoch",
                     "set a positive number of epochs, or -1 with trainer.max_steps")
+    check_accelerator(getattr(trainer, "accelerator", None))
+
+
+def check_accelerator(accelerator: Any) -> None:
+    """A GPU accelerator named in the config must be present (Lightning's own error is a raw traceback)."""
+    import torch
+
+    name = accelerator.lower() if isinstance(accelerator, str) else None
+    if name in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise _fail("trainer.accelerator", accelerator, "this machine has no CUDA GPU that torch can use",
+                    "set trainer.accelerator to cpu (or auto), or install the CUDA build of torch on a GPU machine")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise _fail("trainer.accelerator", accelerator, "Apple's MPS backend is not available here",
+                    "set trainer.accelerator to cpu (or auto)")
 
 
 # (hparam, test, what it must be)

@@ -76,6 +76,14 @@ def fake_checkpoint(path: Path, **drop) -> str:
     return str(path)
 
 
+def nan_weights(model: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model / "model.safetensors")
+    weights["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("nan")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+
+
 class Opaque:
     """Any class: pickled into a checkpoint, weights-only loading refuses it."""
 
@@ -111,16 +119,26 @@ SCHEDULE_EVENTS = {"h.0.ln_2": 3, "h.5.ln_2": 4}
 CASES = [
     # -- parsed by the Lightning CLI (jsonargparse): exit 2 with the parser's message --------------
     Case("unknown model key", lambda r, t: ["--model.init_args.lrr", "0.1"],
-         ['Parser key "model"', "Option 'lrr' is not accepted"]),
+         ["surgery fit: error: model.init_args.lrr: no such key; did you mean model.init_args.lr? LNRemoval takes: init,"]),
     Case("unknown trainer key in YAML", lambda r, t: ["--config", recipe_with(r, t, trainer={"max_stepz": 3})],
          ["max_stepz"]),
     Case("unknown model class", lambda r, t: ["--model.class_path", "surgery.remove_ln.module.LNRemovl"],
-         ["module 'surgery.remove_ln.module' has no attribute 'LNRemovl'"]),
+         ["model.class_path: module 'surgery.remove_ln.module' has no attribute 'LNRemovl'"]),
     Case("unknown sigma source", lambda r, t: ["--model.init_args.sigma_source", "tabel"],
-         ["sigma_source", "tabel"]),
-    Case("non-integer steps", lambda r, t: ["--trainer.max_steps", "ten"], ['Parser key "trainer.max_steps"', "ten"]),
+         ["model.init_args.sigma_source='tabel': expected one of 'moving_average', 'table'"]),
+    Case("non-integer steps", lambda r, t: ["--trainer.max_steps", "ten"], ["trainer.max_steps='ten': expected int"]),
     Case("unknown guard action", lambda r, t: ["--guard.action", "explode"],
-         ['Parser key "guard.action"', "Got value: explode"]),
+         ["guard.action='explode': expected one of 'skip', 'rollback', 'stop', 'off'"]),
+    Case("typo two classes deep in YAML", lambda r, t: ["--config", recipe_with(r, t, model_init_args={"distill": {"kl_weigth": 1.0}})],
+         ["error: model.init_args.distill.kl_weigth: no such key; did you mean model.init_args.distill.kl_weight? "
+          "DistillConfig takes: lm_weight, kl_weight,"]),
+    Case("wrong type two classes deep in YAML", lambda r, t: ["--config", recipe_with(r, t, model_init_args={"schedule": {"gaps": "abc"}})],
+         ["error: model.init_args.schedule.gaps='abc': expected dict"]),
+    Case("wrong tuple length", lambda r, t: ["--model.init_args.betas", "[0.9]"],
+         ["model.init_args.betas='[0.9]': expected tuple with 2 elements"]),
+    Case("GPU accelerator without a GPU", lambda r, t: ["--trainer.accelerator", "gpu"] if not torch.cuda.is_available() else [
+         "--trainer.max_steps", "0"], ["trainer.accelerator='gpu': this machine has no CUDA GPU that torch can use; set trainer.accelerator "
+                                       "to cpu (or auto)"] if not torch.cuda.is_available() else ["trainer.max_steps=0"]),
     # -- model, family, mixer ----------------------------------------------------------------------
     Case("unknown mixer", _xatl("lstm"), ["unknown mixer 'lstm'; choose one of: gla, mamba, retention"]),
     Case("unknown model family", lambda r, t: ["--model.init_args.init", tiny_model(t, "llama")],
@@ -137,6 +155,9 @@ CASES = [
          ["model.safetensors': its tensors need", "the file is truncated or corrupt: copy or download it again"]),
     Case("safetensors header cut", lambda r, t: ["--model.init_args.init", model_dir(r, t, lambda p: truncate(p / "model.safetensors", 0.0001))],
          ["model.safetensors': its header claims", "bytes but the file has"]),
+    Case("NaN weights", lambda r, t: ["--model.init_args.init", model_dir(r, t, nan_weights)],
+         ["init' has NaN or infinite weights in transformer.h.0.mlp.c_fc.weight: it cannot be trained or evaluated. "
+          "Load an earlier checkpoint of it"]),
     Case("tokenizer larger than the model's vocabulary", lambda r, t: ["--model.init_args.init", tiny_model(t, "gpt2")],
          ["the tokenizer has 4096 entries but model", "embeds only 1000: set data.tokenizer to the model's own tokenizer"]),
     # -- removal schedule and steps ------------------------------------------------------------------
@@ -169,6 +190,9 @@ CASES = [
     # -- data ------------------------------------------------------------------------------------------
     Case("zero block size", lambda r, t: ["--data.init_args.block_size", "0"],
          ["data.block_size and data.batch_size must be positive (got 0, 8)"]),
+    Case("one-token blocks", lambda r, t: ["--data.init_args.block_size", "1"],
+         ["data.block_size=1: a block needs at least 2 tokens (each token is predicted from the ones before it); "
+          "set data.init_args.block_size to 2 or more"]),
     Case("negative batch size", lambda r, t: ["--data.init_args.batch_size", "-1"],
          ["data.block_size and data.batch_size must be positive (got 32, -1)"]),
     Case("block size beyond the model's positions", lambda r, t: ["--data.init_args.block_size", "128"],

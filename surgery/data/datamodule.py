@@ -94,6 +94,9 @@ class TokenBlocks(L.LightningDataModule):
         encoding_errors: Literal["refuse", "skip", "replace"] | None = None,
     ):
         super().__init__()
+        if 0 < block_size < 2:
+            raise SurgeryError(f"data.block_size={block_size}: a block needs at least 2 tokens (each token is predicted "
+                               "from the ones before it); set data.init_args.block_size to 2 or more, e.g. 256")
         if block_size <= 0 or batch_size <= 0:
             raise SurgeryError(f"data.block_size and data.batch_size must be positive (got {block_size}, {batch_size})")
         self.corpus = Corpus(data, val_fraction, text_field, max_documents, encoding_errors)
