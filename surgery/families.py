@@ -98,7 +98,7 @@ GPT_NEOX = Family(
     mlp_out="mlp.dense_4h_to_h",
     tok_emb="gpt_neox.embed_in",
     pos_emb=None,
-    lm_head="embed_out",
+    lm_head="lm_head",  # `embed_out` in checkpoints; transformers >= 5.17 loads it as lm_head
     norm_kind="layernorm",
     eps_key="layer_norm_eps",
     parallel_residual_key="use_parallel_residual",
