@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
@@ -15,6 +16,7 @@ from surgery.errors import SurgeryError
 from surgery.ln_tune import EntryMask, ln_parameters
 from surgery.ln_tune.lm import LNTuneLM, StdlibPartCorpus
 from ln_tune_models import tiny_gpt2
+from tests.remove_ln_models import tiny_model
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "ln_tune"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -31,8 +33,8 @@ def tiny_lm_dir(tmp_path_factory):
     return path
 
 
-def fit_lm(run_dir, model_dir, *extra):
-    args = ["fit", "--config", str(RECIPES / "tiny-gpt2-email.yaml"), "--trainer.default_root_dir", str(run_dir),
+def fit_lm(run_dir, model_dir, *extra, recipe="tiny-gpt2-email.yaml"):
+    args = ["fit", "--config", str(RECIPES / recipe), "--trainer.default_root_dir", str(run_dir),
             "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "2",
             "--model.init_args.init", str(model_dir), "--model.init_args.warmup_steps", "1",
             "--model.init_args.lr", "0.05", "--model.init_args.weight_decay", "0.5", "--model.init_args.fisher_samples", "8",
@@ -60,6 +62,30 @@ def test_causal_lm_fisher_recipe_moves_only_masked_entries(tiny_lm_dir, tmp_path
     assert metrics["ln_tune"]["val_before"]["loss"] > 0 and metrics["steps"] == 4
 
 
+@pytest.mark.parametrize("family, kind, cls, per_norm", [("pythia", "neox", "GPTNeoXForCausalLM", 2 * 32),
+                                                         ("llama", "llama", "LlamaForCausalLM", 32)])
+def test_family_recipes_tune_only_masked_norm_entries(family, kind, cls, per_norm, tiny_lm_dir, tmp_path):
+    """tiny-{pythia,llama}-email.yaml on a tiny random model of that family (the json BPE): a Fisher mask over
+    5 norms' gains and biases (RMSNorm: gains only), nothing else moves, the export is the family's own class."""
+    model_dir = tmp_path / kind
+    tok = get_tokenizer(str(tiny_lm_dir))
+    tiny_model(kind, vocab=len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    init = AutoModelForCausalLM.from_pretrained(model_dir)
+    tuned = fit_lm(tmp_path / "run", model_dir, "--model.init_args.selection", "fisher", recipe=f"tiny-{family}-email.yaml")
+    assert type(tuned).__name__ == cls
+    mask = EntryMask.load(tmp_path / "run" / "masks.safetensors")
+    assert mask.total() == 5 * per_norm and mask.selected() == round(0.1 * 5 * per_norm)
+    before, after = dict(init.named_parameters()), dict(tuned.named_parameters())
+    for n in before:
+        m = mask.masks.get(n, torch.zeros(before[n].shape, dtype=torch.bool))
+        assert torch.equal(after[n][~m], before[n][~m]), n
+        assert (after[n][m] != before[n][m]).all(), n
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["ln_tune"]
+    assert metrics["norms"] == (["LlamaRMSNorm"] if kind == "llama" else ["LayerNorm"])
+    assert metrics["trainable"] == mask.selected()
+
+
 def test_a_saved_mask_is_reused_and_reproduces_the_run(tiny_lm_dir, tmp_path):
     first = fit_lm(tmp_path / "a", tiny_lm_dir, "--model.init_args.selection", "random", "--model.init_args.seed", "3")
     mask_file = tmp_path / "a" / "masks.safetensors"
@@ -69,6 +95,20 @@ def test_a_saved_mask_is_reused_and_reproduces_the_run(tiny_lm_dir, tmp_path):
     assert reloaded.metadata["selection"] == "random" and reloaded.selected() == 32
     for (n, p), q in zip(first.named_parameters(), second.parameters()):
         assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("family", ["gpt2", "pythia", "llama"])
+def test_lm_recipes_print_their_full_config(family, capsys):
+    from surgery.lightning_cli import SurgeryCLI
+
+    with pytest.raises(SystemExit) as exit_info:
+        SurgeryCLI(args=["fit", "--config", str(RECIPES / f"tiny-{family}-email.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    assert model["init"] == data["tokenizer"] == f"checkpoints/tiny-{family}-stdlib"  # the model's own tokenizer
+    assert model["betas"] == [0.9, 0.999] and data["part"] == "email"  # defaults shown in full
+    assert config["trainer"]["default_root_dir"] == f"runs/ln_tune/tiny-{family}-email"
 
 
 def test_lm_selection_errors(tiny_lm_dir):

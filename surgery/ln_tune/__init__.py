@@ -1,4 +1,4 @@
-"""LN-tuning: fine-tune only LayerNorm gains and biases, or a Fisher-selected subset of their entries."""
+"""LN-tuning: fine-tune only norm gains and biases (RMSNorm: gains), or a Fisher-selected subset of their entries."""
 
 from surgery.ln_tune.fisher import fisher_scores, label_log_likelihood, next_token_log_likelihood
 from surgery.ln_tune.mask import EntryMask

@@ -1,5 +1,5 @@
-"""The empirical Fisher of every LayerNorm entry: squared per-example gradients of the log-likelihood,
-averaged over examples (as in FISH masks, Sung et al. 2021).
+"""The empirical Fisher of every norm entry (LayerNorm gains and biases, RMSNorm gains): squared
+per-example gradients of the log-likelihood, averaged over examples (as in FISH masks, Sung et al. 2021).
 
     F[j] = (1/N) sum_i (d log p(y_i | x_i) / d theta_j)^2
 
@@ -9,8 +9,12 @@ of the true label for classification, the mean log-probability of each next toke
 
 Per-example gradients come from one batched backward: for y = x_hat * w + b (x_hat the normalised
 input), dL_i/dw = sum_t g_it * x_hat_it and dL_i/db = sum_t g_it, with g the gradient at the norm's
-output. This needs examples that do not interact (true for transformers in eval mode, with padding masked).
-`method="loop"` takes one backward per example instead: the reference, and the path for other norms.
+output. x_hat is recomputed from the norm's input: (x - mean) / sqrt(var + eps) for a LayerNorm,
+x / sqrt(mean(x^2) + eps) for an RMSNorm (nn.RMSNorm, or a Llama-style family's *RMSNorm with the
+family's epsilon). Every batch checks that x_hat * w (+ b) reproduces the norm's output; a norm that
+computes something else is an error, not a silent wrong score. This needs examples that do not interact
+(true for transformers in eval mode, with padding masked). `method="loop"` takes one backward per example
+instead: the reference, and the path for norms without a closed form here.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery.ln_tune.params import ln_parameters, norm_modules
+from surgery.errors import SurgeryError
+from surgery.ln_tune.params import ln_parameters, norm_modules, registry_family
 
 Batch = torch.Tensor | dict[str, torch.Tensor]
 LogLik = Callable[[nn.Module, Batch], torch.Tensor]
@@ -58,16 +63,18 @@ def fisher_scores(
     max_examples: int | None = None,
     method: str = "hooks",
 ) -> dict[str, torch.Tensor]:
-    """Empirical Fisher of each LayerNorm gain and bias: name -> float64 tensor of the parameter's shape.
+    """Empirical Fisher of each norm gain and bias (`ln_parameters`): name -> float64 tensor of the parameter's shape.
 
-    Averages over the examples of `batches` (at most `max_examples`). Leaves the model's
+    Averages over the examples of `batches` (at most `max_examples`). `method`: "hooks" (closed form, one
+    backward per batch; "loop" where a norm has no closed form here) or "loop". Leaves the model's
     `requires_grad` flags and train/eval mode as they were.
     """
     params = ln_parameters(model)
     if method not in ("hooks", "loop"):
         raise ValueError(method)
-    if method == "hooks" and not all(isinstance(m, nn.LayerNorm) for m in norm_modules(model).values()):
-        method = "loop"  # the closed form below is for nn.LayerNorm only
+    normalizers = _normalizers(model) if method == "hooks" else None
+    if method == "hooks" and normalizers is None:
+        method = "loop"  # some norm has no closed form here
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     for p in model.parameters():
@@ -84,8 +91,11 @@ def fisher_scores(
                 break
             if take < _batch_size(batch):
                 batch = {k: v[:take] for k, v in batch.items()} if isinstance(batch, dict) else batch[:take]
-            step = _hooks_step if method == "hooks" else _loop_step
-            for n, sq in step(model, batch, log_likelihood, params).items():
+            if method == "hooks":
+                sums = _hooks_step(model, batch, log_likelihood, params, normalizers)
+            else:
+                sums = _loop_step(model, batch, log_likelihood, params)
+            for n, sq in sums.items():
                 totals[n] += sq
             seen += take
     finally:
@@ -93,8 +103,6 @@ def fisher_scores(
             p.requires_grad_(flag)
         model.train(was_training)
     if seen == 0:
-        from surgery.errors import SurgeryError
-
         raise SurgeryError("no examples to compute the Fisher information on")
     return {n: t / seen for n, t in totals.items()}
 
@@ -111,15 +119,58 @@ def _loop_step(model, batch, log_likelihood, params) -> dict[str, torch.Tensor]:
     return out
 
 
-def _hooks_step(model, batch, log_likelihood, params) -> dict[str, torch.Tensor]:
+def _rms_normalize(eps: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x / sqrt(mean(x^2) + eps) over the last axis, in float32 and cast back (as Llama's RMSNorm computes it)."""
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    return normalize
+
+
+def _normalizers(model: nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tensor]] | None:
+    """Per norm module, the map from its input to x_hat; None if some norm has no closed form here."""
+    family = registry_family(model)
+    out = {}
+    for name, m in norm_modules(model).items():
+        if isinstance(m, nn.LayerNorm):
+            out[name] = lambda x, m=m: F.layer_norm(x, m.normalized_shape, eps=m.eps)
+        elif isinstance(m, nn.RMSNorm):
+            out[name] = lambda x, m=m: F.rms_norm(x, m.normalized_shape, eps=m.eps)
+        elif family is not None and family.norm_kind == "rmsnorm" and type(m).__name__.endswith("RMSNorm"):
+            out[name] = _rms_normalize(float(getattr(model.config, family.eps_key)))
+        else:
+            return None
+    return out
+
+
+def _check_reconstruction(name: str, module: nn.Module, x_hat: torch.Tensor, output: torch.Tensor) -> None:
+    """The closed form assumes y = x_hat * w (+ b); refuse a norm whose output is not that."""
+    want = x_hat * module.weight if getattr(module, "weight", None) is not None else x_hat
+    if getattr(module, "bias", None) is not None:
+        want = want + module.bias
+    out = output.detach()
+    # the same elementwise arithmetic as the module's forward: equal up to a few roundings of the output's dtype
+    tol = 16 * torch.finfo(out.dtype).eps * max(1.0, float(out.abs().max()))
+    err = float((want.to(out.dtype) - out).abs().max())
+    if err > tol:
+        raise SurgeryError(
+            f"the closed-form Fisher does not reproduce norm {name!r} ({type(module).__name__}): x_hat * weight + bias "
+            f"differs from its output by {err:.3g}; compute the Fisher scores with method='loop'"
+        )
+
+
+def _hooks_step(model, batch, log_likelihood, params, normalizers) -> dict[str, torch.Tensor]:
     """Sum over the batch's examples of squared gradients, from one batched backward."""
     per_example: dict[str, torch.Tensor] = {}  # name -> (B, d) gradient of each example
     handles = []
 
-    def capture(mod_name: str, module: nn.LayerNorm):
+    def capture(mod_name: str, module: nn.Module):
         def forward_hook(mod, inputs, output):
             x = inputs[0]
-            x_hat = F.layer_norm(x.detach(), mod.normalized_shape, eps=mod.eps)
+            with torch.no_grad():
+                x_hat = normalizers[mod_name](x.detach())
+                _check_reconstruction(mod_name, mod, x_hat, output)
             batch_dims = (x.shape[0], -1, x.shape[-1])
 
             def grad_hook(g):

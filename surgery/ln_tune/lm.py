@@ -1,4 +1,4 @@
-"""LN-tuning a causal LM with Lightning: `LNTuneLM` (a `CausalLM` that trains only LayerNorm entries)
+"""LN-tuning a causal LM with Lightning: `LNTuneLM` (a `CausalLM` that trains only norm entries)
 and `StdlibPart` (token blocks of one package of the standard library, e.g. `email`), so a model
 pretrained on the whole standard library can be adapted to one part of it.
 """
@@ -18,7 +18,7 @@ from surgery.errors import SurgeryError
 from surgery.evaluate import cross_entropy
 from surgery.ln_tune.fisher import fisher_scores, next_token_log_likelihood
 from surgery.ln_tune.mask import EntryMask
-from surgery.ln_tune.params import ln_parameters
+from surgery.ln_tune.params import ln_parameters, norm_modules
 from surgery.ln_tune.tune import LNTuneConfig, export, ln_tune, trainable_parameters
 from surgery.lm import CausalLM
 
@@ -53,7 +53,9 @@ class StdlibPart(TokenBlocks):
 
 
 class LNTuneLM(CausalLM):
-    """Trains only LayerNorm gains and biases of a pretrained causal LM (the tied unembedding stays frozen).
+    """Trains only the norm gains and biases of a pretrained causal LM: GPT-2 and GPT-NeoX/Pythia LayerNorm
+    gains and biases, Llama-style RMSNorm gains (it has no bias). Embeddings and the unembedding, tied or
+    not, stay frozen.
 
     Args:
         init: the pretrained model (directory, Hub name or .ckpt).
@@ -121,5 +123,6 @@ class LNTuneLM(CausalLM):
         return export(self.model)
 
     def run_metrics(self, exported, val: dict) -> dict:
-        return {"ln_tune": {"selection": self.hparams.selection, "trainable": self.trainable,
+        norms = sorted({type(m).__name__ for m in norm_modules(self.model).values()})
+        return {"ln_tune": {"selection": self.hparams.selection, "trainable": self.trainable, "norms": norms,
                             "ln_entries": self.mask.total(), "val_before": self.val_before}}

@@ -101,8 +101,13 @@ class EntryMask:
         params = dict(model.named_parameters())
         missing = [n for n in self.masks if n not in params]
         if missing:
+            modules = dict(model.named_modules())
+            no_bias = [n for n in missing if n.endswith(".bias") and n[: -len(".bias")] in modules]
+            why = (f"; {len(no_bias)} of them are biases of modules without one (e.g. an RMSNorm has a gain only: "
+                   "was the mask made on a LayerNorm model?)" if no_bias else "")
             raise SurgeryError(f"the mask names parameters this model does not have: {missing[:3]} "
-                               f"({len(missing)} in all); masks transfer only between models of the same architecture")
+                               f"({len(missing)} in all){why}; masks transfer only between models of the same "
+                               "architecture")
         for n, m in self.masks.items():
             if m.shape != params[n].shape:
                 raise SurgeryError(f"mask for {n!r} has shape {tuple(m.shape)}, the parameter {tuple(params[n].shape)}")

@@ -2,11 +2,12 @@
 
     full        every parameter
     head        the task head only (a linear probe on the frozen encoder)
-    bitfit      every bias plus the head (Ben Zaken et al. 2022)
-    ln          LayerNorm gains and biases plus the head (LN-tuning, Qi et al. 2022)
+    bitfit      every bias plus the head (Ben Zaken et al. 2022); an error for models without biases (Llama-style)
+    ln          norm gains and biases (RMSNorm: gains) plus the head (LN-tuning, Qi et al. 2022)
     ln-fisher   a Fisher-selected top share of LN entries plus the head (needs the Fisher scores)
     ln-random   a random share of LN entries plus the head (the control for ln-fisher)
-    lora        PEFT LoRA on the attention projections, head trained fully
+    lora        PEFT LoRA on the attention projections (query and value; a fused Q/K/V projection whole),
+                head trained fully
     ln-mask     LN entries of a saved mask (e.g. from another task) plus the head
 """
 
@@ -19,12 +20,28 @@ from torch import nn
 
 from surgery.errors import SurgeryError
 from surgery.ln_tune.mask import EntryMask
-from surgery.ln_tune.params import bias_parameters, head_modules, head_parameters, ln_parameters, train_only
+from surgery.ln_tune.params import (bias_parameters, head_modules, head_parameters, ln_parameters, registry_family,
+                                    train_only)
 from surgery.ln_tune.tune import LNTuneConfig, ln_tune
 
 METHODS = ("full", "head", "bitfit", "ln", "ln-fisher", "ln-random", "lora", "ln-mask")
-# Attention projections LoRA adapts, by model type.
-LORA_TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"]}
+# Attention projections LoRA adapts, by model type, for models outside `surgery.families` (whose own
+# Q/K/V description decides: `lora_targets`).
+LORA_TARGETS = {"bert": ["query", "value"]}
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    """Module names LoRA adapts: a family's fused Q/K/V projection (c_attn, query_key_value), or its separate
+    query and value projections (q_proj, v_proj), as in the LoRA paper; BERT's query and value."""
+    family = registry_family(model)
+    if family is not None:
+        names = [path.rsplit(".", 1)[-1] for path in family.qkv]
+        return [names[0], names[2]] if family.qkv_layout == "separate" else names
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in LORA_TARGETS:
+        raise SurgeryError(f"no LoRA target modules known for model type {model_type!r} "
+                           f"(known: {list(LORA_TARGETS)} and the families of surgery.families)")
+    return LORA_TARGETS[model_type]
 
 
 def prepare(
@@ -50,7 +67,11 @@ def prepare(
         train_only(model, set(heads))
         return model, None
     if method == "bitfit":
-        train_only(model, set(bias_parameters(model)) | set(heads))
+        biases = bias_parameters(model)
+        if not biases:
+            raise SurgeryError(f"model type {getattr(model.config, 'model_type', None)!r} has no bias parameters "
+                               "(Llama-style models have none): BitFit would train nothing but the head")
+        train_only(model, set(biases) | set(heads))
         return model, None
     if method == "lora":
         return _lora(model, head, lora_r, lora_alpha), None
@@ -68,9 +89,6 @@ def prepare(
 def _lora(model: nn.Module, head, r: int, alpha: int) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in LORA_TARGETS:
-        raise SurgeryError(f"no LoRA target modules known for model type {model_type!r} (known: {list(LORA_TARGETS)})")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS[model_type],
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=lora_targets(model),
                         modules_to_save=head_modules(model, head) or None)
     return get_peft_model(model, config)

@@ -1,13 +1,18 @@
-"""Which parameters LN-tuning trains: the gains and biases of every LayerNorm, plus an optional task head.
+"""Which parameters LN-tuning trains: the gains and biases of every norm, plus an optional task head.
 
 Names are full parameter names (`model.named_parameters()`), e.g. `transformer.h.0.ln_1.weight`.
+For a family of `surgery.families` (GPT-2, GPT-NeoX, Llama-style) the norms are the ones the family
+describes, in forward order; other models (BERT) are scanned for norm modules by type. A LayerNorm has a
+gain and a bias; an RMSNorm (Llama-style) has a gain only, so there "gains and biases" means gains.
 """
 
 from __future__ import annotations
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from surgery.errors import SurgeryError
+from surgery.families import FAMILIES, Family, family_of, norm_paths
 
 # Norm classes recognised by type; other families' norms are recognised by class name.
 NORM_NAME_SUFFIXES = ("LayerNorm", "RMSNorm")
@@ -23,8 +28,34 @@ def _model_name(model: nn.Module) -> str:
     return getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
 
 
+def registry_family(model: nn.Module) -> Family | None:
+    """The `surgery.families` entry of a plain Hugging Face model of a described family, else None."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if isinstance(model, PreTrainedModel) and any(model_type in f.model_types for f in FAMILIES.values()):
+        return family_of(model)
+    return None
+
+
+def _scan(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if _is_norm(m) and any(True for _ in m.parameters(recurse=False))}
+
+
+def _family_norms(model: nn.Module, family: Family) -> dict[str, nn.Module]:
+    """The family's norms, checked against a scan by type: a norm the family does not describe is an error
+    (LN-tuning would silently leave it frozen)."""
+    described = {path: model.get_submodule(path) for path in norm_paths(model)}
+    extra = [n for n in _scan(model) if n not in described]
+    if extra:
+        raise SurgeryError(
+            f"model {_model_name(model)!r} has norms the {family.name} family does not describe: {extra[:3]} "
+            f"({len(extra)} in all); describe them in surgery/families.py before LN-tuning this model"
+        )
+    return {n: m for n, m in described.items() if any(True for _ in m.parameters(recurse=False))}
+
+
 def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every norm module with trainable affine parameters, by module name, in definition order.
+    """Every norm module with trainable affine parameters, by module name: a described family's norms in
+    forward order (blocks' attention then MLP norms, then the final norm), otherwise in definition order.
 
     Refuses an LN-free model (every norm neutralised by a huge epsilon, measured by `surgery.ln_free`: our
     export or a published LN-free GPT-2, with or without `config.surgery_ln_free`), a partly converted one
@@ -38,7 +69,8 @@ def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
             "LayerNorms are fixed affine maps folded into the next layers, so there is nothing to LN-tune. "
             "LN-tune the model before removing LayerNorm, or use LoRA/BitFit on the LN-free model"
         )
-    found = {n: m for n, m in model.named_modules() if _is_norm(m) and any(True for _ in m.parameters(recurse=False))}
+    family = registry_family(model)
+    found = _family_norms(model, family) if family else _scan(model)
     if not found:
         raise SurgeryError(
             f"model {_model_name(model)!r} has no LayerNorm (no nn.LayerNorm, *LayerNorm or *RMSNorm module with "
@@ -47,14 +79,34 @@ def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def norm_has_bias(model: nn.Module) -> bool:
+    """Whether any of the model's norms has a bias (False for RMSNorm models, e.g. Llama-style)."""
+    return any(getattr(m, "bias", None) is not None for m in norm_modules(model).values())
+
+
 def ln_parameters(model: nn.Module, weights: bool = True, biases: bool = True) -> dict[str, nn.Parameter]:
-    """LayerNorm gains (`weights`) and biases, by full parameter name."""
+    """Norm gains (`weights`) and biases where the norms have them, by full parameter name.
+
+    `biases=True` on a model whose norms have no bias (RMSNorm) selects its gains only; a selection that
+    is empty (`weights=False` there, or both False) is an error, not a silent no-op.
+    """
     out: dict[str, nn.Parameter] = {}
     for mod_name, module in norm_modules(model).items():
         for p_name, p in module.named_parameters(recurse=False):
             if (p_name == "bias" and biases) or (p_name != "bias" and weights):
                 out[f"{mod_name}.{p_name}" if mod_name else p_name] = p
+    if not out:
+        if not (weights or biases):
+            raise SurgeryError("weights=False and biases=False select no norm parameter: LN-tuning would train nothing")
+        raise SurgeryError(
+            f"model {_model_name(model)!r} has norms without bias ({_kinds(model)}: gains only), so biases alone "
+            "(weights=False) select nothing to train; train the gains (weights=True)"
+        )
     return out
+
+
+def _kinds(model: nn.Module) -> str:
+    return ", ".join(sorted({type(m).__name__ for m in norm_modules(model).values()}))
 
 
 def head_modules(model: nn.Module, head: str | list[str] | None = "auto") -> list[str]:

@@ -1,5 +1,5 @@
-"""LN-tuning as a surgery on a plain Hugging Face model: train only LayerNorm gains and biases
-(optionally only a masked subset of their entries), plus an optional task head.
+"""LN-tuning as a surgery on a plain Hugging Face model: train only norm gains and biases (LayerNorm;
+an RMSNorm has gains only), optionally only a masked subset of their entries, plus an optional task head.
 
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     mask = ln_tune(model, LNTuneConfig(mask="run/masks.safetensors"))   # or LNTuneConfig() for all LN entries
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
+from surgery.errors import SurgeryError
 from surgery.ln_tune.mask import EntryMask
 from surgery.ln_tune.params import head_modules, head_parameters, ln_parameters, norm_modules, train_only
 
@@ -25,8 +26,11 @@ from surgery.ln_tune.params import head_modules, head_parameters, ln_parameters,
 @dataclass
 class LNTuneConfig:
     """head: task-head modules that train fully ("auto": `classifier`/`score` if present; None: none).
-    weights, biases: which LayerNorm parameters train.
-    mask: an `EntryMask` or the path of a saved one; only its True entries of LN parameters train."""
+    weights, biases: which norm parameters train. `biases=True` means "where the norms have them": an
+        RMSNorm model (Llama-style) trains its gains, so one config serves every family; selecting nothing
+        (`weights=False` on an RMSNorm model) is an error.
+    mask: an `EntryMask` or the path of a saved one; only its True entries train. It may name only the norm
+        parameters `weights`/`biases` select (a mask cannot unfreeze any other tensor)."""
 
     head: str | list[str] | None = "auto"
     weights: bool = True
@@ -35,10 +39,11 @@ class LNTuneConfig:
 
 
 def ln_tune(model: nn.Module, config: LNTuneConfig | None = None) -> EntryMask:
-    """Freeze all but LayerNorm parameters (and the head); returns the mask in force, already applied.
+    """Freeze all but norm parameters (and the head); returns the mask in force, already applied.
 
     Without a mask, the returned mask selects every LN entry (its `restore` is then a no-op).
-    Raises `SurgeryError` for a model without LayerNorm (e.g. an LN-free export).
+    Raises `SurgeryError` for a model without norms (e.g. an LN-free export), for an empty selection and
+    for a mask naming parameters outside the selection.
     """
     config = config or LNTuneConfig()
     ln = ln_parameters(model, config.weights, config.biases)
@@ -50,6 +55,12 @@ def ln_tune(model: nn.Module, config: LNTuneConfig | None = None) -> EntryMask:
         mask = EntryMask({n: torch.ones(p.shape, dtype=torch.bool) for n, p in ln.items()}, {"selection": "all"})
     elif not isinstance(mask, EntryMask):
         mask = EntryMask.load(mask)
+    mask.check(model)
+    outside = [n for n in mask.masks if n not in ln]
+    if outside:
+        raise SurgeryError(f"the mask names parameters LN-tuning does not train here: {outside[:3]} ({len(outside)} "
+                           f"in all); it may name only the norm parameters selected (weights={config.weights}, "
+                           f"biases={config.biases})")
     return mask.apply(model)
 
 
