@@ -128,17 +128,17 @@ def _rms_normalize(eps: float) -> Callable[[torch.Tensor], torch.Tensor]:
     return normalize
 
 
-def _normalizers(model: nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tensor]] | None:
-    """Per norm module, the map from its input to x_hat; None if some norm has no closed form here."""
+def _normalizers(model: nn.Module) -> dict[str, tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]] | None:
+    """Per norm: (module, the map from its input to x_hat); None if some norm has no closed form here."""
     family = registry_family(model)
     out = {}
     for name, m in norm_modules(model).items():
         if isinstance(m, nn.LayerNorm):
-            out[name] = lambda x, m=m: F.layer_norm(x, m.normalized_shape, eps=m.eps)
+            out[name] = m, lambda x, m=m: F.layer_norm(x, m.normalized_shape, eps=m.eps)
         elif isinstance(m, nn.RMSNorm):
-            out[name] = lambda x, m=m: F.rms_norm(x, m.normalized_shape, eps=m.eps)
+            out[name] = m, lambda x, m=m: F.rms_norm(x, m.normalized_shape, eps=m.eps)
         elif family is not None and family.norm_kind == "rmsnorm" and type(m).__name__.endswith("RMSNorm"):
-            out[name] = _rms_normalize(float(getattr(model.config, family.eps_key)))
+            out[name] = m, _rms_normalize(float(getattr(model.config, family.eps_key)))
         else:
             return None
     return out
@@ -165,11 +165,11 @@ def _hooks_step(model, batch, log_likelihood, params, normalizers) -> dict[str, 
     per_example: dict[str, torch.Tensor] = {}  # name -> (B, d) gradient of each example
     handles = []
 
-    def capture(mod_name: str, module: nn.Module):
+    def capture(mod_name: str, module: nn.Module, normalize):
         def forward_hook(mod, inputs, output):
             x = inputs[0]
             with torch.no_grad():
-                x_hat = normalizers[mod_name](x.detach())
+                x_hat = normalize(x.detach())
                 _check_reconstruction(mod_name, mod, x_hat, output)
             batch_dims = (x.shape[0], -1, x.shape[-1])
 
@@ -186,8 +186,8 @@ def _hooks_step(model, batch, log_likelihood, params, normalizers) -> dict[str, 
 
         return module.register_forward_hook(forward_hook)
 
-    for mod_name, module in norm_modules(model).items():
-        handles.append(capture(mod_name, module))
+    for mod_name, (module, normalize) in normalizers.items():
+        handles.append(capture(mod_name, module, normalize))
     try:
         ll = log_likelihood(model, batch).sum()
         torch.autograd.grad(ll, list(params.values()), allow_unused=True)
