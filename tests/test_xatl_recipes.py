@@ -10,11 +10,18 @@ from surgery.lightning_cli import SurgeryCLI
 RECIPES = sorted((Path(__file__).parent.parent / "recipes" / "xatl").glob("*.yaml"))
 
 
+QUICKSTART_SOURCES = {"": "checkpoints/tiny-gpt2-stdlib", "pythia-": "checkpoints/tiny-pythia-stdlib",
+                      "llama-": "checkpoints/tiny-llama-stdlib"}
+
+
 def test_the_recipes_exist():
     names = {p.name for p in RECIPES}
     for mixer in ("mamba", "retention", "gla"):
         assert f"quickstart-{mixer}.yaml" in names and f"gpt2-{mixer}.yaml" in names
         assert f"quickstart-{mixer}-scratch.yaml" in names
+    for family in ("pythia", "llama"):
+        assert {f"quickstart-{family}-mamba.yaml", f"quickstart-{family}-gla.yaml"} <= names
+    assert {"pythia-410m-retention.yaml", "pythia-410m-mamba.yaml", "smollm2-135m-gla.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -29,7 +36,22 @@ def test_print_config(recipe, capsys):
     assert args["mixer"] in recipe.name and args["unfreeze"]["warmup_steps"] > 0  # defaults shown in full
     assert args["freeze"] == bool(args["transfer"])
     if recipe.name.startswith("quickstart"):
-        assert args["source"] == "checkpoints/tiny-gpt2-stdlib" and config["trainer"]["accelerator"] == "cpu"
+        family = next(f for f in ("pythia-", "llama-", "") if recipe.name.startswith(f"quickstart-{f}"))
+        assert args["source"] == QUICKSTART_SOURCES[family] and config["trainer"]["accelerator"] == "cpu"
+        assert config["data"]["init_args"]["tokenizer"] == args["source"]
+
+
+@pytest.mark.parametrize("family", ["pythia", "llama"])
+@pytest.mark.parametrize("mixer", ["mamba", "gla"])
+def test_family_quickstarts_mirror_the_gpt2_quickstart(family, mixer):
+    """Same token budget, stages, schedule, mixer and transfer as the GPT-2 quick start: only the source (and
+    its tokenizer) and the run directory differ."""
+    here = Path(__file__).parent.parent / "recipes" / "xatl"
+    gpt2, other = (yaml.safe_load((here / f"quickstart-{f}{mixer}.yaml").read_text()) for f in ("", f"{family}-"))
+    assert other["trainer"]["default_root_dir"] == f"runs/xatl/quickstart-{family}-{mixer}"
+    for cfg in (gpt2, other):
+        del cfg["model"]["init_args"]["source"], cfg["data"]["init_args"]["tokenizer"], cfg["trainer"]["default_root_dir"]
+    assert gpt2 == other
 
 
 @pytest.mark.parametrize("mixer", ["mamba", "retention", "gla"])
