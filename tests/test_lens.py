@@ -1,4 +1,5 @@
-"""`surgery.lens.load_hooked`: HF GPT-2 -> TransformerLens, with and without LayerNorm, offline.
+"""`surgery.lens.load_hooked`: HF GPT-2 -> TransformerLens, with and without LayerNorm, offline (other families:
+test_lens_families.py).
 
 Tolerances: HF and TransformerLens compute the same float32 function in a different order (split vs fused QKV,
 folded LN weights), so logits agree to ~1e-7 relative (measured 1.2e-7 to 1.6e-7); we allow 1e-6 relative and
@@ -11,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from lens_models import make_ln_free, tiny_gpt2
-from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, OPTConfig, OPTForCausalLM
 
 from surgery.errors import SurgeryError
 from surgery.lens import has_normalization, load_hooked, tl_state_dict
@@ -89,10 +90,10 @@ def test_error_directory_without_model(tmp_path):
         load_hooked(tmp_path)
 
 
-def test_error_not_a_gpt2(tmp_path):
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
-    with pytest.raises(SurgeryError, match="GPT-2 models only; this model is of type 'llama'"):
+def test_error_unsupported_family(tmp_path):
+    cfg = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64, word_embed_proj_dim=32)
+    OPTForCausalLM(cfg).save_pretrained(tmp_path)
+    with pytest.raises(SurgeryError, match=r"model type 'opt' is not supported \(supported: .*gpt2, gpt_neox, .*llama"):
         load_hooked(tmp_path)
 
 

@@ -1,22 +1,14 @@
 """TransformerLens conversion of every supported family, and the residual-stream checks run on it.
 
 - `surgery.lens.convert`: HF model -> TransformerLens config and weights, LN-free models folded to no normalization;
-  `load_hooked`, the one entry point;
+- `surgery.lens.load`: `load_hooked`, the one entry point, for TransformerLens 4.x and 3.x;
 - `surgery.lens.checks`: HF-vs-TransformerLens logits, direct logit attribution, scale spread, attention sinks;
 - `surgery.lens.patching`: activation and attribution patching on induction prompts;
 - `surgery.lens.report`: every check of one model, and the report of `surgery verify`.
 """
 
-from surgery.lens.convert import (
-    has_normalization,
-    is_ln_free,
-    load_hf,
-    load_hooked,
-    norm_eps,
-    tl_config,
-    tl_state_dict,
-    transformer_lens_version,
-)
+from surgery.lens.convert import is_ln_free, norm_eps, tl_config, tl_state_dict
+from surgery.lens.load import has_normalization, load_hf, load_hooked, transformer_lens_version
 
 __all__ = [
     "has_normalization",

@@ -5,10 +5,11 @@ TransformerLens 4.x `TransformerBridge` or a 3.x `HookedTransformer` (same hook 
 
 Direct logit attribution (DLA). The final residual stream is a sum of components c: token and position
 embeddings, every attention head (z_h @ W_O[h]), every attention output bias b_O, every MLP output.
+Rotary models have no position embedding component.
 - The true direct contribution of c is `DE_c = f(r) - f(r - c)`: the change of the logits when c alone is
   removed from the final residual r, with f = final norm (if any) + unembedding recomputed.
 - The frozen-scale attribution is the usual linearization with the cached `ln_final.hook_scale`:
-  `DLA_c = (c - mean(c)) / scale * w_f @ W_U` (for a model without normalization, `c @ W_U`).
+  `DLA_c = (c - mean(c)) / scale * w_f @ W_U` (no centering after an RMSNorm; `c @ W_U` without normalization).
 `dla_relative_error` = ||sum_c DE_c + f(0) - logits|| / ||logits||: zero up to float error exactly when f is
 affine (an LN-free model), and the size of the interaction the per-token scale adds otherwise.
 `dla_frozen_scale_error` = sum_c ||DLA_c - DE_c|| / sum_c ||DE_c||: how wrong the frozen-scale DLA of each
@@ -21,34 +22,43 @@ from __future__ import annotations
 import torch
 
 
-def final_norm_params(hooked) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(w, b) of the final LayerNorm, or None for a model without normalization."""
+def final_norm_params(hooked) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(w, b) of the final norm (b None for an RMSNorm), or None for a model without normalization."""
     sd = hooked.state_dict()
     for w, b in (("ln_final.weight", "ln_final.bias"), ("ln_final.w", "ln_final.b")):
         if w in sd:
-            return sd[w], sd[b]
+            return sd[w], sd.get(b)
     return None
 
 
+def _is_rms(hooked) -> bool:
+    return (hooked.cfg.normalization_type or "").upper().startswith("RMS")
+
+
 def final_map(hooked):
-    """f(r): final residual (..., d_model) -> logits (..., d_vocab), in float64, recomputing the final norm."""
+    """f(r): final residual (..., d_model) -> logits (..., d_vocab), in float64, recomputing the final norm
+    (LayerNorm: centered, divided by sqrt(var + eps); RMSNorm: divided by sqrt(mean(r^2) + eps))."""
     w_u, b_u = hooked.W_U.detach().double(), hooked.b_U.detach().double()
     norm = final_norm_params(hooked)
     if norm is None:
         return lambda r: r @ w_u + b_u
-    w, b = (t.detach().double() for t in norm)
-    eps = hooked.cfg.eps
+    w, b = (None if t is None else t.detach().double() for t in norm)
+    eps, rms = hooked.cfg.eps, _is_rms(hooked)
 
     def f(r):
-        r = r - r.mean(-1, keepdim=True)
-        return (r / (r.pow(2).mean(-1, keepdim=True) + eps).sqrt() * w + b) @ w_u + b_u
+        r = r if rms else r - r.mean(-1, keepdim=True)
+        out = r / (r.pow(2).mean(-1, keepdim=True) + eps).sqrt() * w
+        return (out if b is None else out + b) @ w_u + b_u
 
     return f
 
 
 def residual_components(hooked, cache) -> tuple[list[str], list[int], torch.Tensor]:
-    """(labels, layer of each (-1 for embeddings), stack (n_components, batch, pos, d_model) in float64)."""
-    labels, layers, parts = ["embed", "pos_embed"], [-1, -1], [cache["hook_embed"], cache["hook_pos_embed"]]
+    """(labels, layer of each (-1 for embeddings), stack (n_components, batch, pos, d_model) in float64).
+    Rotary models have no position embedding component."""
+    labels, layers, parts = ["embed"], [-1], [cache["hook_embed"]]
+    if "hook_pos_embed" in cache:
+        labels, layers, parts = labels + ["pos_embed"], layers + [-1], parts + [cache["hook_pos_embed"]]
     for layer in range(hooked.cfg.n_layers):
         attn = hooked.blocks[layer].attn
         z = cache[f"blocks.{layer}.attn.hook_z"].double()  # (batch, pos, head, d_head)
@@ -65,15 +75,17 @@ def residual_components(hooked, cache) -> tuple[list[str], list[int], torch.Tens
 def frozen_attribution(hooked, cache):
     """(DLA: component (..., batch, pos, d_model) -> logits contribution, constant logits term), float64.
 
-    With a final LayerNorm the cached `ln_final.hook_scale` (batch, pos, 1) is frozen; without one the map is exact.
+    With a final norm the cached `ln_final.hook_scale` (batch, pos, 1) is frozen; without one the map is exact.
     """
     norm = final_norm_params(hooked)
     w_u, b_u = hooked.W_U.detach().double(), hooked.b_U.detach().double()
     if norm is None:
         return (lambda c: c @ w_u), b_u
     scale = cache["ln_final.hook_scale"].double()
-    w, b = (t.detach().double() for t in norm)
-    return (lambda c: ((c - c.mean(-1, keepdim=True)) / scale * w) @ w_u), b @ w_u + b_u
+    w, b = (None if t is None else t.detach().double() for t in norm)
+    rms = _is_rms(hooked)
+    const = b_u if b is None else b @ w_u + b_u
+    return (lambda c: ((c if rms else c - c.mean(-1, keepdim=True)) / scale * w) @ w_u), const
 
 
 @torch.no_grad()
@@ -126,16 +138,21 @@ def logit_agreement(hf_model, hooked, tokens: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def hf_scale_spread(hf_model, tokens: torch.Tensor) -> float:
-    """Largest relative spread over tokens, (max - min) / mean, of the per-token divisor sqrt(var + eps) of any
-    LayerNorm of the HF model: ~var/(2 eps) ~ 1e-12 for an LN-free export, order 1 when LayerNorm still normalizes."""
+    """Largest relative spread over tokens, (max - min) / mean, of the per-token divisor of any norm of the HF model
+    (LayerNorm: sqrt(var + eps); RMSNorm: sqrt(mean(x^2) + eps)): ~var/(2 eps) ~ 1e-12 for an LN-free export,
+    order 1 when the norm still normalizes."""
+    from surgery.lens.convert import module_eps
+    from surgery.ln_free import norm_modules
+
     spreads = []
 
     def hook(module, args, out):
         x = args[0].double()
-        scale = (x.var(-1, unbiased=False) + module.eps).sqrt()
+        second = x.pow(2).mean(-1) if "RMSNorm" in type(module).__name__ else x.var(-1, unbiased=False)
+        scale = (second + module_eps(module)).sqrt()
         spreads.append(((scale.max() - scale.min()) / scale.mean()).item())
 
-    handles = [m.register_forward_hook(hook) for m in hf_model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    handles = [m.register_forward_hook(hook) for m in norm_modules(hf_model).values()]
     try:
         hf_model(tokens)
     finally:
@@ -168,15 +185,15 @@ def ln_free_failures(result: dict) -> list[str]:
 def verify_ln_free(hf_model, tokens: torch.Tensor | None = None, seed: int = 0) -> dict:
     """Test helper: load an LN-free HF model into TransformerLens and assert the LN-free criteria.
 
-    `tokens` (batch, pos) default to 2 random sequences of min(32, n_positions) tokens. Returns the numbers;
+    `tokens` (batch, pos) default to 2 random sequences of min(32, context) tokens. Returns the numbers;
     raises AssertionError naming each failed criterion.
     """
     from surgery.lens import has_normalization, load_hooked
 
     if tokens is None:
-        cfg = hf_model.config
-        gen = torch.Generator().manual_seed(seed)
-        tokens = torch.randint(0, cfg.vocab_size, (2, min(32, cfg.n_positions)), generator=gen)
+        from surgery.ln_free import random_tokens
+
+        tokens = random_tokens(hf_model, 2, 32, seed)
     hooked = load_hooked(hf_model)
     result = {"has_normalization": has_normalization(hooked), "hf_scale_spread": hf_scale_spread(hf_model, tokens)}
     result.update(logit_agreement(hf_model, hooked, tokens))

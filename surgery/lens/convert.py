@@ -1,33 +1,42 @@
-"""Load GPT-2 models, with or without LayerNorm, into TransformerLens, offline.
+"""Hugging Face model -> TransformerLens config and weights, for every family of `surgery.families`.
 
-`load_hooked(path_or_model)` converts a Hugging Face GPT-2 into a TransformerLens model:
+One conversion reads the family description (module paths, Q/K/V layout, norm kind, parallel residual) instead of
+hard-coding a model's attributes, so GPT-2, GPT-NeoX (Pythia) and Llama-style models (llama, qwen2, mistral) share it:
 
-- an LN-free model (every LayerNorm neutralised by a huge eps, so it computes `(x - mean) * w / sqrt(eps) + b`:
-  our export, Baroni et al.'s and Heimersheim's published formats; detected from the weights by
-  `surgery.ln_free.scan_norms`, not from a config key) becomes a model with **no normalization at all**
-  (`normalization_type=None`: no `hook_scale`, no `hook_normalized`). Each LN is folded exactly into
-  the weights that read it: the centering `C = I - 11^T/d` and the gain `w/sqrt(eps)` into W_Q/W_K/W_V,
-  W_in and an untied W_U; the LN bias into b_Q/b_K/b_V, b_in and b_U. The residual-to-logits map is
-  then affine, `logits = resid_final @ W_U + b_U`, so direct logit attribution is exact.
-- a model with LayerNorms becomes the usual TransformerLens model with `normalization_type="LN"`
-  (weights copied, no folding), which keeps `hook_scale` at every norm.
+- an LN-free model (every norm neutralised by a huge eps, so it computes the affine map `c(x) * w / sqrt(eps) + b`;
+  detected from the weights by `surgery.ln_free.detect_ln_free`, not from a config key) becomes a model with **no
+  normalization at all** (`normalization_type=None`: no `hook_scale`, no `hook_normalized`). Each norm is folded
+  exactly into the weights that read it: a LayerNorm's centering `C = I - 11^T/d`, gain `w/sqrt(eps)` and bias
+  into W_Q/W_K/W_V and b_Q/b_K/b_V, W_in (and W_gate) and b_in; an RMSNorm's gain alone (it neither centers nor
+  has a bias). The final norm is folded into an untied W_U and b_U, so `logits = resid_final @ W_U + b_U` and
+  direct logit attribution is exact.
+- a model with norms keeps them: `normalization_type` "LN" (LayerNorm families) or "RMS" (RMSNorm), weights copied.
 
-The weights are first written in TransformerLens' property format (`blocks.0.attn.W_Q`, shape
-(n_heads, d_model, d_head), ...), then loaded into a TransformerLens 4.x `TransformerBridge` built by
-`boot_native` (no Hub call), or, with TransformerLens 3.x, into a `HookedTransformer`.
+Weights come out in TransformerLens' property format (`blocks.0.attn.W_Q` (n_heads, d_model, d_head), ...), with
+rotary features in Hugging Face's rotate-half order (feature i pairs with i + rotary_dim/2, as TransformerLens
+3.x's `rotary_adjacent_pairs=False`); `surgery.lens.load` adapts them to the TransformerLens version installed.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from surgery.errors import SurgeryError
+from surgery.families import Family, blocks, family_of, get_module, in_out_weight
 
-# HF activation name -> TransformerLens act_fn
-_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+# HF activation name -> TransformerLens act_fn (HF "gelu" is the exact erf GELU, as TransformerLens' "gelu")
+ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+def lens_family(model_or_config) -> Family:
+    """The family of a model the lens converts; SurgeryError for other families (hybrids with non-attention mixers)."""
+    fam = family_of(model_or_config)
+    if fam.name not in ARCHITECTURES:
+        raise SurgeryError(f"TransformerLens conversion supports the {', '.join(ARCHITECTURES)} families, not {fam.name} "
+                           "(its blocks are not all attention + MLP)")
+    return fam
 
 
 def is_ln_free(model, tokens: torch.Tensor | None = None) -> bool:
@@ -40,178 +49,174 @@ def is_ln_free(model, tokens: torch.Tensor | None = None) -> bool:
     return detect_ln_free(model, tokens)
 
 
-def load_hf(path_or_model):
-    """(HF GPT-2 model in eval mode, tokenizer or None) from a directory or an in-memory model."""
-    from transformers import PreTrainedModel
-
-    tokenizer = None
-    if isinstance(path_or_model, (str, Path)):
-        from surgery.loading import load_causal_lm, load_tokenizer
-
-        path = Path(path_or_model).expanduser()
-        if not path.exists():
-            raise SurgeryError(f"model directory {str(path_or_model)!r} does not exist")
-        if not path.is_dir() or not (path / "config.json").exists():
-            raise SurgeryError(f"{str(path_or_model)!r} is not a model directory (no config.json written by save_pretrained)")
-        model = load_causal_lm(str(path))
-        if (path / "tokenizer.json").exists():
-            tokenizer = load_tokenizer(str(path))
-    elif isinstance(path_or_model, PreTrainedModel):
-        model = path_or_model
-    else:
-        raise SurgeryError(f"load_hooked takes a model directory or a transformers model, not a {type(path_or_model).__name__}")
-    model_type = getattr(model.config, "model_type", None)
-    if model_type != "gpt2":
-        raise SurgeryError(f"TransformerLens conversion supports GPT-2 models only; this model is of type {model_type!r}")
-    return model.eval(), tokenizer
+def module_eps(norm: nn.Module) -> float:
+    """A norm module's epsilon (`eps` of nn.LayerNorm, `variance_epsilon` of the HF RMSNorms)."""
+    for name in ("eps", "variance_epsilon"):
+        if isinstance(getattr(norm, name, None), (int, float)):
+            return float(getattr(norm, name))
+    raise SurgeryError(f"cannot read the epsilon of a {type(norm).__name__}")
 
 
-def _check_supported(config) -> None:
-    if getattr(config, "scale_attn_by_inverse_layer_idx", False) or not getattr(config, "scale_attn_weights", True):
-        raise SurgeryError("GPT-2 attention scaling other than 1/sqrt(d_head) is not supported by the lens conversion")
-    if config.activation_function not in _ACTIVATIONS:
-        raise SurgeryError(f"activation {config.activation_function!r} is not supported (known: {', '.join(_ACTIVATIONS)})")
+def _norms(model, fam: Family) -> list[nn.Module]:
+    return [get_module(b, p) for b in blocks(model) for p in (fam.attn_norm, fam.mlp_norm)] + [get_module(model, fam.final_norm)]
 
 
 def norm_eps(model) -> float:
-    """The one epsilon of a GPT-2's LayerNorms, read from the modules (TransformerLens has a single `eps`; reading
-    it from an official config instead of the model is how LN-free models go wrong)."""
-    eps = {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)}
+    """The one epsilon of a model's norms, read from the modules (TransformerLens has a single `eps`; reading it from
+    an official config instead of the model is how LN-free models go wrong)."""
+    eps = {module_eps(n) for n in _norms(model, family_of(model))}
     if len(eps) != 1:
-        raise SurgeryError(f"the LayerNorms of this model use different epsilons {sorted(eps)}; TransformerLens has one eps")
+        raise SurgeryError(f"the norms of this model use different epsilons {sorted(eps)}; TransformerLens has one eps")
     return eps.pop()
 
 
+def _act_fn(config) -> str:
+    name = getattr(config, "activation_function", None) or getattr(config, "hidden_act", None)
+    if name not in ACTIVATIONS:
+        raise SurgeryError(f"activation {name!r} is not supported by the lens conversion (known: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+def _rope(config, d_head: int) -> tuple[int, float]:
+    """(rotary_dim, rotary_base) of a rotary family's config (transformers 5.x `rope_parameters`, or 4.x fields)."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        raise SurgeryError(f"rope type {kind!r} is not supported by the lens conversion (only the default rotary embedding)")
+    base = params.get("rope_theta", getattr(config, "rope_theta", getattr(config, "rotary_emb_base", 10000.0)))
+    fraction = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", getattr(config, "rotary_pct", 1.0)))
+    return int(d_head * fraction), float(base)
+
+
+def _check_supported(config, fam: Family) -> None:
+    if fam.name == "gpt2" and (getattr(config, "scale_attn_by_inverse_layer_idx", False) or not getattr(config, "scale_attn_weights", True)):
+        raise SurgeryError("GPT-2 attention scaling other than 1/sqrt(d_head) is not supported by the lens conversion")
+    _act_fn(config)
+
+
 def tl_config(config, ln_free: bool, eps: float | None = None) -> dict:
-    """A TransformerLens config dict for a GPT-2 `config`; `eps` (default config.layer_norm_epsilon) is the
-    LayerNorm epsilon of a model with LN (unused without normalization)."""
-    d = config.n_embd
-    return {
-        "n_layers": config.n_layer,
+    """A TransformerLens config dict for a Hugging Face `config` of a supported family; `eps` (default: the config's
+    own, `family.eps_key`) is the norm epsilon of a model with norms (unused without normalization)."""
+    fam = lens_family(config)
+    _check_supported(config, fam)
+    d, n_heads = config.hidden_size, config.num_attention_heads
+    d_head = getattr(config, "head_dim", None) or d // n_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    n_ctx = getattr(config, "n_positions", None) or config.max_position_embeddings
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        n_ctx = min(n_ctx, window)  # within the window, sliding-window attention is plain causal attention
+    d_mlp = getattr(config, "n_inner", None) or getattr(config, "intermediate_size", None) or 4 * d
+    cfg = {
+        "n_layers": config.num_hidden_layers,
         "d_model": d,
-        "n_heads": config.n_head,
-        "d_head": d // config.n_head,
-        "d_mlp": config.n_inner or 4 * d,
+        "n_heads": n_heads,
+        "d_head": d_head,
+        "n_key_value_heads": n_kv if n_kv != n_heads else None,
+        "d_mlp": d_mlp,
         "d_vocab": config.vocab_size,
         "d_vocab_out": config.vocab_size,
-        "n_ctx": config.n_positions,
-        "act_fn": _ACTIVATIONS[config.activation_function],
-        "normalization_type": None if ln_free else "LN",
-        "eps": 1e-5 if ln_free else (config.layer_norm_epsilon if eps is None else eps),
-        "positional_embedding_type": "standard",
-        "original_architecture": "GPT2LMHeadModel",
+        "n_ctx": n_ctx,
+        "act_fn": _act_fn(config),
+        "gated_mlp": len(fam.mlp_in) == 2,
+        "parallel_attn_mlp": fam.parallel_residual(config),
+        "normalization_type": None if ln_free else ("RMS" if fam.norm_kind == "rmsnorm" else "LN"),
+        "final_rms": fam.norm_kind == "rmsnorm" and not ln_free,
+        "eps": 1e-5 if ln_free else (getattr(config, fam.eps_key) if eps is None else eps),
+        "positional_embedding_type": "standard" if fam.pos_emb else "rotary",
+        "original_architecture": ARCHITECTURES[fam.name],
         "default_prepend_bos": False,
         "tokenizer_prepends_bos": False,
         "init_weights": False,
     }
+    if not fam.pos_emb:
+        cfg["rotary_dim"], cfg["rotary_base"] = _rope(config, d_head)
+        cfg["rotary_adjacent_pairs"] = False  # HF's rotate-half: feature i rotates with i + rotary_dim / 2
+    return cfg
 
 
-def _fold_norm(ln: nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold a neutralised LayerNorm into the affine map `x @ weight + bias` that reads it.
+def fold_norm(norm: nn.Module, kind: str, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold a neutralised norm into the affine map `x @ weight + bias` that reads it, in float64.
 
-    The LN computes `(x - mean(x)) * g + b` with g = w / sqrt(eps) (var << eps); `weight` is
-    (d_model, d_out) in `x @ weight` orientation. Returns (C diag(g) weight, bias + b @ weight), in float64.
+    The norm computes `c(x) * g + b` with g = w / sqrt(eps) (its input's second moment << eps) and c the centering
+    of a LayerNorm (the identity for an RMSNorm, which has no b). `weight` is (d_model, ...) in `x @ weight`
+    orientation, `bias` (...). Returns (C diag(g) weight, bias + b @ weight); C is left out for an RMSNorm.
     """
-    gain = ln.weight.double() / ln.eps**0.5
-    folded = gain[:, None] * weight.double()
-    folded = folded - folded.mean(dim=0, keepdim=True)  # C @ M: subtract the mean over the input dimension
-    return folded, bias.double() + ln.bias.double() @ weight.double()
+    w = weight.double()
+    folded = torch.einsum("d,d...->d...", norm.weight.double() / module_eps(norm) ** 0.5, w)
+    if kind == "layernorm":
+        folded = folded - folded.mean(dim=0, keepdim=True)  # C @ M: subtract the mean over the input dimension
+    norm_bias = getattr(norm, "bias", None)
+    shift = torch.einsum("d,d...->...", norm_bias.double(), w) if norm_bias is not None else 0.0
+    return folded, bias.double() + shift
+
+
+def _affine(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight (in, out), bias (out,)) of a projection; a zero bias where it has none."""
+    w = in_out_weight(module)
+    b = getattr(module, "bias", None)
+    return w, (b if b is not None else torch.zeros(w.shape[1], dtype=w.dtype, device=w.device))
+
+
+def _qkv(block: nn.Module, fam: Family, cfg: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"Q"|"K"|"V": (W (d_model, heads, d_head), b (heads, d_head))}; K and V have n_key_value_heads heads."""
+    d, h, dh = cfg["d_model"], cfg["n_heads"], cfg["d_head"]
+    if fam.qkv_layout == "separate":
+        out = {}
+        for name, path in zip("QKV", fam.qkv):
+            w, b = _affine(get_module(block, path))
+            out[name] = (w.reshape(d, -1, dh), b.reshape(-1, dh))
+        return out
+    w, b = _affine(get_module(block, fam.qkv[0]))  # (d, 3 * h * dh)
+    if fam.qkv_layout == "fused":  # [q | k | v]
+        w, b = w.reshape(d, 3, h, dh), b.reshape(3, h, dh)
+        return {name: (w[:, i], b[i]) for i, name in enumerate("QKV")}
+    w, b = w.reshape(d, h, 3, dh), b.reshape(h, 3, dh)  # fused_per_head: per head [q, k, v]
+    return {name: (w[:, :, i], b[:, i]) for i, name in enumerate("QKV")}
 
 
 def tl_state_dict(model, ln_free: bool | None = None) -> dict[str, torch.Tensor]:
-    """The weights of an HF GPT-2 in TransformerLens property format (`embed.W_E`, `blocks.0.attn.W_Q`, ...).
+    """The weights of a Hugging Face model in TransformerLens property format, float32.
 
-    LN-free models (`ln_free`, default: measured by `is_ln_free`) have their LayerNorms folded in (see module
-    docstring); other models keep `ln*.w/b`.
+    LN-free models (`ln_free`, default: measured by `is_ln_free`) have every norm folded in (module docstring);
+    other models keep `ln1.w` (and `ln1.b` for LayerNorm), ... Gated MLPs: `W_gate` (gate_proj) and `W_in` (up_proj).
     """
-    cfg = model.config
+    fam = family_of(model)
     ln_free = is_ln_free(model) if ln_free is None else ln_free
-    d, n_heads = cfg.n_embd, cfg.n_head
-    d_head = d // n_heads
-    tr = model.transformer
-    sd = {"embed.W_E": tr.wte.weight, "pos_embed.W_pos": tr.wpe.weight}
+    cfg = tl_config(model.config, ln_free=True)  # shapes only
+    h, dh = cfg["n_heads"], cfg["d_head"]
 
-    def read(ln: nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor):
-        return _fold_norm(ln, weight, bias) if ln_free else (weight, bias)
+    def read(norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor):
+        return fold_norm(norm, fam.norm_kind, weight, bias) if ln_free else (weight, bias)
 
-    for i, block in enumerate(tr.h):
-        p = f"blocks.{i}"
-        w_qkv, b_qkv = read(block.ln_1, block.attn.c_attn.weight, block.attn.c_attn.bias)  # (d, 3d), (3d,)
-        for name, w, b in zip("QKV", w_qkv.split(d, dim=1), b_qkv.split(d)):
-            sd[f"{p}.attn.W_{name}"] = w.reshape(d, n_heads, d_head).permute(1, 0, 2)
-            sd[f"{p}.attn.b_{name}"] = b.reshape(n_heads, d_head)
-        sd[f"{p}.attn.W_O"] = block.attn.c_proj.weight.reshape(n_heads, d_head, d)
-        sd[f"{p}.attn.b_O"] = block.attn.c_proj.bias
-        sd[f"{p}.mlp.W_in"], sd[f"{p}.mlp.b_in"] = read(block.ln_2, block.mlp.c_fc.weight, block.mlp.c_fc.bias)
-        sd[f"{p}.mlp.W_out"], sd[f"{p}.mlp.b_out"] = block.mlp.c_proj.weight, block.mlp.c_proj.bias
+    sd = {"embed.W_E": model.get_input_embeddings().weight}  # HF's own accessors: head names move between versions
+    if fam.pos_emb:
+        sd["pos_embed.W_pos"] = get_module(model, fam.pos_emb).weight
+    for i, block in enumerate(blocks(model)):
+        p, attn_norm, mlp_norm = f"blocks.{i}", get_module(block, fam.attn_norm), get_module(block, fam.mlp_norm)
+        for name, (w, b) in _qkv(block, fam, cfg).items():
+            w, b = read(attn_norm, w, b)
+            sd[f"{p}.attn.W_{name}"], sd[f"{p}.attn.b_{name}"] = w.permute(1, 0, 2), b
+        w_o, sd[f"{p}.attn.b_O"] = _affine(get_module(block, fam.attn_out))
+        sd[f"{p}.attn.W_O"] = w_o.reshape(h, dh, -1)
+        for name, path in zip(("in",) if len(fam.mlp_in) == 1 else ("gate", "in"), fam.mlp_in):
+            sd[f"{p}.mlp.W_{name}"], sd[f"{p}.mlp.b_{name}"] = read(mlp_norm, *_affine(get_module(block, path)))
+        sd[f"{p}.mlp.W_out"], sd[f"{p}.mlp.b_out"] = _affine(get_module(block, fam.mlp_out))
         if not ln_free:
-            sd[f"{p}.ln1.w"], sd[f"{p}.ln1.b"] = block.ln_1.weight, block.ln_1.bias
-            sd[f"{p}.ln2.w"], sd[f"{p}.ln2.b"] = block.ln_2.weight, block.ln_2.bias
-    w_u = model.get_output_embeddings().weight.T  # (d, vocab)
-    b_u = torch.zeros(w_u.shape[1], dtype=w_u.dtype)
-    head_bias = getattr(model.get_output_embeddings(), "bias", None)
-    if head_bias is not None:
-        b_u = head_bias
+            for key, norm in (("ln1", attn_norm), ("ln2", mlp_norm)):
+                sd.update(_norm_params(f"{p}.{key}", norm))
+    w_u, b_u = _affine(model.get_output_embeddings())  # (d, vocab); a tied head is copied, so W_U is untied
+    final = get_module(model, fam.final_norm)
     if ln_free:
-        sd["unembed.W_U"], sd["unembed.b_U"] = _fold_norm(tr.ln_f, w_u, b_u)
+        w_u, b_u = fold_norm(final, fam.norm_kind, w_u, b_u)
     else:
-        sd["ln_final.w"], sd["ln_final.b"] = tr.ln_f.weight, tr.ln_f.bias
-        sd["unembed.W_U"], sd["unembed.b_U"] = w_u, b_u
+        sd.update(_norm_params("ln_final", final))
+    sd["unembed.W_U"], sd["unembed.b_U"] = w_u, b_u
     return {k: v.detach().to(torch.float32).contiguous().clone() for k, v in sd.items()}
 
 
-def transformer_lens_version() -> str:
-    import importlib.metadata
-
-    return importlib.metadata.version("transformer_lens")
-
-
-def _major_version() -> int:
-    import transformer_lens
-
-    version = getattr(transformer_lens, "__version__", None) or transformer_lens_version()
-    return int(version.split(".")[0])
-
-
-def load_hooked(path_or_model, tokenizer=None, device: str | torch.device = "cpu", ln_free: bool | None = None):
-    """A TransformerLens model for a GPT-2 directory or in-memory `transformers` GPT-2, offline.
-
-    LN-free model -> no normalization (no `hook_scale`); a model with LayerNorms -> `normalization_type="LN"`.
-    `ln_free` defaults to `is_ln_free(model)` (measured; a partly converted model is refused with the names
-    of the norms that still normalize); pass a decision already made to skip the measurement.
-    With TransformerLens 4.x the result is a `TransformerBridge` (hook names as in HookedTransformer:
-    `blocks.{l}.attn.hook_z` (batch, pos, head, d_head), `blocks.{l}.hook_resid_post` (batch, pos, d_model), ...);
-    with 3.x a `HookedTransformer`. `tokenizer` defaults to the directory's own (None for an in-memory model).
-    """
-    hf_model, dir_tokenizer = load_hf(path_or_model)
-    _check_supported(hf_model.config)
-    tokenizer = tokenizer if tokenizer is not None else dir_tokenizer
-    ln_free = is_ln_free(hf_model) if ln_free is None else ln_free
-    cfg = tl_config(hf_model.config, ln_free, None if ln_free else norm_eps(hf_model))
-    state = tl_state_dict(hf_model, ln_free)
-    if _major_version() < 4:  # TransformerLens 3.x: HookedTransformer (4.x removed it)
-        return _load_hooked_transformer(cfg, state, tokenizer, device)
-    import transformer_lens.model_bridge.sources.native  # noqa: F401  (attaches boot_native)
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
-
-    bridge = TransformerBridge.boot_native(cfg, tokenizer=tokenizer, device=device)
-    bridge.load_state_dict(convert_tl_checkpoint(state, bridge.cfg), strict=True)
-    return bridge.eval()
-
-
-def _load_hooked_transformer(cfg: dict, state: dict, tokenizer, device):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    keys = set(HookedTransformerConfig.__dataclass_fields__)
-    ht_cfg = HookedTransformerConfig(**{k: v for k, v in cfg.items() if k in keys}, device=str(device))
-    model = HookedTransformer(ht_cfg, tokenizer=tokenizer, move_to_device=True)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not k.endswith((".mask", ".IGNORE"))]:
-        raise SurgeryError(f"TransformerLens state dict mismatch: missing {missing}, unexpected {unexpected}")
-    return model.eval()
-
-
-def has_normalization(hooked) -> bool:
-    """Whether any per-token scale remains: a `hook_scale` or `hook_normalized` hook point in the model."""
-    return any(name.endswith(("hook_scale", "hook_normalized")) for name in hooked.hook_dict)
+def _norm_params(prefix: str, norm: nn.Module) -> dict[str, torch.Tensor]:
+    out = {f"{prefix}.w": norm.weight}
+    if getattr(norm, "bias", None) is not None:
+        out[f"{prefix}.b"] = norm.bias
+    return out
