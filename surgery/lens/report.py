@@ -86,8 +86,9 @@ def print_table(results: dict[str, dict], title: str) -> None:
 
 DEFINITIONS = """\
 - `has_normalization`: a `hook_scale` or `hook_normalized` remains in the TransformerLens model.
-- `hf_scale_spread`: (max - min) / mean over tokens of sqrt(var + eps) at the HF model's LayerNorms (largest over
-  norms): ~0 when the eps trick removes the per-token scale, order 1 for a real LayerNorm.
+- `hf_scale_spread`: (max - min) / mean over tokens of the per-token divisor at the HF model's norms, sqrt(var + eps)
+  (RMSNorm: sqrt(mean(x^2) + eps)), largest over norms: ~0 when the eps trick removes the per-token scale, order 1
+  for a real norm.
 - `hf_tl_max_abs_logit_diff`: max |HF logits - TransformerLens logits| (fp32) on the DLA blocks.
 - `dla_relative_error`: ||sum_c DE_c + f(0) - logits|| / ||logits||, DE_c = f(r) - f(r - c) the direct effect of
   component c (embeddings, each head, each b_O, each MLP) on the logits, f = final norm + unembedding. Zero up to
