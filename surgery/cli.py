@@ -25,9 +25,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def shipped_configs(argv: list[str]) -> list[str]:
+    """`--config recipes/...` (or `-c`, `--config=`) missing in the current directory names the shipped recipe."""
+    from surgery.shipped import resolve_shipped
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in ("--config", "-c") and i + 1 < len(out):
+            out[i + 1] = resolve_shipped(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + resolve_shipped(arg[len("--config="):])
+    return out
+
+
 def run_lightning(argv: list[str]) -> int:
     from surgery.lightning_cli import SurgeryCLI
     from surgery.run_lock import release_all
+
+    argv = shipped_configs(argv)
 
     try:
         SurgeryCLI(args=argv)

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from surgery.errors import SurgeryError
+from surgery.shipped import is_shipped_path, resolve_shipped
 
 
 def _looks_like_path(name: str) -> bool:
@@ -25,7 +26,9 @@ def _hub_error(name: str, err: Exception) -> SurgeryError:
 
 
 def resolve(name: str) -> tuple[str, bool]:
-    """(name or absolute path, is_local). Raises if it looks like a path that does not exist."""
+    """(name or absolute path, is_local). Raises if it looks like a path that does not exist. A relative
+    `checkpoints/...` path missing here is the copy shipped with surgery (`surgery.shipped`)."""
+    name = resolve_shipped(name)
     path = Path(name).expanduser()
     if path.exists():
         return str(path.resolve()), True
@@ -118,11 +121,39 @@ def check_safetensors(path: Path) -> dict:
     return header
 
 
+def checkpoint_tokenizer(path: str) -> str:
+    """The tokenizer a run's `.ckpt` was trained with: the exported `<run>/model` beside `<run>/checkpoints/`, else the
+    run's `data.tokenizer`, else its starting model (`init` / `source`), each as recorded (relative to where the run
+    was started, or to the run directory). Raises SurgeryError naming what was tried."""
+    ckpt = read_checkpoint(path)
+    config = ((ckpt.get("callbacks") or {}).get("RunCheckpoint") or {}).get("config") or {}
+    data = ((config.get("data") or {}).get("init_args") or {}) if isinstance(config.get("data"), dict) else {}
+    hp = ckpt.get("hyper_parameters") or {}
+    run_dir = Path(path).resolve().parent.parent
+    candidates = [str(run_dir / "model"), ckpt.get("tokenizer_dir"), data.get("tokenizer"), hp.get("init"), hp.get("source")]
+    tried = []
+    for spec in dict.fromkeys(c for c in candidates if isinstance(c, str)):
+        if spec.startswith("bpe-"):
+            tried.append(f"{spec} (trained on the corpus; its copy is in <run>/model)")
+            continue
+        for ref in (spec, str(run_dir / spec)) if not Path(spec).is_absolute() else (spec,):
+            try:
+                ref = resolve_shipped(ref)
+            except SurgeryError:
+                continue
+            if (Path(ref) / "tokenizer.json").is_file() or (Path(ref) / "tokenizer_config.json").is_file():
+                return ref
+        if not _looks_like_path(spec) and not is_shipped_path(spec) and not Path(spec).exists():
+            return spec  # a Hub name
+        tried.append(spec)
+    raise SurgeryError(f"no tokenizer found for checkpoint {path!r} (tried: {', '.join(tried) or 'nothing recorded'}): "
+                       "pass --tokenizer with the run's data.tokenizer (a directory or Hub name)")
+
+
 def load_tokenizer(name: str):
     ref, local = resolve(name)
     if local and ref.endswith(".ckpt"):
-        ckpt = read_checkpoint(ref)
-        ref = ckpt.get("tokenizer_dir") or ref
+        ref = checkpoint_tokenizer(ref)
     try:
         return AutoTokenizer.from_pretrained(ref)
     except OSError as err:

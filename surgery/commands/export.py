@@ -13,26 +13,31 @@ from pathlib import Path
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", help="a surgery run's .ckpt (e.g. runs/NAME/checkpoints/last.ckpt)")
     parser.add_argument("--out", type=Path, required=True, help="directory to write (save_pretrained format)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer to save beside the model (default: the run's init model)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer to save beside the model (default: the one the run recorded: <run>/model, its data.tokenizer or its init model)")
 
 
 def run(args) -> int:
     from surgery.errors import SurgeryError
-    from surgery.loading import read_checkpoint, load_lightning_checkpoint, load_tokenizer
+    from surgery.loading import checkpoint_tokenizer, load_lightning_checkpoint, load_tokenizer
     from surgery.remove_ln.export import export_ln_free
 
     if not Path(args.checkpoint).is_file():
         raise SurgeryError(f"checkpoint {args.checkpoint!r} does not exist; runs keep theirs in <run>/checkpoints/last.ckpt")
+    if args.out.exists() and not args.out.is_dir():
+        raise SurgeryError(f"--out {str(args.out)!r} is a file, not a directory: pass a new directory to write the model into")
     if (args.out / "config.json").exists():
         raise SurgeryError(f"{str(args.out)!r} already holds a model; choose another --out or delete it")
+    blocked = next((p for p in args.out.parents if p.exists()), None)
+    if blocked is not None and not blocked.is_dir():
+        raise SurgeryError(f"--out {str(args.out)!r} cannot be created: {str(blocked)!r} is a file")
     model = load_lightning_checkpoint(args.checkpoint)
     prepared = any(".ln_qk." in k for k in model.state_dict())
     exported = export_ln_free(model) if prepared else model
-    tokenizer = args.tokenizer or read_checkpoint(args.checkpoint).get("hyper_parameters", {}).get("init")
-    if tokenizer is None:
-        raise SurgeryError("the checkpoint names no starting model to take the tokenizer from: pass --tokenizer DIR_OR_NAME")
-    tok = load_tokenizer(tokenizer)
-    args.out.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(args.tokenizer or checkpoint_tokenizer(args.checkpoint))
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SurgeryError(f"--out {str(args.out)!r} cannot be created ({err.strerror}): choose a directory you can write to") from None
     exported.save_pretrained(args.out)
     tok.save_pretrained(args.out)
     kind = "LN-free GPT-2" if prepared else type(exported).__name__
