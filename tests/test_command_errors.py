@@ -85,3 +85,15 @@ def test_export_onto_a_file_is_refused_before_loading(run, tmp_path, capsys):
     assert f"cannot be created: '{tmp_path / 'model.safetensors'}' is a file" in capsys.readouterr().err
     assert main(["export", ckpt, "--out", str(tmp_path / "ok")]) == 0  # the tokenizer: the one the run recorded
     assert (tmp_path / "ok" / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("content", [b"not a mask\n", b"\x00" * 4])
+def test_a_mask_file_that_is_not_safetensors_is_named(tmp_path, content):
+    from surgery.errors import SurgeryError
+    from surgery.ln_tune.mask import EntryMask
+
+    (tmp_path / "mask.txt").write_bytes(content)
+    with pytest.raises(SurgeryError) as err:
+        EntryMask.load(tmp_path / "mask.txt")
+    assert str(err.value).startswith(f"mask file '{tmp_path / 'mask.txt'}' is not a safetensors file (")
+    assert str(err.value).endswith("pass the masks.safetensors an LN-tuning run wrote (<run>/masks.safetensors)")

@@ -89,6 +89,13 @@ class EntryMask:
     def load(cls, path: str | Path) -> EntryMask:
         if not Path(path).exists():
             raise SurgeryError(f"mask file {str(path)!r} does not exist")
+        from surgery.loading import check_safetensors
+
+        try:
+            check_safetensors(Path(path))
+        except SurgeryError as err:
+            raise SurgeryError(f"mask file {str(path)!r} is not a safetensors file ({str(err).split(': ', 1)[-1].split(';')[0]}); "
+                               "pass the masks.safetensors an LN-tuning run wrote (<run>/masks.safetensors)") from None
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
