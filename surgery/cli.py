@@ -61,6 +61,9 @@ def _usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from surgery.quiet import silence_known_noise
+
+    silence_known_noise()
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0

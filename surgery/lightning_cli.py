@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -21,6 +21,7 @@ from surgery.publish.callback import PublishRun
 from surgery.errors import SurgeryError
 from surgery.guard import DivergenceGuard
 from surgery.parse_errors import SurgeryArgumentParser
+from surgery.progress import StepProgressBar
 from surgery.resume import (AtomicCheckpointIO, check_resume_config, choose_checkpoint, plain, read_checkpoint, rng_state,
                             set_rng_state)
 from surgery.run import ExportRun
@@ -85,7 +86,7 @@ class RunCheckpoint(ModelCheckpoint):
         if trainer.fast_dev_run or self._saved_step == trainer.global_step:
             return
         self.last_model_path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
-        trainer.save_checkpoint(self.last_model_path)
+        trainer.save_checkpoint(self.last_model_path, weights_only=False)  # a full training checkpoint, said explicitly
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "rng": rng_state(), "config": self.run_config}
@@ -121,6 +122,15 @@ class SurgeryCLI(LightningCLI):
             auto_configure_optimizers=False,
             parser_class=SurgeryArgumentParser,  # a refused recipe in one line, not jsonargparse's nested report
         )
+
+    def instantiate_trainer(self, **kwargs):
+        """With the progress bar on and none configured, `StepProgressBar` (steps out of max_steps)."""
+        config = (self.config_init[self.subcommand] if self.subcommand else self.config_init).get("trainer") or {}
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, StepProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
         # Lightning reads an explicit --ckpt_path here (for its hyperparameters), before any of our checks.
