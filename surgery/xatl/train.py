@@ -1,5 +1,5 @@
-"""Training a hybrid GPT-2 with cross-architecture transfer: the module, its stages and the freeze -> unfreeze
-schedule.
+"""Training a hybrid (of any family in surgery.families) with cross-architecture transfer: the module, its
+stages and the freeze -> unfreeze schedule.
 
 Stages, by optimizer step (one `surgery fit` run; the stage follows from the step, so a resumed run is in
 the stage it left): 1. attention alignment (`align.steps` > 0): each mixer learns to reproduce the source's
@@ -115,11 +115,11 @@ class UnfreezeTransferred(L.Callback):
 
 
 class XatlLM(CausalLM):
-    """A HybridGPT2LMHeadModel twin of `source` (same width, depth, vocabulary), trained with the
-    next-token loss of `CausalLM`.
+    """A hybrid twin of `source` (surgery.xatl.model: the source's own class with mixers in place of attention;
+    same width, depth, vocabulary), trained with the next-token loss of `CausalLM` or distilled from the source.
 
     Args:
-        source: the GPT-2 to take the architecture (and the weights) from: Hub name, directory, .ckpt.
+        source: the GPT-2, GPT-NeoX/Pythia or Llama-style model to copy: Hub name, directory, .ckpt.
         mixer: "mamba" | "retention" | "gla". mixer_config: the mixer's options (e.g. {"d_state": 16}).
         attn_layers: blocks that keep softmax attention (copied whole with "attn_layers"); "auto": chosen
             by `auto_attn` when training starts. auto_attn: see AutoAttn.
@@ -140,7 +140,7 @@ class XatlLM(CausalLM):
                  min_lr_ratio: float = 0.1, warmup_steps: int = 50, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), align: AlignStage | None = None,
                  distill: DistillConfig | None = None, lm_after: int | None = None, tokenizer: Any = None):
-        L.LightningModule.__init__(self)  # not CausalLM.__init__: it would build a GPT-2 we do not want
+        L.LightningModule.__init__(self)  # not CausalLM.__init__: it would build a model we do not want
         # Lightning collects the arguments of frames that hold a `__class__` cell (normally made by super()),
         # and under the CLI also stores the class path, which `fit --ckpt_path` needs to parse them back.
         __class__  # noqa: B018
