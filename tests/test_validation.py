@@ -141,6 +141,9 @@ CASES = [
                                        "to cpu (or auto)"] if not torch.cuda.is_available() else ["trainer.max_steps=0"]),
     # -- model, family, mixer ----------------------------------------------------------------------
     Case("unknown mixer", _xatl("lstm"), ["unknown mixer 'lstm'; choose one of: gla, mamba, retention"]),
+    Case("steps end before the XATL unfreeze", lambda r, t: [*_xatl("gla")(r, t), "--model.init_args.unfreeze.step", "16"],
+         ["trainer.max_steps=16 ends before model.init_args.unfreeze.step=16: the transferred weights would stay frozen for "
+          "the whole run. Raise trainer.max_steps above 16, lower unfreeze.step, or set model.init_args.freeze false"]),
     Case("unknown model family", lambda r, t: ["--model.init_args.init", tiny_model(t, "llama")],
          ["model type 'llama' is not supported (known: gpt2", "add a Family entry in surgery/families.py"]),
     Case("init path missing", lambda r, t: ["--model.init_args.init", str(t / "nowhere")],

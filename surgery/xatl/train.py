@@ -84,6 +84,17 @@ class UnfreezeTransferred(L.Callback):
         self.window_losses: list[float] = []
         self.prev_window_loss: float | None = None
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        s = self.schedule
+        if s.step is None or pl_module.unfrozen_at is not None or not 0 < trainer.max_steps <= s.step:
+            return
+        problem = (f"trainer.max_steps={trainer.max_steps} ends before model.init_args.unfreeze.step={s.step}: the transferred "
+                   "weights would stay frozen")
+        if s.threshold is None:
+            raise SurgeryError(f"{problem} for the whole run. Raise trainer.max_steps above {s.step}, lower unfreeze.step, "
+                               "or set model.init_args.freeze false")
+        print(f"xatl: warning: {problem} unless the loss threshold unfreezes them first")
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if pl_module.unfrozen_at is not None:
             return
