@@ -12,8 +12,11 @@ from surgery.errors import SurgeryError
 
 
 @torch.no_grad()
-def cross_entropy(model: torch.nn.Module, blocks: Dataset, batch_size: int = 16, progress: bool = False) -> dict:
+def cross_entropy(model: torch.nn.Module, blocks: Dataset, batch_size: int = 16, progress: bool | None = None) -> dict:
     """Mean next-token cross-entropy over every predicted token of `blocks` (each a (T,) LongTensor).
+
+    progress: a progress bar (True), none (False), or (None) one on a terminal when there are more than 20 batches
+    (a run's final evaluation on a whole validation split takes minutes on a CPU).
 
     Returns {"loss": nats/token, "perplexity": exp(loss), "tokens": number of predicted tokens}.
     """
@@ -22,7 +25,8 @@ def cross_entropy(model: torch.nn.Module, blocks: Dataset, batch_size: int = 16,
     device = next(model.parameters()).device
     total, count = 0.0, 0
     batches = DataLoader(blocks, batch_size=batch_size)
-    for batch in tqdm(batches, desc="evaluating", disable=not progress):
+    show = progress if progress is not None else (None if len(batches) > 20 else False)  # tqdm: None = only on a TTY
+    for batch in tqdm(batches, desc="evaluating", unit="batch", disable=not show if show is not None else None):
         batch = batch.to(device)
         logits = model(batch).logits[:, :-1].float()
         targets = batch[:, 1:]

@@ -4,6 +4,7 @@ recipe in subprocesses (~50 s), stdout and stderr merged into one stream as a te
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -43,3 +44,26 @@ def test_progress_counts_steps_and_the_table_starts_its_own_line(tmp_path):
     assert title and title[0].strip().startswith("LayerNorm removal"), title  # not glued to the bar's last line
     for noise in NOISE:
         assert not any(noise in line for line in killed + resumed), noise
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_long_evaluation_shows_progress_on_a_terminal_only(monkeypatch):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from surgery.evaluate import cross_entropy
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0))
+    blocks = [torch.randint(0, 50, (8,)) for _ in range(42)]
+    for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert cross_entropy(model, blocks, batch_size=2)["tokens"] == 42 * 7
+        assert ("evaluating: 100%" in stream.getvalue() and "21/21" in stream.getvalue()) == shown
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    cross_entropy(model, blocks[:10], batch_size=2)  # 5 batches: over at once, no bar
+    assert terminal.getvalue() == ""
