@@ -21,7 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("surgery.commands.export", "a run's checkpoint as a plain Hugging Face model (LN-free when removal finished)"),
     "verify": ("surgery.commands.verify", "check an (LN-free) model in TransformerLens: logits, exact DLA, patching, sinks"),
     "publish": ("surgery.commands.publish", "upload a run or model to the Hugging Face Hub with a card built from its measurements"),
-    "bench": ("surgery.commands.bench", "benchmarks: what each surgery costs against plain training, measured in one process"),
+    "bench": ("surgery.commands.bench", "benchmarks: what each surgery costs against plain training, measured in one process. "
+              "Needs a source checkout (the benchmarks/ folder beside surgery/, not in the wheel) and the [bench] extra "
+              "for the flash-linear-attention peer; ~10 min on a CPU, the gpu section only with CUDA"),
 }
 
 

@@ -116,3 +116,9 @@ def test_installed_quickstart_gives_the_clone_numbers(installed, tmp_path):
     a = json.loads((elsewhere / "runs/remove_ln/quickstart/metrics.json").read_text())
     b = json.loads((tmp_path / "clone" / "metrics.json").read_text())
     assert a["val_loss"] == b["val_loss"] and a["val"] == b["val"]
+
+
+def test_bench_help_says_what_it_needs(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "Needs a source checkout (the benchmarks/ folder beside surgery/, not in the wheel)" in " ".join(capsys.readouterr().out.split())
