@@ -44,17 +44,17 @@ def plot_run(history: dict, removed: list[tuple[int, str]], out_dir: Path) -> li
     fig.savefig(loss_png, dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for name in history:
-        if name in NOT_SIGMA:
-            continue
-        kind = name.split(".")[-1]
-        ax.plot(steps, history[name], lw=0.8, color=colors.get(kind, "grey"), alpha=0.8)
-    for kind, c in colors.items():
-        ax.plot([], [], color=c, label=kind)
+    # one line and one legend entry per norm: colour = kind, line style = block (cycled), legend beside the axes
+    names = [n for n in history if n not in NOT_SIGMA]
+    fig, ax = plt.subplots(figsize=(11, 5))
+    styles = ("-", "--", ":", "-.")
+    for name in names:
+        kind, block = name.split(".")[-1], name.split(".")[1] if name.count(".") >= 2 else ""
+        ls = styles[int(block) % len(styles)] if block.isdigit() else "-"
+        ax.plot(steps, history[name], lw=0.9, color=colors.get(kind, "grey"), ls=ls, alpha=0.85, label=name)
     ax.set(xlabel="optimizer step", ylabel="sigma (moving average while real, frozen once fake)", yscale="log",
-           title="sigma per LayerNorm")
-    ax.legend(fontsize=8)
+           title="sigma per LayerNorm (colour: kind, line style: block)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=max(1, -(-len(names) // 26)), frameon=False)
     sigma_png = out_dir / "sigma.png"
     fig.tight_layout()
     fig.savefig(sigma_png, dpi=120)
