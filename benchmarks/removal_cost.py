@@ -1,4 +1,4 @@
-"""LN-removal training step vs plain fine-tuning of the same model with its LayerNorms.
+"""Norm-removal training step vs plain fine-tuning of the same model with its norms (any supported family).
 
 Both sides run the same full step on the same batch: forward, loss, backward, gradient clipping (1.0),
 AdamW step. The removal side is `LNRemoval.training_step`'s work without Lightning: end-of-text mask set
@@ -17,9 +17,10 @@ import copy
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, PreTrainedModel
 
 from benchmarks.measure import interleaved, paired_ratio, profile_pair
+from surgery.families import blocks
 from surgery.remove_ln.module import std_uniformity_loss
 from surgery.remove_ln.points import KINDS, point_names, prepare_for_removal, token_context
 
@@ -28,16 +29,30 @@ TARGET = 1.05
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build_model(name: str, seed: int = 0) -> GPT2LMHeadModel:
-    """"tiny-gpt2-stdlib" (the shipped checkpoint), "gpt2-small" (random, GPT-2 small's 124M shape),
-    or a directory / .ckpt for `load_causal_lm`."""
+# random models of real shapes (no download): GPT-2 small, Pythia-160m, SmolLM2-135M
+SHAPES = {
+    "gpt2-small": lambda: GPT2Config(),
+    "pythia-160m": lambda: GPTNeoXConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                         intermediate_size=3072, vocab_size=50304, rotary_pct=0.25,
+                                         use_parallel_residual=True, tie_word_embeddings=False),
+    "smollm2-135m": lambda: LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                                        num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
+                                        tie_word_embeddings=True),
+}
+
+
+def build_model(name: str, seed: int = 0) -> PreTrainedModel:
+    """A shipped checkpoint by name ("tiny-gpt2-stdlib", "tiny-pythia-stdlib", "tiny-llama-stdlib"), a random
+    model of a real shape (`SHAPES`), or a directory / .ckpt for `load_causal_lm`."""
     torch.manual_seed(seed)
-    if name == "gpt2-small":
-        return GPT2LMHeadModel(GPT2Config())
+    if name in SHAPES:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(SHAPES[name]())
     from surgery.loading import load_causal_lm
 
-    path = REPO / "checkpoints" / name if name == "tiny-gpt2-stdlib" else name
-    return load_causal_lm(str(path))
+    shipped = REPO / "checkpoints" / name
+    return load_causal_lm(str(shipped if shipped.is_dir() else name))
 
 
 class Stepper:
@@ -88,7 +103,7 @@ def set_phase(points: dict, phase: str, n_blocks: int) -> list[str]:
 
 
 def run(model_name: str, batch: int, seq: int, repeats: int, warmup: int = 1, phases=PHASES,
-        profile: bool = True, profile_rounds: int = 3, model: GPT2LMHeadModel | None = None, verbose: bool = False) -> dict:
+        profile: bool = True, profile_rounds: int = 3, model: PreTrainedModel | None = None, verbose: bool = False) -> dict:
     """Time plain vs removal steps at each phase. Returns {"model", "params", "batch", "seq", "rows": [...],
     "profile": {...} (only for phases above TARGET), "removal_model": the prepared model (all fake at the end)}."""
     plain_model = model if model is not None else build_model(model_name)
@@ -103,7 +118,7 @@ def run(model_name: str, batch: int, seq: int, repeats: int, warmup: int = 1, ph
     removal = Stepper(removal_model, ids, eos, points)
     with torch.no_grad():  # moving averages measured, so that any point can go fake
         removal_model(ids)
-    n_blocks = cfg.n_layer
+    n_blocks = len(blocks(removal_model))
     rows, prof = [], {}
     for phase in phases:
         fake = set_phase(points, phase, n_blocks)

@@ -1,6 +1,7 @@
 """surgery: architecture surgery for transformer language models.
 
-Importing the package registers the hybrid model type (`hybrid_gpt2`) with transformers' Auto classes, so
+Importing the package registers the hybrid model types (`hybrid_gpt2`, `hybrid_gpt_neox`, `hybrid_llama`, ...)
+with transformers' Auto classes, so
 `AutoModelForCausalLM.from_pretrained` loads a saved hybrid after a plain `import surgery`.
 """
 

@@ -141,10 +141,10 @@ def family_of(model: nn.Module) -> Family:
     for family in FAMILIES.values():
         if model_type in family.model_types:
             return family
-    known = sorted(t for f in FAMILIES.values() for t in f.model_types)
+    known = sorted(t for f in FAMILIES.values() for t in f.model_types if not t.startswith("hybrid_"))
     why = f": {UNSUPPORTED[model_type]}" if model_type in UNSUPPORTED else ""
     raise SurgeryError(
-        f"model type {model_type!r} is not supported{why} (supported: {', '.join(known)}); "
+        f"model type {model_type!r} is not supported{why} (supported: {', '.join(known)} and their XATL hybrids); "
         "add a Family entry in surgery/families.py to support another family"
     )
 

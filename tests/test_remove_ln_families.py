@@ -139,3 +139,11 @@ def test_a_removal_schedule_naming_blocks_the_model_lacks_is_refused():
     events = {f"h.{i}.{k}": 1 for i in range(3) for k in ("ln_2", "ln_1_qk", "ln_1_v")} | {"ln_f": 2}
     with pytest.raises(SurgeryError, match=r"schedule.events names \['h.2.ln_1_qk', 'h.2.ln_1_v', 'h.2.ln_2'\]"):
         RemovalSchedule(events=events).removal_steps(2)
+
+
+def test_a_hybrid_with_mixer_layers_is_refused_naming_the_missing_projection():
+    from tests.xatl_models import source_and_hybrid
+
+    _, hybrid = source_and_hybrid("llama", "gla", attn_layers=[1])
+    with pytest.raises(SurgeryError, match=r"model.layers.0 has no attention input projection self_attn.q_proj \(a hybrid's mixer layer\?\)"):
+        prepare_for_removal(hybrid)

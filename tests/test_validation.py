@@ -50,12 +50,12 @@ def model_dir(root: Path, tmp: Path, edit: Callable[[Path], None]) -> str:
 
 
 def tiny_model(tmp: Path, kind: str) -> str:
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
-    if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, num_key_value_heads=2, vocab_size=4096))
+    if kind == "opt":
+        model = OPTForCausalLM(OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=1, word_embed_proj_dim=16,
+                                         num_attention_heads=2, vocab_size=4096))
     else:
         model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=1000, n_positions=64))
     model.save_pretrained(tmp / kind)
@@ -144,8 +144,8 @@ CASES = [
     Case("steps end before the XATL unfreeze", lambda r, t: [*_xatl("gla")(r, t), "--model.init_args.unfreeze.step", "16"],
          ["trainer.max_steps=16 ends before model.init_args.unfreeze.step=16: the transferred weights would stay frozen for "
           "the whole run. Raise trainer.max_steps above 16, lower unfreeze.step, or set model.init_args.freeze false"]),
-    Case("unknown model family", lambda r, t: ["--model.init_args.init", tiny_model(t, "llama")],
-         ["model type 'llama' is not supported (known: gpt2", "add a Family entry in surgery/families.py"]),
+    Case("unknown model family", lambda r, t: ["--model.init_args.init", tiny_model(t, "opt")],
+         ["model type 'opt' is not supported (supported: gpt2, gpt_neox, llama", "add a Family entry in surgery/families.py"]),
     Case("init path missing", lambda r, t: ["--model.init_args.init", str(t / "nowhere")],
          [f"model path '{'{tmp}'}/nowhere' does not exist; check the path"]),
     Case("init dir without config.json", lambda r, t: ["--model.init_args.init", model_dir(r, t, lambda p: (p / "config.json").unlink())],

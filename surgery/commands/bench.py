@@ -1,7 +1,7 @@
 """`surgery bench`: what surgery costs against plain training, measured in one process (CPU; ~10 min).
 
-Sections: (1) LN-removal training step vs plain fine-tuning at each schedule phase, for the shipped tiny
-checkpoint and a random GPT-2-small shape; (2) export to an LN-free GPT-2 and TransformerLens load time;
+Sections: (1) norm-removal training step vs plain fine-tuning at each schedule phase, for the shipped tiny
+checkpoints of each family and a random GPT-2-small shape; (2) export to an LN-free GPT-2 and TransformerLens load time;
 (3) mixers: training tokens/s and memory vs sequence length, the Hugging Face Mamba peer, generation
 latency; (4) GPU: skipped without CUDA. Writes <out>/bench.json, <out>/bench.md, <out>/mixers.png.
 Runs from a source checkout (the `benchmarks` package sits beside `surgery`).
@@ -21,8 +21,10 @@ SECTIONS = ("removal", "export", "mixers", "gpu")
 def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="directory for bench.json/.md/.png")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
-    parser.add_argument("--removal-models", nargs="+", default=["tiny-gpt2-stdlib", "gpt2-small"],
-                        help="'tiny-gpt2-stdlib', 'gpt2-small' (random 124M shape) or a model directory")
+    parser.add_argument("--removal-models", nargs="+",
+                        default=["tiny-gpt2-stdlib", "tiny-pythia-stdlib", "tiny-llama-stdlib", "gpt2-small"],
+                        help="a shipped checkpoint (tiny-gpt2-stdlib, tiny-pythia-stdlib, tiny-llama-stdlib), a random "
+                             "model of a real shape (gpt2-small, pythia-160m, smollm2-135m) or a model directory")
     parser.add_argument("--batch", type=int, default=1, help="removal benchmark: sequences per step")
     parser.add_argument("--seq", type=int, default=256, help="removal benchmark: tokens per sequence")
     parser.add_argument("--repeats", type=int, default=12, help="interleaved rounds for small models")

@@ -53,6 +53,16 @@ def _refuse_fixed_norms(model: nn.Module) -> None:
         )
 
 
+def _projection(block: nn.Module, path: str, where: str) -> nn.Module:
+    try:
+        return get_module(block, path)
+    except AttributeError:
+        raise SurgeryError(
+            f"{where} has no attention input projection {path} (a hybrid's mixer layer?): norm removal works on "
+            "models whose every block is attention + MLP; remove the norms of the source model before any transfer"
+        ) from None
+
+
 def prepare_for_removal(model: nn.Module, momentum: float = 0.9) -> dict[str, SwitchableLayerNorm]:
     """Replace every norm of `model` (in place) by a real `SwitchableLayerNorm`; return them by point name.
 
@@ -71,10 +81,10 @@ def prepare_for_removal(model: nn.Module, momentum: float = 0.9) -> dict[str, Sw
         set_module(block, fam.attn_norm, norms)
         if fam.qkv_layout == "separate":
             for path, which in zip(fam.qkv, ("qk", "qk", "v")):
-                proj = get_module(block, path)
+                proj = _projection(block, path, where)
                 set_module(block, path, NormedInput(proj, norms, which).train(proj.training))
         else:
-            proj = get_module(block, fam.qkv[0])
+            proj = _projection(block, fam.qkv[0], where)
             set_module(block, fam.qkv[0], SplitQKVInput(proj, norms, fam.value_outputs(model.config)).train(proj.training))
         points[f"h.{i}.ln_2"] = SwitchableLayerNorm(mlp_norm, context, momentum).train(mlp_norm.training)
         set_module(block, fam.mlp_norm, points[f"h.{i}.ln_2"])

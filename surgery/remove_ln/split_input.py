@@ -7,8 +7,8 @@ the raw stream through them:
 
 - a fused projection (GPT-2's [q|k|v] Conv1D, GPT-NeoX's per-head [q,k,v] Linear) becomes a `SplitQKVInput`,
   which knows from a mask which of its outputs are value features;
-- separate q/k/v projections (Llama-style) each become a `NormedInput` reading one copy; q and k share the
-  one normalized tensor per forward.
+- separate q/k/v projections (Llama-style) each become a `NormedInput` reading one copy; the three share
+  one computation of both copies per forward.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class AttnInputNorms(nn.Module):
     def __init__(self, ln_qk: SwitchableLayerNorm, ln_v: SwitchableLayerNorm):
         super().__init__()
         self.ln_qk, self.ln_v = ln_qk, ln_v
-        self._memo: dict[str, tuple[weakref.ref, torch.Tensor]] = {}
+        self._memo: dict[str, list] = {}  # "inputs": [weak ref to x, (x_qk, x_v), uses left]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -38,16 +38,23 @@ class AttnInputNorms(nn.Module):
         state["_memo"] = {}
         return state
 
-    def normed(self, which: str, x: torch.Tensor, uses: int) -> torch.Tensor:
-        """`ln_qk(x)` or `ln_v(x)`, computed (and measured) once for the `uses` projections reading it."""
+    def inputs(self, x: torch.Tensor, uses: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ln_qk(x), ln_v(x)), computed (and measured) once for the `uses` projections reading them; z is
+        standardized once for both copies whenever they share it (`shared_input`)."""
+        hit = self._memo.get("inputs")
+        if hit is not None and hit[0]() is x:
+            hit[2] -= 1
+            if hit[2] <= 0:
+                del self._memo["inputs"]
+            return hit[1]
+        shared = self.shared_input(x)
+        if shared is not None:
+            z, g_qk, g_v = shared
+            out = (self.ln_qk._affine(z, g_qk), self.ln_v._affine(z, g_v))
+        else:
+            out = (self.ln_qk(x), self.ln_v(x))
         if uses > 1:
-            hit = self._memo.get(which)
-            if hit is not None and hit[0]() is x:
-                self._memo.pop(which)
-                return hit[1]
-        out = (self.ln_qk if which == "qk" else self.ln_v)(x)
-        if uses > 1:
-            self._memo[which] = (weakref.ref(x), out)
+            self._memo["inputs"] = [weakref.ref(x), out, uses - 1]
         return out
 
     def shared_input(self, x: torch.Tensor):
@@ -137,7 +144,8 @@ class NormedInput(_ReadsNorms):
         self.which = which
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norms.normed(self.which, x, uses=2 if self.which == "qk" else 1))
+        x_qk, x_v = self.norms.inputs(x)
+        return self.proj(x_qk if self.which == "qk" else x_v)
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
