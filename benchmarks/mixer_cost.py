@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM
 
 from benchmarks.measure import interleaved, paired_ratio
+from benchmarks.report import progress_line
 from surgery.xatl.cache import CACHE_ARG
 from surgery.xatl.generation_bench import Decoder
 
@@ -89,7 +90,7 @@ def train_rows(models: dict, seqs=SEQS, repeats: int = 3, warmup: int = 1, max_s
                 row["speedup_vs_hf"] = paired_ratio(t, "hf-mamba", "mamba")
             rows.append(row)
             if verbose:
-                print({k: v for k, v in row.items()}, flush=True)
+                print(progress_line(row), flush=True)
         for m in models.values():
             m.zero_grad(set_to_none=True)
     return rows
@@ -113,7 +114,7 @@ def generation_rows(models: dict, contexts=SEQS, new_tokens: int = 32, warmup: i
                 row["hf_over_ours"] = paired_ratio(t, "hf-mamba", "mamba")
             rows.append(row)
             if verbose:
-                print(row, flush=True)
+                print(progress_line(row), flush=True)
     return rows
 
 
@@ -158,5 +159,5 @@ def recurrence_rows(seqs=SEQS, heads: int = 4, head_dim: int = 32, repeats: int 
                 row.update(fla_s=t["fla"]["median_s"], fla_over_ours=paired_ratio(t, "fla", "ours"), max_abs_diff=diff)
             rows.append(row)
             if verbose:
-                print(row, flush=True)
+                print(progress_line(row), flush=True)
     return rows

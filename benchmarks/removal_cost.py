@@ -20,6 +20,7 @@ import torch
 from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, PreTrainedModel
 
 from benchmarks.measure import interleaved, paired_ratio, profile_pair
+from benchmarks.report import progress_line
 from surgery.families import blocks
 from surgery.remove_ln.module import std_uniformity_loss
 from surgery.remove_ln.points import KINDS, point_names, prepare_for_removal, token_context
@@ -132,7 +133,7 @@ def run(model_name: str, batch: int, seq: int, repeats: int, warmup: int = 1, ph
                "repeats": repeats, "plain_times": t["plain"]["times"], "removal_times": t["removal"]["times"]}
         rows.append(row)
         if verbose:
-            print({k: v for k, v in row.items() if not k.endswith("times")}, flush=True)
+            print(progress_line(row), flush=True)
         if profile and row["ratio"] > TARGET:
             prof[phase] = profile_pair(plain, removal, rounds=profile_rounds)
     return {"model": model_name, "params": sum(p.numel() for p in plain_model.parameters()), "batch": batch,

@@ -82,7 +82,8 @@ def plot(train: list[dict], generation: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig.suptitle("Mixers vs softmax attention on CPU (batch 1): training throughput and decoding cost by length")
     # Decoding is plotted as the paired ratio to attention: the machine's speed drifts between contexts,
     # and the ratio of steps taken moments apart is what the measurement holds steady.
     for ax, rows, key, ylab in ((axes[0], train, "tok_s", "training tokens/s"),
@@ -95,10 +96,19 @@ def plot(train: list[dict], generation: list[dict], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log" if rows is train else "linear")
         ax.set(xlabel="sequence / context length (tokens)", ylabel=ylab)
-        ax.legend()
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), frameon=False)  # below the axes, over no line
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def progress_line(row: dict) -> str:
+    """One benchmark row as `key=value` pairs (floats to 4 significant digits; lists of timings left out)."""
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    return "  ".join(f"{k}={fmt(v)}" for k, v in row.items() if not isinstance(v, (list, dict)))
 
 
 def write_json(record: dict, path: Path) -> None:

@@ -100,3 +100,10 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
 def test_cli_refuses_bad_sizes(capsys):
     assert main(["bench", "--seq", "1"]) == 2
     assert "--batch must be >= 1 and --seq / --mixer-seqs >= 2 tokens" in capsys.readouterr().err
+
+
+def test_progress_lines_are_key_value_pairs_without_timing_lists():
+    from benchmarks.report import progress_line
+
+    line = progress_line({"model": "tiny", "ratio": 1.0234567, "plain_times": [0.1, 0.2], "profile": {"a": 1}, "points": 13})
+    assert line == "model=tiny  ratio=1.023  points=13"

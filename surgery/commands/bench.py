@@ -61,6 +61,7 @@ def _gpu_section(seq: int = 1024) -> dict:
     from transformers import GPT2Config
 
     from benchmarks import gpu_cost
+    from benchmarks.report import progress_line
 
     dev, dtype = torch.device("cuda"), torch.bfloat16
     peak = gpu_cost.matmul_peak_flops(dev, dtype)
@@ -68,7 +69,7 @@ def _gpu_section(seq: int = 1024) -> dict:
     batch = gpu_cost.largest_batch(cfg, seq, dev, dtype)
     removal = gpu_cost.removal_rows(cfg, seq, batch, dev, dtype, peak_flops=peak)
     for r in removal:
-        print(r, flush=True)
+        print(progress_line(r), flush=True)
     return {"device": torch.cuda.get_device_name(dev), "peak_flops": peak, "removal": removal,
             "kernels": gpu_cost.kernel_rows(device=dev, dtype=dtype)}
 
