@@ -39,6 +39,17 @@ def lens_family(model_or_config) -> Family:
     return fam
 
 
+def lens_supports(model_type: str | None) -> bool:
+    """Whether models of this `model_type` convert to TransformerLens (a family the lens knows, not a hybrid)."""
+    from types import SimpleNamespace
+
+    try:
+        lens_family(SimpleNamespace(model_type=model_type))
+    except SurgeryError:
+        return False
+    return True
+
+
 def is_ln_free(model, tokens: torch.Tensor | None = None) -> bool:
     """True when every norm of `model` is neutralised (measured: `surgery.ln_free.detect_ln_free`); SurgeryError
     naming the norms that still normalize when only some are."""

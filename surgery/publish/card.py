@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from surgery.lens.convert import lens_supports
 from surgery.publish.source import PublishSource
 
 CORPUS_NAMES = {"stdlib"}  # data sources of surgery.data.Corpus that are not Hub datasets
@@ -90,7 +91,7 @@ def metadata(source: PublishSource, ln_free: bool, license: str, base: str | Non
     tags = ["lm-surgery"] + ([model_type] if model_type else [])
     if ln_free:
         tags += ["ln-free", "layernorm-removal"]
-    if model_type == "gpt2":
+    if lens_supports(model_type):
         tags.append("transformer-lens")
     if "xatl" in source.metrics:
         tags += ["xatl", f"{source.metrics['xatl'].get('mixer', 'hybrid')}"]
@@ -187,11 +188,15 @@ def snippets(repo_id: str, model_type: str, auto_class: str, needs_surgery: bool
         load = ["import surgery.xatl  # pip install lm-surgery; registers this architecture with transformers", *load]
     lines = ["## How to load", "", "With `transformers`:", "", "```python", *load,
              f'model = {auto_class}.from_pretrained("{repo_id}")', f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```"]
-    if model_type == "gpt2":
+    if lens_supports(model_type):
         lines += ["", "In TransformerLens (`pip install lm-surgery`; an LN-free model loads with no normalization, so "
                   "direct logit attribution is exact):", "", "```python", "from huggingface_hub import snapshot_download",
                   "from surgery.lens import load_hooked", "", f'model = load_hooked(snapshot_download("{repo_id}"))', "```"]
     return lines
+
+
+SHAPE_KEYS = ("n_layer", "num_hidden_layers", "n_embd", "hidden_size", "n_head", "num_attention_heads",
+              "num_key_value_heads", "n_positions", "max_position_embeddings", "vocab_size")
 
 
 def render(source: PublishSource, repo_id: str, meta: dict, checks: dict, files: list[str], auto_class: str,
@@ -200,7 +205,7 @@ def render(source: PublishSource, repo_id: str, meta: dict, checks: dict, files:
     config = source.model_config
     ln_free = "ln-free" in meta["tags"]
     kind = "An LN-free" if ln_free else "A"
-    shape = ", ".join(f"{k} {config[k]}" for k in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size") if k in config)
+    shape = ", ".join(f"{k} {config[k]}" for k in SHAPE_KEYS if k in config)
     intro = (f"{kind} `{config.get('model_type', '?')}` model ({shape}) made with [lm-surgery](https://pypi.org/project/lm-surgery/)"
              + (f" from `{meta['base_model']}`" if "base_model" in meta else "") + ".")
     data_args = (source.recipe.get("data") or {}).get("init_args") or {}
@@ -209,9 +214,10 @@ def render(source: PublishSource, repo_id: str, meta: dict, checks: dict, files:
         intro += f" Training data: `{data}`" + (" (Python standard library source files)" if data.startswith("stdlib") else "") + "."
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {repo_id.split('/')[-1]}", "", intro]
     if ln_free:
-        lines += ["", "Every LayerNorm is gone: each ln_1/ln_2 only centers (weight 1e6, eps 1e12), its affine and fixed "
-                  "1/sigma folded into the next projection; ln_f applies a fixed per-channel scale. The config records "
-                  "`surgery_ln_free`. It is a vanilla checkpoint: plain `transformers` runs it unchanged."]
+        lines += ["", "Every norm is gone: each block norm is neutralised (weight 1e6, eps 1e12: it only centers a LayerNorm's "
+                  "input, and passes an RMSNorm's through), its affine and fixed 1/sigma folded into the projections that "
+                  "read it; the final norm applies a fixed per-channel scale. The config records `surgery_ln_free`. "
+                  "It is a vanilla checkpoint: plain `transformers` runs it unchanged."]
     rows = result_rows(source.metrics, source.parent_metrics)
     if rows:
         lines += ["", "## Results", "", "Measured by the run that produced this model (`metrics.json`).", "",

@@ -112,7 +112,9 @@ def check_folder(folder: Path, model_dir: Path, config: dict) -> dict:
         loader = f"with plain `transformers.{auto}` in a process without `surgery`"
     result = {"loader": loader, "blocks": tokens.shape[0], "block_size": tokens.shape[1],
               "max_abs_logit_diff": _compare(f"{folder} loaded with {auto}", ref, got)}
-    if config.get("model_type") == "gpt2":
+    from surgery.lens.convert import lens_supports
+
+    if lens_supports(config.get("model_type")):
         from surgery.lens import load_hooked
 
         with torch.no_grad():
