@@ -9,6 +9,7 @@ from surgery.errors import SurgeryError
 from surgery.families import family_of, norm_paths
 from surgery.xatl import HybridGPT2Config, HybridGPT2LMHeadModel
 from surgery.xatl.cache import CACHE_ARG, CACHE_NAMES, HybridCache
+from tests.xatl_models import randomize_mixers
 
 torch.set_num_threads(1)
 
@@ -30,22 +31,6 @@ def test_save_and_load_reproduce_logits(tmp_path, mixer, attn_layers):
     assert type(loaded) is HybridGPT2LMHeadModel and loaded.config.attn_layers == attn_layers
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
-
-
-def randomize_mixers(model: HybridGPT2LMHeadModel, seed: int = 1) -> HybridGPT2LMHeadModel:
-    """Mixer weights of order 1 (at their initial scale the mixers' contribution, and so a lost state, is
-    too small to change greedy tokens): every mixer matrix redrawn at 1/sqrt(fan-in), other mixer
-    parameters perturbed."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for i in model.mixer_layers():
-            for name, p in model.transformer.h[i].attn.mixer.named_parameters():
-                noise = torch.randn(p.shape, generator=gen)
-                if p.ndim == 2 and "A_log" not in name:
-                    p.copy_(noise * p.shape[1] ** -0.5)
-                else:
-                    p.add_(0.3 * noise)
-    return model
 
 
 def step_by_step(model, seq, steps: int):
