@@ -180,7 +180,8 @@ def test_auto_attention_layers_are_the_costliest_and_deterministic(source_dir):
         choose_layers(one, 3)
     # in a run: the model is rebuilt with the chosen layers before training; the ranking is reported
     module = XatlLM(source_dir, mixer="retention", attn_layers="auto", auto_attn={"keep": 1, "steps": 4, "batches": 4, "seed": 3},
-                    transfer=["embeddings", "norms", "mlp", "lm_head", "attn_layers", "attn_out", "qkv"])
+                    transfer=["embeddings", "norms", "mlp", "lm_head", "attn_layers", "attn_out", "qkv"],
+                    unfreeze={"step": 1})  # unfrozen within this 2-step run
     assert module.model.config.attn_layers == []
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False)
