@@ -28,24 +28,24 @@ class AttnInputNorms(nn.Module):
     def __init__(self, ln_qk: SwitchableLayerNorm, ln_v: SwitchableLayerNorm):
         super().__init__()
         self.ln_qk, self.ln_v = ln_qk, ln_v
-        self._memo: dict[str, list] = {}  # "inputs": [weak ref to x, (x_qk, x_v), uses left]
+        self._memo: list | None = None  # [weak ref to x, (x_qk, x_v), uses left]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
     def __getstate__(self):  # copies and pickles start with no memo (it holds a weak reference)
         state = self.__dict__.copy()
-        state["_memo"] = {}
+        state["_memo"] = None
         return state
 
     def inputs(self, x: torch.Tensor, uses: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
         """(ln_qk(x), ln_v(x)), computed (and measured) once for the `uses` projections reading them; z is
         standardized once for both copies whenever they share it (`shared_input`)."""
-        hit = self._memo.get("inputs")
+        hit = self._memo
         if hit is not None and hit[0]() is x:
             hit[2] -= 1
             if hit[2] <= 0:
-                del self._memo["inputs"]
+                self._memo = None
             return hit[1]
         shared = self.shared_input(x)
         if shared is not None:
@@ -54,7 +54,7 @@ class AttnInputNorms(nn.Module):
         else:
             out = (self.ln_qk(x), self.ln_v(x))
         if uses > 1:
-            self._memo["inputs"] = [weakref.ref(x), out, uses - 1]
+            self._memo = [weakref.ref(x), out, uses - 1]
         return out
 
     def shared_input(self, x: torch.Tensor):
