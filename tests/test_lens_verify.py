@@ -7,8 +7,10 @@ model; for a model with LayerNorm the DLA error must be clearly larger (> 1e-2; 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 from lens_models import make_ln_free, save_model_dirs, tiny_gpt2, write_text_corpus
 
 from surgery.cli import main
@@ -50,6 +52,33 @@ def test_verify_ln_free_against_baseline(dirs, tmp_path, capsys):
     assert "| dla_relative_error |" in md and "| has_normalization | false | true |" in md
     assert (out / "dla_error_per_layer.png").stat().st_size > 1000
     assert (out / "patching_scatter.png").stat().st_size > 1000
+    for name in ("calibration.png", "first_position_norm.png", "entropy_neurons.png"):
+        assert (out / name).stat().st_size > 1000
+    check_analyses(report, md)
+
+
+ANALYSIS_ROWS = ["output entropy (nats/token)", "expected calibration error (10 bins)", "first-position norm ratio, final layer",
+                 "attention-sink rate (heads > 0.3 on position 0)", "entropy neurons mean-ablated: change of entropy"]
+
+
+def check_analyses(report: dict, md: str) -> None:
+    """Each analysis row has a finite value for the model and its baseline, and the output statistics are over the
+    same tokens as the validation cross-entropy (so their loss agrees with it to float32 summation error)."""
+    for row in ANALYSIS_ROWS:
+        cells = next(line for line in md.splitlines() if line.startswith(f"| {row} |")).strip("| ").split(" | ")[1:]
+        assert len(cells) == 2 and all(math.isfinite(float(c)) for c in cells), row
+    assert "ECE = sum_b (n_b / N) |acc_b - conf_b|" in md and "0.9 quantile" in md
+    for r in report["results"].values():
+        a = r["analyses"]
+        assert a["output"]["tokens"] == r["validation"]["tokens"]
+        assert a["output"]["loss"] == pytest.approx(r["validation"]["loss"], rel=1e-5)
+        assert 0 < a["output"]["entropy"] < math.log(300) and 0 <= a["output"]["ece"] <= 1
+        assert sum(a["output"]["bins"]["count"]) == a["output"]["tokens"]
+        assert len(a["first_position_norm"]["ratio"]) == 2 and all(x > 0 for x in a["first_position_norm"]["ratio"])
+        sinks = torch.tensor(a["attention_sink_heads"])  # (layer, head): its mean over heads is the per-layer mass
+        assert sinks.mean(1).tolist() == pytest.approx(r["attention_sink_mass"], abs=1e-6)
+        assert a["attention_sink_rate"] == (sinks > 0.3).double().mean().item()
+        assert len(a["entropy_neurons"]["norm"]) == 4 * 32
 
 
 def test_verify_another_shape_without_baseline(dirs, tmp_path):

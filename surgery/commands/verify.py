@@ -3,6 +3,12 @@
 Loads each model (GPT-2, GPT-NeoX or Llama-style) into TransformerLens (`surgery.lens.load_hooked`, offline), runs every check of
 `surgery.lens.report.verify_model` on held-out text, prints a side-by-side table and writes `report.json`,
 `report.md`, `dla_error_per_layer.png` and `patching_scatter.png` into `--out`.
+Beside the checks it reports, for each model and its baseline, the analyses of the LN-removal papers
+(`surgery.lens.analyses`): output entropy and expected calibration error on the validation blocks
+(`calibration.png`, a reliability diagram), the residual norm at position 0 against the other positions per
+layer (`first_position_norm.png`), the share of heads that are attention sinks, and the final layer's entropy
+neurons (large output weight in the unembedding's null space) with what mean-ablating them does to the loss and
+the entropy (`entropy_neurons.png`). report.md states every definition and selection rule.
 A model is LN-free when every norm is neutralised, measured on held-out text (`surgery.ln_free`; our
 export, Baroni et al.'s and Heimersheim's published formats alike, no config key needed); a partly converted
 model is refused (exit 2) with the names of the norms that still normalize, and so is a numeric argument out of

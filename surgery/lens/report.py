@@ -1,4 +1,5 @@
-"""All lens checks of one model on held-out blocks, and the report of `surgery verify` (table, markdown, plots)."""
+"""All lens checks and paper analyses of one model on held-out blocks, and the report of `surgery verify` (table,
+markdown, plots)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 from surgery.lens import has_normalization
+from surgery.lens.analyses import N_BINS, SINK_THRESHOLD, paper_analyses
 from surgery.lens.checks import attention_sink_mass, dla_check, hf_scale_spread, logit_agreement
 from surgery.lens.patching import induction_prompts, patching_effects
 
@@ -37,6 +39,7 @@ def verify_model(hf_model, hooked, blocks, settings: VerifySettings) -> dict:
                                          settings.seg_len, settings.n_prompts, settings.seed)
     result["patching"] = patching_effects(hooked, clean, corrupted)
     result["validation"] = cross_entropy(hf_model, blocks, settings.batch_size)
+    result["analyses"] = paper_analyses(hf_model, hooked, blocks, tokens, settings.batch_size)
     return result
 
 
@@ -68,7 +71,25 @@ def table_rows(results: dict[str, dict]) -> list[list[str]]:
     for layer in range(n_layers):
         rows.append(row(f"attention_sink_mass L{layer}", lambda r, i=layer: r["attention_sink_mass"][i] if i < len(r["attention_sink_mass"]) else "-"))
     rows.append(row("validation cross-entropy (nats/token)", lambda r: r["validation"]["loss"]))
+    a = lambda r: r["analyses"]  # noqa: E731
+    rows += [
+        row("output entropy (nats/token)", lambda r: a(r)["output"]["entropy"]),
+        row(f"expected calibration error ({N_BINS} bins)", lambda r: a(r)["output"]["ece"]),
+        row("top-1 confidence / accuracy", lambda r: f"{a(r)['output']['confidence']:.3f} / {a(r)['output']['accuracy']:.3f}"),
+        row("first-position norm ratio, final layer", lambda r: a(r)["first_position_norm"]["ratio"][-1]),
+        row("first-position norm ratio, max over layers", lambda r: max(a(r)["first_position_norm"]["ratio"])),
+        row(f"attention-sink rate (heads > {SINK_THRESHOLD:g} on position 0)", lambda r: a(r)["attention_sink_rate"]),
+        row("entropy neurons (final MLP)", lambda r: _neurons(a(r)["entropy_neurons"]["neurons"])),
+        row("entropy neurons: max null-space fraction, large norm", lambda r: a(r)["entropy_neurons"]["max_null_fraction_large_norm"]),
+        row("entropy neurons mean-ablated: change of loss", lambda r: a(r)["entropy_neurons"]["delta_loss"]),
+        row("entropy neurons mean-ablated: change of entropy", lambda r: a(r)["entropy_neurons"]["delta_entropy"]),
+    ]
     return rows
+
+
+def _neurons(ids: list[int], shown: int = 5) -> str:
+    listed = ", ".join(map(str, ids[:shown])) + (", ..." if len(ids) > shown else "")
+    return f"{len(ids)} ({listed})" if ids else "0"
 
 
 def print_table(results: dict[str, dict], title: str) -> None:
@@ -99,6 +120,29 @@ DEFINITIONS = """\
 - `patching_correlation`: Pearson correlation over heads of attribution patching and activation patching (noising
   each head's `hook_z` with a corrupted run) on induction prompts (a held-out segment, repeated).
 - `attention_sink_mass`: mean attention that queries at positions >= 1 put on position 0, per layer.
+
+The LN-removal papers' analyses (Baroni et al. 2025, Stolfo et al. 2024; `surgery.lens.analyses`), on the HF model:
+- `output entropy`: mean over every predicted token of the validation blocks of H(p) = -sum_v p_v log p_v of the
+  next-token distribution, nats.
+- `expected calibration error`: predictions binned by top-1 probability into 10 equal-width bins [b/10, (b+1)/10)
+  (the last holds 1.0); ECE = sum_b (n_b / N) |acc_b - conf_b|, acc_b the share of the bin's tokens whose top-1
+  prediction is the actual next token, conf_b their mean top-1 probability; same tokens as the entropy.
+- `top-1 confidence / accuracy`: mean top-1 probability and top-1 accuracy over those tokens.
+- `first-position norm ratio`: per layer l, mean L2 norm of the residual stream after block l at position 0,
+  divided by its mean norm at positions >= 1, on the DLA blocks (position 0 is the block's first token, not a BOS).
+- `attention-sink rate`: share of (layer, head) pairs whose mean attention from queries at positions >= 1 to
+  position 0 exceeds 0.3, on the DLA blocks.
+- `entropy neurons`: neurons of the final MLP whose output weight w_out (row of the output projection; for a
+  LayerNorm family with its mean over d_model removed, as the norm removes it) has (a) a norm at or above the
+  0.9 quantile of the layer's neurons AND (b) a null-space fraction ||P w_out||^2 / ||w_out||^2 >= 10 k / d.
+  P projects onto the k = max(1, round(0.05 d)) right singular vectors with the smallest singular values of the
+  effective unembedding W_U diag(w_final_norm), centered over the vocabulary (and, for a LayerNorm, restricted to
+  the (d-1)-dimensional centered subspace, d counting its dimensions); 10 k / d is ten times a random direction's
+  expected fraction. `max null-space fraction, large norm` is the largest fraction among the neurons passing (a).
+- `mean-ablated`: every selected neuron's activation (the input of the output projection) set to its mean over
+  all positions of the validation blocks; change = ablated - clean loss (nats/token) and mean entropy (nats),
+  0 when no neuron is selected. Entropy neurons act through the final norm's per-token scale, so in an LN-free
+  model their effect is expected to mostly vanish.
 """
 
 
@@ -107,7 +151,8 @@ def write_markdown(path: Path, results: dict[str, dict], title: str, settings: V
     lines = [f"# {title}", "", "| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(results)]
     lines += ["", f"Held-out data: validation blocks of {block_size} tokens; settings: `{asdict(settings)}`.", "", DEFINITIONS]
-    lines += ["Plots: `dla_error_per_layer.png`, `patching_scatter.png`.", ""]
+    lines += ["Plots: `dla_error_per_layer.png`, `patching_scatter.png`, `calibration.png` (reliability diagram), "
+              "`first_position_norm.png`, `entropy_neurons.png` (final-layer neurons: norm vs null-space fraction).", ""]
     path.write_text("\n".join(lines))
 
 
@@ -144,4 +189,52 @@ def plot(out: Path, results: dict[str, dict]) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "patching_scatter.png", dpi=120)
     plt.close(fig)
-    return ["dla_error_per_layer.png", "patching_scatter.png"]
+    return ["dla_error_per_layer.png", "patching_scatter.png", *plot_analyses(out, results, plt)]
+
+
+def plot_analyses(out: Path, results: dict[str, dict], plt) -> list[str]:
+    """Reliability diagram, first-position norm ratio per layer, and final-layer neurons by norm and null-space
+    fraction (entropy neurons marked); returns file names."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
+    for name, r in results.items():
+        o = r["analyses"]["output"]
+        seen = [i for i, n in enumerate(o["bins"]["count"]) if n > 0]
+        ax.plot([o["bins"]["confidence"][i] for i in seen], [o["bins"]["accuracy"][i] for i in seen], "o-",
+                label=f"{name}: ECE {o['ece']:.3f}, entropy {o['entropy']:.2f}")
+    ax.set_xlabel("top-1 probability (bin mean)")
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_title(f"Reliability diagram ({N_BINS} bins)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "calibration.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results.items():
+        ratio = r["analyses"]["first_position_norm"]["ratio"]
+        ax.plot(range(len(ratio)), ratio, "o-", label=name)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("layer (residual stream after the block)")
+    ax.set_ylabel("norm at position 0 / mean norm elsewhere")
+    ax.set_title("First-position residual norm")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "first_position_norm.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 4), squeeze=False)
+    for ax, (name, r) in zip(axes[0], results.items()):
+        e = r["analyses"]["entropy_neurons"]
+        ax.scatter(e["null_fraction"], e["norm"], s=8, alpha=0.5)
+        ax.scatter([e["null_fraction"][i] for i in e["neurons"]], [e["norm"][i] for i in e["neurons"]], s=30, c="red", label="entropy neurons")
+        ax.axvline(e["null_fraction_threshold"], color="k", lw=0.8, ls="--")
+        ax.axhline(e["norm_threshold"], color="k", lw=0.8, ls="--")
+        ax.set_xlabel("null-space fraction of w_out")
+        ax.set_ylabel("||w_out||")
+        ax.set_title(f"{name}: {len(e['neurons'])} entropy neurons")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "entropy_neurons.png", dpi=120)
+    plt.close(fig)
+    return ["calibration.png", "first_position_norm.png", "entropy_neurons.png"]
