@@ -215,6 +215,7 @@ def plot_analyses(out: Path, results: dict[str, dict], plt) -> list[str]:
         ratio = r["analyses"]["first_position_norm"]["ratio"]
         ax.plot(range(len(ratio)), ratio, "o-", label=name)
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xticks(range(max(len(r["analyses"]["first_position_norm"]["ratio"]) for r in results.values())))
     ax.set_xlabel("layer (residual stream after the block)")
     ax.set_ylabel("norm at position 0 / mean norm elsewhere")
     ax.set_title("First-position residual norm")
