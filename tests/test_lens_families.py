@@ -165,14 +165,18 @@ def test_hybrid_model_is_refused():
         load_hooked(hybrid)
 
 
-def test_gated_mlp_biases_are_refused_by_the_native_model():
+def test_gated_mlp_biases_are_refused_by_either_transformer_lens():
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from surgery.lens.hooked import transformer_lens_major
 
     config = LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=48,
                          vocab_size=64, mlp_bias=True)
     hf = LlamaForCausalLM(config)
     torch.nn.init.normal_(hf.model.layers[0].mlp.up_proj.bias)
-    with pytest.raises(SurgeryError, match=r"blocks.0.mlp.b_in is not zero, but TransformerLens 4.x's native gated MLP has no biases"):
+    why = ("TransformerLens 4.x's native gated MLP has no biases" if transformer_lens_major() >= 4 else
+           r"TransformerLens 3.x's gated MLP has no gate bias and adds b_in after the gate product")
+    with pytest.raises(SurgeryError, match=rf"blocks.0.mlp.b_in is not zero, but {why}"):
         load_hooked(hf)
 
 

@@ -11,7 +11,8 @@ expresses LayerNorm / RMSNorm / no normalization, rotary embeddings, grouped-que
   HookedTransformer had none for parallel blocks);
 - its gated MLP has no biases: a Llama-style model with `mlp_bias` is refused.
 TransformerLens 3.x: a `HookedTransformer` built from the same config (it has `parallel_attn_mlp` and rotate-half
-rotary itself), weights loaded with a check that none is missing.
+rotary itself) by `surgery.lens.hooked`, weights loaded with a check that none is missing; its gated MLP has no
+gate bias and adds b_in after the gate product, so a Llama-style model with gate or up biases is refused there too.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from surgery.errors import SurgeryError
 from surgery.lens.convert import is_ln_free, lens_family, norm_eps, tl_config, tl_state_dict
+from surgery.lens.hooked import build_hooked_transformer, transformer_lens_major
 
 
 def load_hf(path_or_model):
@@ -54,13 +56,6 @@ def transformer_lens_version() -> str:
     return importlib.metadata.version("transformer_lens")
 
 
-def _major_version() -> int:
-    import transformer_lens
-
-    version = getattr(transformer_lens, "__version__", None) or transformer_lens_version()
-    return int(version.split(".")[0])
-
-
 def load_hooked(path_or_model, tokenizer=None, device: str | torch.device = "cpu", ln_free: bool | None = None):
     """A TransformerLens model for a GPT-2, GPT-NeoX or Llama-style directory or in-memory model, offline.
 
@@ -76,8 +71,8 @@ def load_hooked(path_or_model, tokenizer=None, device: str | torch.device = "cpu
     ln_free = is_ln_free(hf_model) if ln_free is None else ln_free
     cfg = tl_config(hf_model.config, ln_free, None if ln_free else norm_eps(hf_model))
     state = tl_state_dict(hf_model, ln_free)
-    if _major_version() < 4:  # TransformerLens 3.x: HookedTransformer (4.x removed it)
-        return _load_hooked_transformer(cfg, state, tokenizer, device)
+    if transformer_lens_major() < 4:  # TransformerLens 3.x: HookedTransformer (4.x removed it)
+        return build_hooked_transformer(cfg, state, tokenizer, device)
     return _load_bridge(cfg, state, tokenizer, device)
 
 
@@ -140,21 +135,6 @@ def _boot_parallel_native(cfg: dict, tokenizer, device):
 
     return build_bridge_from_module(model, "TransformerLensNative", tl_config=tl_cfg, tokenizer=tokenizer, device=device,
                                     model_name="native", post_adapter_hook=parallel_blocks)
-
-
-def _load_hooked_transformer(cfg: dict, state: dict, tokenizer, device):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    keys = set(HookedTransformerConfig.__dataclass_fields__)
-    ht_cfg = HookedTransformerConfig(**{k: v for k, v in cfg.items() if k in keys}, device=str(device))
-    model = HookedTransformer(ht_cfg, tokenizer=tokenizer, move_to_device=True)
-    if cfg["n_key_value_heads"]:  # grouped-query attention keeps K/V in `_W_K`, `_b_K`, ... (W_K expands them)
-        state = {k.replace(".W_K", "._W_K").replace(".W_V", "._W_V").replace(".b_K", "._b_K").replace(".b_V", "._b_V"): v
-                 for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not k.endswith((".mask", ".IGNORE", "rotary_sin", "rotary_cos"))]:
-        raise SurgeryError(f"TransformerLens state dict mismatch: missing {missing}, unexpected {unexpected}")
-    return model.eval()
 
 
 def has_normalization(hooked) -> bool:
