@@ -1,0 +1,55 @@
+"""The seed aggregators of benchmarks/: means and sample spreads from finished runs' metrics.json."""
+
+import json
+import statistics
+
+import pytest
+
+from benchmarks import removal_seeds, xatl_seeds
+
+
+def _xatl_run(path, seed, loss, source=3.5):
+    (path / "logs").mkdir(parents=True)
+    (path / "logs" / "config.yaml").write_text(f"seed_everything: {seed}\n")
+    (path / "metrics.json").write_text(json.dumps({
+        "steps": 300, "tokens_seen": 307200, "val": {"loss": loss, "tokens": 1000},
+        "xatl": {"mixer": "gla", "source_val_loss": source, "gap_vs_source": loss - source, "attn_layers": []}}))
+    return path
+
+
+def test_xatl_seeds_gaps_and_scratch_arm_against_the_source(tmp_path):
+    losses = [3.61, 3.64, 3.58]
+    runs = [_xatl_run(tmp_path / f"s{i}", i, x) for i, x in enumerate(losses)]
+    compare = tmp_path / "cmp"
+    _xatl_run(compare / "xatl", 7, 3.66)
+    _xatl_run(compare / "scratch", 7, 4.4)
+    r = xatl_seeds.summarize(runs, [compare])
+    assert [row["seed"] for row in r["runs"]] == [0, 1, 2, 7]
+    assert r["xatl"]["mean"] == pytest.approx(statistics.fmean(losses + [3.66]))
+    assert r["gap_vs_source"]["std"] == pytest.approx(statistics.stdev(losses + [3.66]))
+    assert r["scratch_gap_vs_source"] == {"mean": pytest.approx(0.9), "std": 0.0, "n": 1}
+    gaps = [x - 3.5 for x in losses + [3.66]]
+    assert f"{statistics.fmean(gaps):+.3f} ± {statistics.stdev(gaps):.3f} (n=4)" in xatl_seeds.table({"x": r})
+
+
+def test_xatl_seeds_refuses_runs_against_different_sources(tmp_path):
+    runs = [_xatl_run(tmp_path / "a", 0, 3.6, source=3.5), _xatl_run(tmp_path / "b", 1, 3.6, source=3.7)]
+    with pytest.raises(ValueError, match="different source losses"):
+        xatl_seeds.summarize(runs)
+
+
+def test_removal_seeds_bracket_gap_over_seeds(tmp_path):
+    runs = []
+    for seed, (ctrl, free) in enumerate([(3.70, 3.72), (3.71, 3.71), (3.69, 3.73)]):
+        run = tmp_path / f"s{seed}"
+        (run / "logs").mkdir(parents=True)
+        (run / "logs" / "config.yaml").write_text(f"seed_everything: {seed}\n")
+        val = {"original": 3.705, "control (LN kept)": ctrl, "LN-free": free}
+        (run / "metrics.json").write_text(json.dumps({
+            "val_loss": val, "gap_vs_original": free - 3.705, "gap_vs_control": free - ctrl,
+            "gap_vs_best": free - min(3.705, ctrl), "export_logit_diff": {"relative": 1e-6}, "val": {"tokens": 10}}))
+        runs.append(run)
+    r = removal_seeds.summarize(runs)
+    gaps = [3.72 - 3.70, 3.71 - 3.705, 3.73 - 3.69]
+    assert r["gap_vs_best"]["mean"] == pytest.approx(statistics.fmean(gaps))
+    assert r["gap_vs_best"]["std"] == pytest.approx(statistics.stdev(gaps))
