@@ -171,7 +171,7 @@ def test_split_input_measures_both_paths_in_one_pass():
 
 
 @pytest.mark.parametrize("fold", [True, False])
-@pytest.mark.parametrize("state", ["real", "fake", "mixed", "fake_special"])
+@pytest.mark.parametrize("state", ["real", "fake", "mixed", "mixed_v", "mixed_special", "fake_special"])
 @pytest.mark.parametrize("kind", ["gpt2", "neox"])
 def test_split_input_folded_matmul_matches_two_norms_values_and_gradients(state, fold, kind):
     """Whichever path SplitQKVInput takes (one folded matmul or two), its outputs and every gradient equal
@@ -187,10 +187,12 @@ def test_split_input_folded_matmul_matches_two_norms_values_and_gradients(state,
         for ln in (qk, v):
             ln.weight.add_(torch.randn(32) * 0.3)
             ln.bias.add_(torch.randn(32) * 0.3)
-    if state != "real":
-        qk.go_fake(sigma=1.3, special_first=state == "fake_special")
-    if state in ("fake", "fake_special"):
-        v.go_fake(sigma=0.7)
+    if state not in ("real", "mixed_v"):
+        qk.go_fake(sigma=1.3, special_first=state in ("fake_special", "mixed_special"))
+    if state in ("fake", "fake_special", "mixed_v"):
+        v.go_fake(sigma=0.7, special_first=state == "mixed_v")
+    for ln in (qk, v):  # the first position's own sigma, where kept, differs from the others'
+        ln.sigma_first.fill_(2.1)
     mask = fam.value_outputs(model.config)
     split = SplitQKVInput(proj, AttnInputNorms(qk, v), mask).eval()
     split.fold_min_tokens = 0 if fold else 10**9
@@ -206,3 +208,25 @@ def test_split_input_folded_matmul_matches_two_norms_values_and_gradients(state,
     assert torch.allclose(out, ref, atol=1e-5)
     for g, g_ref in zip(grads(split(x)), grads(ref)):
         assert torch.allclose(g, g_ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "neox"])
+def test_split_input_folded_mixed_state_measures_the_real_copy_like_a_real_norm(kind):
+    """Training with Q/K fake and V real, the folded path records for ln_v the same per-token std (first
+    position kept apart) as a real LayerNorm on the same input, and nothing for the fake copy."""
+    model = tiny_model(kind)
+    fam = GPT2 if kind == "gpt2" else GPT_NEOX
+    block = model.get_submodule(fam.blocks)[0]
+    proj, norm = block.get_submodule(fam.qkv[0]), block.get_submodule(fam.attn_norm)
+    context = TokenContext()
+    qk, v = SwitchableLayerNorm(norm, context), SwitchableLayerNorm(norm, context)
+    qk.go_fake(sigma=1.3)
+    split = SplitQKVInput(proj, AttnInputNorms(qk, v), fam.value_outputs(model.config)).train()
+    split.fold_min_tokens = 0
+    x = torch.randn(3, 7, 32) * torch.linspace(0.5, 4, 7)[None, :, None]
+    split(x)
+    context.flush()
+    std = per_token_std(x, norm.eps)
+    assert float(v.avg_std) == pytest.approx(float(std[:, 1:].mean()), rel=1e-5)
+    assert float(v.avg_std_first) == pytest.approx(float(std[:, 0].mean()), rel=1e-5)
+    assert int(v.avg_count) == 1 and int(qk.avg_count) == 0

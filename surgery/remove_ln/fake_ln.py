@@ -187,6 +187,24 @@ class SwitchableLayerNorm(nn.Module):
                     ln._measure(rstd.detach())
         return out
 
+    def rstd_of(self, z: torch.Tensor) -> torch.Tensor:
+        """(…, 1): 1 / scale_token for `z = fixed_input(x)` of a real norm, differentiable (unlike the rstd that
+        `native_layer_norm` returns); measured like `standardize` does. RMSNorm's in fp32, as Llama computes it."""
+        rstd = torch.rsqrt(z.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.training and self.track:
+            self._measure(rstd.detach())
+        return rstd.to(z.dtype)
+
+    def inverse_sigma(self, x: torch.Tensor) -> torch.Tensor:
+        """1 / sigma of a fake norm for input `x` (…, d): a 0-d tensor, or (…, 1) while the first position or
+        EOT tokens keep their own sigma."""
+        if not self.has_specials:
+            return self.sigma.reciprocal().to(x.dtype)
+        first, eot, _, _ = self.context.groups(x.shape[:-1], x.device)
+        sigma = torch.where(first & self.special_first.bool(), self.sigma_first, self.sigma)
+        sigma = torch.where(eot & self.special_eot.bool(), self.sigma_eot, sigma)
+        return sigma.reciprocal().unsqueeze(-1).to(x.dtype)
+
     def fixed_input(self, x: torch.Tensor) -> torch.Tensor:
         """What a fake norm scales: x centered (LayerNorm) or x itself (RMSNorm)."""
         return x - x.mean(-1, keepdim=True) if self.center else x
@@ -202,10 +220,7 @@ class SwitchableLayerNorm(nn.Module):
             return self.weight * self.standardize(x)
         z = self.fixed_input(x)
         if self.has_specials:
-            first, eot, _, _ = self.context.groups(x.shape[:-1], x.device)
-            sigma = torch.where(first & self.special_first.bool(), self.sigma_first, self.sigma)
-            sigma = torch.where(eot & self.special_eot.bool(), self.sigma_eot, sigma)
-            return self._affine(z / sigma.unsqueeze(-1).to(x.dtype), self.weight)
+            return self._affine(z * self.inverse_sigma(x), self.weight)
         return self._affine(z, self.weight / self.sigma.to(x.dtype))
 
     def extra_repr(self) -> str:

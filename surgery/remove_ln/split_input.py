@@ -68,6 +68,18 @@ class AttnInputNorms(nn.Module):
         return None
 
 
+    def scaled_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(z, s_qk, s_v) with ln_qk(x) = z * s_qk * weight_qk + bias_qk and likewise for ln_v, in any state:
+        z is standardized once while both copies are real (s None), else their shared fixed input, with each
+        copy's own 1 / scale: a 0-d 1/sigma, or (…, 1) per token (a real copy's measured rstd, or a fake copy's
+        sigma while special tokens keep their own)."""
+        qk, v = self.ln_qk, self.ln_v
+        if not qk.is_fake and not v.is_fake:
+            return qk.standardize(x, v), None, None
+        z = qk.fixed_input(x)  # both copies center (LayerNorm) or neither (RMSNorm): one fixed input
+        return z, *(ln.inverse_sigma(x) if ln.is_fake else ln.rstd_of(z) for ln in (qk, v))
+
+
 class _ReadsNorms(nn.Module):
     """Holds the block's `AttnInputNorms` without registering it (the block owns it at the norm's place)."""
 
@@ -85,9 +97,11 @@ class SplitQKVInput(_ReadsNorms):
     """A fused Q/K/V projection reading the raw residual stream: value outputs (`value_mask`) through `ln_v`,
     query/key outputs through `ln_qk`.
 
-    While both copies are real, or both fake with no special tokens, they differ only in their affines: z is
-    computed once, and on batches of more tokens than the projection has outputs the affines are folded into
-    one matmul (the cost of the plain norm + projection); otherwise two matmuls over the two column groups.
+    On batches of more tokens than the projection has outputs, one matmul in every state: both copies are
+    `z * scale * gain + bias` of one shared z (`AttnInputNorms.scaled_input`), so the gains and biases fold into
+    the weight and bias, and a per-token scale (a real copy's beside a fake one's, or special tokens' sigmas)
+    multiplies its column group of the output. On smaller batches (folding would cost more than it saves)
+    two matmuls over the two column groups.
     """
 
     def __init__(self, proj: nn.Module, norms: AttnInputNorms, value_mask: torch.Tensor):
@@ -105,17 +119,9 @@ class SplitQKVInput(_ReadsNorms):
         w, b = in_out_weight(self.proj), self.proj.bias
         d, n_out = w.shape
         ln_qk, ln_v = self.norms.ln_qk, self.norms.ln_v
+        if x.reshape(-1, d).shape[0] >= self.fold_min_tokens:
+            return self._folded(x, w, b)
         shared = self.norms.shared_input(x)
-        flat = x.reshape(-1, d)
-        if shared is not None and flat.shape[0] >= self.fold_min_tokens:
-            z, g_qk, g_v = shared  # fold both affines into the projection: O(d * n_out) extra work
-            mask = self.value_mask
-            w_eff = torch.where(mask, w * g_v[:, None], w * g_qk[:, None])
-            if ln_qk.bias is not None:
-                shift = torch.where(mask, ln_v.bias @ w, ln_qk.bias @ w)
-                b = shift if b is None else b + shift
-            out = z.reshape(-1, d) @ w_eff if b is None else torch.addmm(b, z.reshape(-1, d), w_eff)
-            return out.view(*x.shape[:-1], n_out)
         if shared is not None:
             z, g_qk, g_v = shared
             x_qk, x_v = ln_qk._affine(z, g_qk), ln_v._affine(z, g_v)
@@ -133,6 +139,29 @@ class SplitQKVInput(_ReadsNorms):
         if not self.v_last:
             out = out.index_select(1, self.inverse)
         return out.view(*x.shape[:-1], n_out)
+
+
+    def _folded(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """One matmul: (z @ W_gain) * per-token scale + folded bias. O(d * n_out) extra work for the fold."""
+        d, n_out = w.shape
+        ln_qk, ln_v, mask = self.norms.ln_qk, self.norms.ln_v, self.value_mask
+        z, s_qk, s_v = self.norms.scaled_input(x)
+        g_qk, g_v = ln_qk.weight, ln_v.weight
+        if s_qk is not None and s_qk.dim() == 0:  # a scalar scale folds into the gain
+            g_qk, s_qk = g_qk * s_qk, None
+        if s_v is not None and s_v.dim() == 0:
+            g_v, s_v = g_v * s_v, None
+        w_eff = torch.where(mask, w * g_v[:, None], w * g_qk[:, None])
+        if ln_qk.bias is not None:
+            shift = torch.where(mask, ln_v.bias @ w, ln_qk.bias @ w)
+            b = shift if b is None else b + shift
+        z = z.reshape(-1, d)
+        if s_qk is None and s_v is None:
+            out = z @ w_eff if b is None else torch.addmm(b, z, w_eff)
+            return out.view(*x.shape[:-1], n_out)
+        scale = torch.where(mask, 1.0 if s_v is None else s_v.reshape(-1, 1), 1.0 if s_qk is None else s_qk.reshape(-1, 1))
+        out = (z @ w_eff) * scale
+        return (out if b is None else out + b).view(*x.shape[:-1], n_out)
 
 
 class NormedInput(_ReadsNorms):
