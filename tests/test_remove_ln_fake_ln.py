@@ -95,8 +95,10 @@ def test_moving_average_excludes_first_and_end_of_text_positions():
 
 
 def test_going_fake_before_any_measurement_is_refused():
-    with pytest.raises(RuntimeError, match="no std measured"):
-        SwitchableLayerNorm(layernorm()).go_fake()
+    ln = SwitchableLayerNorm(layernorm()).eval()
+    ln(torch.randn(2, 5, ln.weight.shape[0]))  # an eval-mode forward measures nothing
+    with pytest.raises(RuntimeError, match=r"no std measured yet: .*training mode; call model.train\(\)"):
+        ln.go_fake()
 
 
 def test_split_qkv_input_reads_through_separate_norms():

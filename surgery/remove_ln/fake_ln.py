@@ -149,7 +149,8 @@ class SwitchableLayerNorm(nn.Module):
         """Freeze `sigma` (default: the moving average) and switch to the fake LN."""
         self.context.flush()
         if self.avg_count == 0 and sigma is None:
-            raise RuntimeError("no std measured yet: run calibration or training forwards before going fake")
+            raise RuntimeError("no std measured yet: a norm measures its input's scale only on forward passes in "
+                               "training mode; call model.train() and run a few batches (or calibrate), or pass sigma")
         self.sigma.fill_(float(sigma) if sigma is not None else float(self.avg_std))
         first = float(self.avg_std_first) if self.avg_std_first > 0 else float(self.sigma)
         eot = float(self.avg_std_eot) if self.avg_std_eot > 0 else float(self.sigma)
