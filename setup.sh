@@ -11,4 +11,4 @@ python -m pip install -q --upgrade pip >/dev/null
 if ! python -c "import torch" 2>/dev/null; then
     python -m pip install -q "torch==2.13.0"
 fi
-python -m pip install -q -c requirements/lock.txt -e ".[test]"
+python -m pip install -q -c requirements/lock.txt -e ".[test,eval]"

@@ -17,7 +17,8 @@ from surgery.errors import SurgeryError
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # name -> (module, one-line help); imported only when called, so `surgery --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "eval": ("surgery.commands.eval", "cross-entropy and perplexity of a model on held-out data"),
+    "eval": ("surgery.commands.eval", "cross-entropy and perplexity of a model on held-out data; "
+             "standard benchmarks through lm-evaluation-harness (--tasks)"),
     "export": ("surgery.commands.export", "a run's checkpoint as a plain Hugging Face model (LN-free when removal finished)"),
     "verify": ("surgery.commands.verify", "check an (LN-free) model in TransformerLens: logits, exact DLA, patching, sinks"),
     "publish": ("surgery.commands.publish", "upload a run or model to the Hugging Face Hub with a card built from its measurements"),
