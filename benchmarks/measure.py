@@ -3,6 +3,9 @@
 Other jobs share the machine, so a configuration's time is only ever compared with a baseline timed in
 the same process, alternately: repeat r runs every configuration once (order reversed on odd repeats,
 so a slow drift hits both sides equally); the ratio is the median over repeats of t_config / t_baseline.
+Each call is timed twice: wall-clock, and the CPU time of the calling thread (`time.thread_time`). With one
+torch thread on a CPU every op runs in the calling thread, so its CPU time leaves out the time other
+processes held the core: the steadier clock on a loaded machine (meaningless for asynchronous CUDA work).
 """
 
 from __future__ import annotations
@@ -87,21 +90,24 @@ def interleaved(steps: dict[str, Callable[[], object]], repeats: int, warmup: in
                 memory: bool = True) -> dict[str, dict]:
     """Run every step `warmup` times, then `repeats` rounds of one call each, alternating the order.
 
-    Returns {name: {"times": [s, ...], "median_s", "peak_mib": largest PeakRSS over the timed calls}}."""
+    Returns {name: {"times": [wall s, ...], "cpu_times": [thread CPU s, ...], "median_s", "median_cpu_s",
+    "peak_mib": largest PeakRSS over the timed calls}}."""
     for _ in range(warmup):
         for fn in steps.values():
             fn()
-    out = {name: {"times": [], "peak_mib": None} for name in steps}
+    out = {name: {"times": [], "cpu_times": [], "peak_mib": None} for name in steps}
     for r in range(repeats):
         for name in (list(steps) if r % 2 == 0 else list(reversed(steps))):
             with PeakRSS() if memory else _Null() as mem:
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.thread_time()
                 steps[name]()
                 out[name]["times"].append(time.perf_counter() - start)
+                out[name]["cpu_times"].append(time.thread_time() - cpu)
             if memory and mem.mib is not None:
                 out[name]["peak_mib"] = max(out[name]["peak_mib"] or 0.0, mem.mib)
     for rec in out.values():
         rec["median_s"] = statistics.median(rec["times"])
+        rec["median_cpu_s"] = statistics.median(rec["cpu_times"])
     return out
 
 
@@ -115,9 +121,10 @@ class _Null:
         pass
 
 
-def paired_ratio(times: dict[str, dict], name: str, base: str) -> float:
-    """Median over repeats of times[name][r] / times[base][r] (both timed in round r)."""
-    return statistics.median(a / b for a, b in zip(times[name]["times"], times[base]["times"]))
+def paired_ratio(times: dict[str, dict], name: str, base: str, clock: str = "times") -> float:
+    """Median over repeats of times[name][clock][r] / times[base][clock][r] (both timed in round r);
+    clock "times" (wall) or "cpu_times" (the calling thread's CPU time)."""
+    return statistics.median(a / b for a, b in zip(times[name][clock], times[base][clock]))
 
 
 # ----------------------------------------------------------------------------------------------- profile

@@ -127,10 +127,11 @@ def run(model_name: str, batch: int, seq: int, repeats: int, warmup: int = 1, ph
         tokens = batch * seq
         row = {"model": model_name, "phase": phase, "fake_points": len(fake), "points": len(points),
                "plain_s": t["plain"]["median_s"], "removal_s": t["removal"]["median_s"],
-               "ratio": paired_ratio(t, "removal", "plain"),
+               "ratio": paired_ratio(t, "removal", "plain"), "ratio_cpu": paired_ratio(t, "removal", "plain", "cpu_times"),
                "plain_tok_s": tokens / t["plain"]["median_s"], "removal_tok_s": tokens / t["removal"]["median_s"],
                "plain_peak_mib": t["plain"]["peak_mib"], "removal_peak_mib": t["removal"]["peak_mib"],
-               "repeats": repeats, "plain_times": t["plain"]["times"], "removal_times": t["removal"]["times"]}
+               "repeats": repeats, "plain_times": t["plain"]["times"], "removal_times": t["removal"]["times"],
+               "plain_cpu_times": t["plain"]["cpu_times"], "removal_cpu_times": t["removal"]["cpu_times"]}
         rows.append(row)
         if verbose:
             print(progress_line(row), flush=True)

@@ -13,12 +13,14 @@ def _f(x, fmt: str) -> str:
 def removal_table(result: dict) -> str:
     """One line per phase: median step times, paired ratio (target <= 1.05), tokens/s, peak step memory."""
     lines = [f"{result['model']} ({result['params'] / 1e6:.1f}M params), batch {result['batch']} x {result['seq']} tokens",
-             "", "| phase | fake LNs | plain step | removal step | ratio (median, paired) | plain tok/s | removal tok/s "
-             "| plain peak MiB | removal peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
+             "", "| phase | fake LNs | plain step | removal step | ratio (median, paired) | ratio, thread CPU time "
+             "| plain tok/s | removal tok/s | plain peak MiB | removal peak MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         flag = "" if r["ratio"] <= 1.05 else " (above 1.05)"
+        cpu = r.get("ratio_cpu")
+        cpu = "-" if cpu is None else f"{cpu:.3f}x" + ("" if cpu <= 1.05 else " (above 1.05)")
         lines.append(f"| {r['phase']} | {r['fake_points']}/{r['points']} | {r['plain_s'] * 1e3:.0f} ms "
-                     f"| {r['removal_s'] * 1e3:.0f} ms | {r['ratio']:.3f}x{flag} | {r['plain_tok_s']:.0f} "
+                     f"| {r['removal_s'] * 1e3:.0f} ms | {r['ratio']:.3f}x{flag} | {cpu} | {r['plain_tok_s']:.0f} "
                      f"| {r['removal_tok_s']:.0f} | {_f(r['plain_peak_mib'], '.0f')} | {_f(r['removal_peak_mib'], '.0f')} |")
     for phase, p in result.get("profile", {}).items():
         lines += ["", f"Profile, {phase} (torch.profiler, self CPU time per step, mean of alternating steps: plain "

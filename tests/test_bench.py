@@ -17,8 +17,19 @@ def test_interleaved_alternates_order_and_ratio_is_median_of_pairs():
     calls = []
     t = measure.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then order reversed on odd rounds
-    t = {"a": {"times": [1.0, 2.0, 10.0]}, "b": {"times": [2.0, 2.0, 2.0]}}
+    t = {"a": {"times": [1.0, 2.0, 10.0], "cpu_times": [1.0, 1.0, 1.0]}, "b": {"times": [2.0, 2.0, 2.0], "cpu_times": [3.0, 2.0, 1.5]}}
     assert measure.paired_ratio(t, "b", "a") == pytest.approx(1.0)  # median of 2, 1, 0.2
+    assert measure.paired_ratio(t, "b", "a", "cpu_times") == pytest.approx(2.0)  # median of 3, 2, 1.5
+
+
+def test_thread_cpu_time_leaves_out_sleeping():
+    """A step that waits (as when another process holds the core) costs wall time, not thread CPU time."""
+    import time
+    t = measure.interleaved({"busy": lambda: sum(range(200_000)), "waits": lambda: (sum(range(200_000)), time.sleep(0.05))},
+                            repeats=3, warmup=0, memory=False)
+    assert measure.paired_ratio(t, "waits", "busy") > 1.5
+    assert measure.paired_ratio(t, "waits", "busy", "cpu_times") < 1.5
+    assert all(c <= w + 1e-3 for c, w in zip(t["waits"]["cpu_times"], t["waits"]["times"]))
 
 
 def test_peak_rss_sees_a_large_allocation():
@@ -51,10 +62,12 @@ def test_removal_phases_fake_counts_and_table(tmp_path):
         assert len(r["plain_times"]) == len(r["removal_times"]) == 2
         pairs = [a / b for a, b in zip(r["removal_times"], r["plain_times"])]
         assert r["ratio"] == pytest.approx(sum(pairs) / 2)  # median of two
+        cpu_pairs = [a / b for a, b in zip(r["removal_cpu_times"], r["plain_cpu_times"])]
+        assert r["ratio_cpu"] == pytest.approx(sum(cpu_pairs) / 2)
         assert r["plain_tok_s"] == pytest.approx(32 / r["plain_s"])
     assert removal_cost.removal_order(2)[:3] == ["h.0.ln_2", "h.1.ln_2", "h.0.ln_1_qk"]
     table = report.removal_table(res)
-    assert "| phase | fake LNs |" in table and "| during | 3/7 |" in table
+    assert "| phase | fake LNs |" in table and "| during | 3/7 |" in table and "ratio, thread CPU time" in table
     res["profile"] = {"after": {"plain_total_ms": 10.0, "removal_total_ms": 12.0,
                                 "extra": [{"op": "aten::var", "shape": "[8, 16]", "base_ms": 0.0, "other_ms": 2.0, "extra_ms": 2.0,
                                            "base_calls": 0, "other_calls": 5}]}}

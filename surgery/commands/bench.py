@@ -25,7 +25,7 @@ def add_arguments(parser) -> None:
                         default=["tiny-gpt2-stdlib", "tiny-pythia-stdlib", "tiny-llama-stdlib", "gpt2-small"],
                         help="a shipped checkpoint (tiny-gpt2-stdlib, tiny-pythia-stdlib, tiny-llama-stdlib), a random "
                              "model of a real shape (gpt2-small, pythia-160m, smollm2-135m) or a model directory")
-    parser.add_argument("--batch", type=int, default=1, help="removal benchmark: sequences per step")
+    parser.add_argument("--batch", type=int, default=8, help="removal benchmark: sequences per step (8 x 256: a quick start's step)")
     parser.add_argument("--seq", type=int, default=256, help="removal benchmark: tokens per sequence")
     parser.add_argument("--repeats", type=int, default=12, help="interleaved rounds for small models")
     parser.add_argument("--large-repeats", type=int, default=3, help="interleaved rounds for models > 50M params")
