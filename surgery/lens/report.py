@@ -172,9 +172,7 @@ def plot(out: Path, results: dict[str, dict]) -> list[str]:
     ax.set_ylabel("frozen-scale DLA error (relative)")
     ax.set_title("DLA error per layer")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "dla_error_per_layer.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out / "dla_error_per_layer.png", plt)
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 4), squeeze=False)
     for ax, (name, r) in zip(axes[0], results.items()):
@@ -186,10 +184,14 @@ def plot(out: Path, results: dict[str, dict]) -> list[str]:
         ax.set_xlabel("activation patching (change of mean log-prob)")
         ax.set_ylabel("attribution patching")
         ax.set_title(f"{name}: r = {_fmt(p['correlation'])}")
-    fig.tight_layout()
-    fig.savefig(out / "patching_scatter.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out / "patching_scatter.png", plt)
     return ["dla_error_per_layer.png", "patching_scatter.png", *plot_analyses(out, results, plt)]
+
+
+def _save(fig, path: Path, plt) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_analyses(out: Path, results: dict[str, dict], plt) -> list[str]:
@@ -206,9 +208,7 @@ def plot_analyses(out: Path, results: dict[str, dict], plt) -> list[str]:
     ax.set_ylabel("top-1 accuracy")
     ax.set_title(f"Reliability diagram ({N_BINS} bins)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "calibration.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out / "calibration.png", plt)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in results.items():
@@ -220,9 +220,7 @@ def plot_analyses(out: Path, results: dict[str, dict], plt) -> list[str]:
     ax.set_ylabel("norm at position 0 / mean norm elsewhere")
     ax.set_title("First-position residual norm")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "first_position_norm.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out / "first_position_norm.png", plt)
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 4), squeeze=False)
     for ax, (name, r) in zip(axes[0], results.items()):
@@ -235,7 +233,5 @@ def plot_analyses(out: Path, results: dict[str, dict], plt) -> list[str]:
         ax.set_ylabel("||w_out||")
         ax.set_title(f"{name}: {len(e['neurons'])} entropy neurons")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "entropy_neurons.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out / "entropy_neurons.png", plt)
     return ["calibration.png", "first_position_norm.png", "entropy_neurons.png"]
