@@ -135,7 +135,7 @@ def run(model_name: str, batch: int, seq: int, repeats: int, warmup: int = 1, ph
         rows.append(row)
         if verbose:
             print(progress_line(row), flush=True)
-        if profile and row["ratio"] > TARGET:
+        if profile and max(row["ratio"], row["ratio_cpu"]) > TARGET:
             prof[phase] = profile_pair(plain, removal, rounds=profile_rounds)
     return {"model": model_name, "params": sum(p.numel() for p in plain_model.parameters()), "batch": batch,
             "seq": seq, "rows": rows, "profile": prof, "removal_model": removal_model}
