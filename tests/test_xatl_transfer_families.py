@@ -73,6 +73,21 @@ def test_mamba_in_the_llama_mapping(kind):
         assert torch.equal(m.x_proj.weight[4 + D :], qkv["q"][0])
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_v_alone_into_a_mamba_whose_state_is_too_small_for_k_and_q(kind):
+    """d_state 8 < d: "qkv" is refused by the shapes, "v" copies V -> x and leaves x_proj as it was."""
+    src, hyb = source_and_hybrid(kind, "mamba", options={"d_state": 8, "expand": 1, "d_conv": 4})
+    x_proj = attn(hyb, 0).mixer.x_proj.weight.detach().clone()
+    with pytest.raises(SurgeryError, match="shapes do not allow this mapping"):
+        transfer_shared_weights(src, hyb, ["qkv"])
+    src, hyb = source_and_hybrid(kind, "mamba", options={"d_state": 8, "expand": 1, "d_conv": 4})
+    report = transfer_shared_weights(src, hyb, ["v"])
+    for i in range(2):
+        assert torch.equal(attn(hyb, i).mixer.in_proj.weight[:D], expected_qkv(src, kind, i)["v"][0])
+    assert torch.equal(attn(hyb, 0).mixer.x_proj.weight, x_proj)
+    assert {c["target"].rsplit(".", 1)[0].rsplit(".", 1)[-1] for c in report.copied} == {"in_proj"}
+
+
 @pytest.mark.parametrize("kind", ["neox", "llama"])
 def test_mixer_projections_compute_the_sources_per_head_queries_keys_values(kind):
     """Functional check with the source's own code paths: GPT-NeoX splits its fused output per head into

@@ -19,7 +19,7 @@ from surgery.errors import SurgeryError
 from surgery.families import Family, blocks, family_of, get_module
 from surgery.xatl.qkv import linear_parts, qkv_weights
 
-COMPONENTS = ("embeddings", "norms", "mlp", "lm_head", "attn_layers", "attn_out", "qkv")
+COMPONENTS = ("embeddings", "norms", "mlp", "lm_head", "attn_layers", "attn_out", "qkv", "v")
 DEFAULT_COMPONENTS = ("embeddings", "norms", "mlp", "lm_head", "attn_layers")
 
 
@@ -108,7 +108,8 @@ def transfer_shared_weights(source: nn.Module, target: nn.Module,
     along, so an LN-free source gives an LN-free target), mlp (every MLP projection), lm_head, attn_layers
     (attention blocks the target keeps, copied whole, rotary and grouped KV heads as they are), attn_out
     (attention output projection -> mixer output projection), qkv (Q/K/V in query-head order -> the mixer's
-    input projections; see surgery.xatl.qkv).
+    input projections; see surgery.xatl.qkv), v (V alone -> the mixer's value / x input: for a Mamba whose
+    d_state is too small for K -> B and Q -> C).
     Returns a TransferReport; raises SurgeryError on unknown components or mismatched shapes."""
     unknown = sorted(set(components) - set(COMPONENTS))
     if unknown:
@@ -141,8 +142,11 @@ def transfer_shared_weights(source: nn.Module, target: nn.Module,
             w, b = linear_parts(get_module(sb, fs.attn_out))
             lin, rows = slots["o"]
             cp.rows(lin, rows, w, b, _name(mixer, lin, mpath), f"{sp}.{fs.attn_out}", hint)
-        if "qkv" in components:
+        if "qkv" in components or "v" in components:
+            keys = "qkv" if "qkv" in components else "v"
             for key, (w, b, src_name, note) in qkv_weights(sb, fs, source.config, sp).items():
+                if key not in keys:
+                    continue
                 lin, rows = slots[key]
                 cp.rows(lin, rows, w, b, _name(mixer, lin, mpath), src_name, hint, note)
     return cp.report
