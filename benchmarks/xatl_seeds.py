@@ -80,13 +80,14 @@ def main(argv=None) -> None:
     p.add_argument("runs", nargs="*", help="NAME=RUN_DIR of finished XATL runs (repeat a NAME for its seeds)")
     p.add_argument("--compare", nargs="*", default=[], help="NAME=COMPARE_DIR of finished xatl.compare runs")
     p.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
+    p.add_argument("--note", default="", help="a paragraph for OUT.md, above the table (what was run, on what)")
     args = p.parse_args(argv)
     runs, compares = _pairs(args.runs, "run"), _pairs(args.compare, "--compare")
     results = {name: summarize(runs.get(name, []), compares.get(name, [])) for name in dict.fromkeys([*runs, *compares])}
     md = table(results)
     print(md)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(md + "\n")
+    args.out.with_suffix(".md").write_text((args.note.strip() + "\n\n" if args.note.strip() else "") + md + "\n")
 
 
 if __name__ == "__main__":
