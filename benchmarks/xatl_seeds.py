@@ -5,7 +5,7 @@ Each XATL run is `surgery fit --config recipes/xatl/quickstart-FAMILY-MIXER.yaml
 adds its `scratch/` arm. Every loss is the run's own evaluation on the whole validation split (`metrics.json`).
 
     python -m benchmarks.xatl_seeds pythia-gla=runs/xatl/qs-pythia-gla-s{0,1,2} \
-        --compare pythia-gla=runs/xatl/compare-pythia-gla --out benchmarks/xatl_families
+        --compare pythia-gla=runs/xatl/compare-pythia-gla [--scratch NAME=COMPARE_DIR] --out benchmarks/xatl_families
 
 prints a table and writes OUT.json and OUT.md.
 """
@@ -24,9 +24,9 @@ def _stats(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
 
-def summarize(runs: list[Path], compares: list[Path] = ()) -> dict:
+def summarize(runs: list[Path], compares: list[Path] = (), scratch_only: list[Path] = ()) -> dict:
     """Per-run rows (XATL runs and the `xatl/` arms of `compares`) with the source's loss and the gap to it,
-    the scratch arms' losses, and the mean and sample standard deviation of each."""
+    the scratch arms' losses (of `compares` and `scratch_only`), and the mean and sample standard deviation of each."""
     rows, scratch = [], []
     for run in [*runs, *(c / "xatl" for c in compares)]:
         m = json.loads((run / "metrics.json").read_text())
@@ -35,7 +35,7 @@ def summarize(runs: list[Path], compares: list[Path] = ()) -> dict:
                      "source": x["source_val_loss"], "gap_vs_source": x["gap_vs_source"],
                      "val_tokens": m["val"]["tokens"], "tokens_seen": m["tokens_seen"],
                      "attn_layers": x["attn_layers"], "train_time_s": m.get("train_time_s")})
-    for c in compares:
+    for c in [*compares, *scratch_only]:
         m = json.loads((c / "scratch" / "metrics.json").read_text())
         scratch.append({"run": str(c / "scratch"), "seed": _seed(c / "scratch"), "scratch": m["val"]["loss"]})
     sources = {round(r["source"], 6) for r in rows}
@@ -79,11 +79,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="*", help="NAME=RUN_DIR of finished XATL runs (repeat a NAME for its seeds)")
     p.add_argument("--compare", nargs="*", default=[], help="NAME=COMPARE_DIR of finished xatl.compare runs")
+    p.add_argument("--scratch", nargs="*", default=[], help="NAME=COMPARE_DIR whose scratch arm alone counts (its XATL "
+                   "arm trained with other settings than the runs of NAME)")
     p.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     p.add_argument("--note", default="", help="a paragraph for OUT.md, above the table (what was run, on what)")
     args = p.parse_args(argv)
-    runs, compares = _pairs(args.runs, "run"), _pairs(args.compare, "--compare")
-    results = {name: summarize(runs.get(name, []), compares.get(name, [])) for name in dict.fromkeys([*runs, *compares])}
+    runs, compares, scratch = _pairs(args.runs, "run"), _pairs(args.compare, "--compare"), _pairs(args.scratch, "--scratch")
+    results = {name: summarize(runs.get(name, []), compares.get(name, []), scratch.get(name, []))
+               for name in dict.fromkeys([*runs, *compares])}
     md = table(results)
     print(md)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")

@@ -32,6 +32,16 @@ def test_xatl_seeds_gaps_and_scratch_arm_against_the_source(tmp_path):
     assert f"{statistics.fmean(gaps):+.3f} ± {statistics.stdev(gaps):.3f} (n=4)" in xatl_seeds.table({"x": r})
 
 
+def test_xatl_seeds_scratch_only_leaves_the_comparisons_xatl_arm_out(tmp_path):
+    runs = [_xatl_run(tmp_path / f"s{i}", i, x) for i, x in enumerate([3.6, 3.7])]
+    compare = tmp_path / "cmp"
+    _xatl_run(compare / "xatl", 0, 3.9)
+    _xatl_run(compare / "scratch", 0, 4.4)
+    r = xatl_seeds.summarize(runs, scratch_only=[compare])
+    assert len(r["runs"]) == 2 and r["xatl"]["mean"] == pytest.approx(3.65)
+    assert r["scratch"]["mean"] == pytest.approx(4.4)
+
+
 def test_xatl_seeds_refuses_runs_against_different_sources(tmp_path):
     runs = [_xatl_run(tmp_path / "a", 0, 3.6, source=3.5), _xatl_run(tmp_path / "b", 1, 3.6, source=3.7)]
     with pytest.raises(ValueError, match="different source losses"):
