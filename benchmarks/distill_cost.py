@@ -10,7 +10,8 @@ Every side runs a full step on the same batch: forward, loss, backward, gradient
 - with --twin, also the LN-removal quick start's step as a whole: a student and its control twin, each a
   full step, with the LM loss (plain+twin) or the quick start's losses and one teacher forward shared by
   both (quickstart+twin); its ratio is the cost `surgery fit` pays for distillation.
-Ratio = median over rounds of t_side / t_plain from the same round (benchmarks/measure.py). Peak memory:
+Ratio = median over rounds of t_side / t_plain from the same round (benchmarks/measure.py), on the wall clock
+and, on a CPU, on the calling thread's CPU clock (other processes' time left out). Peak memory:
 resident memory added during one step on CPU (PeakRSS), `torch.cuda.max_memory_allocated` on a GPU.
 Prints a table and writes <out>/distill_cost.json.
 """
@@ -112,8 +113,9 @@ def run(model_name: str, batch: int, seq: int, repeats: int, device: str = "cpu"
         losses = "CE" if name.startswith("plain") else SIDES[name.removesuffix("+twin")].describe()
         rows.append({"step": name, "losses": losses, "baseline": base,
                      "median_ms": 1000 * times[name]["median_s"], "tokens_per_s": tokens / times[name]["median_s"],
-                     "ratio": 1.0 if name == base else paired_ratio(times, name, base), "peak_mib": peaks[name],
-                     "times_s": times[name]["times"]})
+                     "ratio": 1.0 if name == base else paired_ratio(times, name, base),
+                     "ratio_cpu": 1.0 if name == base else paired_ratio(times, name, base, "cpu_times"), "peak_mib": peaks[name],
+                     "times_s": times[name]["times"], "cpu_times_s": times[name]["cpu_times"]})
     return {"model": model_name, "params": sum(p.numel() for p in original.parameters()), "batch": batch, "seq": seq,
             "device": device, "repeats": repeats, "target_ratio": TARGET, "rows": rows}
 
@@ -121,12 +123,13 @@ def run(model_name: str, batch: int, seq: int, repeats: int, device: str = "cpu"
 def table(result: dict) -> str:
     lines = [f"{result['model']} ({result['params'] / 1e6:.2f}M params), batch {result['batch']} x {result['seq']} tokens, "
              f"{result['device']}, {result['repeats']} interleaved rounds",
-             "", "| step | losses | median ms | tokens/s | ratio to its baseline (paired median) | peak MiB |",
-             "|---|---|---:|---:|---:|---:|"]
+             "", "| step | losses | median ms | tokens/s | ratio to its baseline (paired median) | ratio, thread CPU time "
+             "| peak MiB |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        cpu = "-" if r.get("ratio_cpu") is None or result["device"] != "cpu" else f"{r['ratio_cpu']:.2f}x"
         lines.append(f"| {r['step']} | {r['losses']} | {r['median_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['ratio']:.2f}x | {peak} |")
+                     f"{r['ratio']:.2f}x | {cpu} | {peak} |")
     return "\n".join(lines)
 
 
