@@ -168,11 +168,8 @@ def plot(out: Path, results: dict[str, dict]) -> list[str]:
         per_layer = r["per_layer"]
         ax.plot([str(x) for x in per_layer["layer"]], [max(e, 1e-17) for e in per_layer["dla_frozen_scale_error"]], "o-", label=name)
     ax.set_yscale("log")
-    ax.set_xlabel("layer of the component")
-    ax.set_ylabel("frozen-scale DLA error (relative)")
-    ax.set_title("DLA error per layer")
-    ax.legend()
-    _save(fig, out / "dla_error_per_layer.png", plt)
+    _finish(fig, ax, "layer of the component", "frozen-scale DLA error (relative)", "DLA error per layer",
+            out / "dla_error_per_layer.png", plt)
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 4), squeeze=False)
     for ax, (name, r) in zip(axes[0], results.items()):
@@ -186,6 +183,15 @@ def plot(out: Path, results: dict[str, dict]) -> list[str]:
         ax.set_title(f"{name}: r = {_fmt(p['correlation'])}")
     _save(fig, out / "patching_scatter.png", plt)
     return ["dla_error_per_layer.png", "patching_scatter.png", *plot_analyses(out, results, plt)]
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path, plt, legend_size=None) -> None:
+    """Label one-axes figure `fig`, add its legend, save it to `path` and close it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    _save(fig, path, plt)
 
 
 def _save(fig, path: Path, plt) -> None:
@@ -204,11 +210,8 @@ def plot_analyses(out: Path, results: dict[str, dict], plt) -> list[str]:
         seen = [i for i, n in enumerate(o["bins"]["count"]) if n > 0]
         ax.plot([o["bins"]["confidence"][i] for i in seen], [o["bins"]["accuracy"][i] for i in seen], "o-",
                 label=f"{name}: ECE {o['ece']:.3f}, entropy {o['entropy']:.2f}")
-    ax.set_xlabel("top-1 probability (bin mean)")
-    ax.set_ylabel("top-1 accuracy")
-    ax.set_title(f"Reliability diagram ({N_BINS} bins)")
-    ax.legend(fontsize=8)
-    _save(fig, out / "calibration.png", plt)
+    _finish(fig, ax, "top-1 probability (bin mean)", "top-1 accuracy", f"Reliability diagram ({N_BINS} bins)",
+            out / "calibration.png", plt, legend_size=8)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in results.items():
@@ -216,11 +219,8 @@ def plot_analyses(out: Path, results: dict[str, dict], plt) -> list[str]:
         ax.plot(range(len(ratio)), ratio, "o-", label=name)
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xticks(range(max(len(r["analyses"]["first_position_norm"]["ratio"]) for r in results.values())))
-    ax.set_xlabel("layer (residual stream after the block)")
-    ax.set_ylabel("norm at position 0 / mean norm elsewhere")
-    ax.set_title("First-position residual norm")
-    ax.legend()
-    _save(fig, out / "first_position_norm.png", plt)
+    _finish(fig, ax, "layer (residual stream after the block)", "norm at position 0 / mean norm elsewhere",
+            "First-position residual norm", out / "first_position_norm.png", plt)
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 4), squeeze=False)
     for ax, (name, r) in zip(axes[0], results.items()):
