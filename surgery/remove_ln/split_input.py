@@ -142,16 +142,23 @@ class SplitQKVInput(_ReadsNorms):
 
 
     def _folded(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        """One matmul: (z @ W_gain) * per-token scale + folded bias. O(d * n_out) extra work for the fold."""
+        """One matmul: (z @ W_gain) * per-token scale + folded bias. O(d * n_out) extra work for the fold. Once both
+        copies are fake without special tokens, z is x itself: a LayerNorm's centering folds into the weight too."""
         d, n_out = w.shape
         ln_qk, ln_v, mask = self.norms.ln_qk, self.norms.ln_v, self.value_mask
-        z, s_qk, s_v = self.norms.scaled_input(x)
+        settled = ln_qk.is_fake and ln_v.is_fake and not ln_qk.has_specials and not ln_v.has_specials
+        if settled:  # both fixed: the centering is linear too, and folds into the weight below
+            z, s_qk, s_v = x, ln_qk.inverse_sigma(x), ln_v.inverse_sigma(x)
+        else:
+            z, s_qk, s_v = self.norms.scaled_input(x)
         g_qk, g_v = ln_qk.weight, ln_v.weight
         if s_qk is not None and s_qk.dim() == 0:  # a scalar scale folds into the gain
             g_qk, s_qk = g_qk * s_qk, None
         if s_v is not None and s_v.dim() == 0:
             g_v, s_v = g_v * s_v, None
         w_eff = torch.where(mask, w * g_v[:, None], w * g_qk[:, None])
+        if settled and ln_qk.center:  # (x - mean(x)) @ W = x @ (W - mean of W's rows)
+            w_eff = w_eff - w_eff.mean(0, keepdim=True)
         if ln_qk.bias is not None:
             shift = torch.where(mask, ln_v.bias @ w, ln_qk.bias @ w)
             b = shift if b is None else b + shift
