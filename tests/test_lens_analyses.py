@@ -21,8 +21,8 @@ from lens_models import make_ln_free, tiny_gpt2
 
 from surgery.families import family_of, get_module, set_module
 from surgery.lens import load_hooked
+from surgery.lens.checks import attention_sink_heads
 from surgery.lens.analyses import (
-    attention_sink_heads,
     entropy_neurons,
     first_position_norms,
     null_space_scores,

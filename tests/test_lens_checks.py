@@ -14,6 +14,7 @@ from lens_models import make_ln_free, tiny_gpt2
 from surgery.errors import SurgeryError
 from surgery.lens import load_hooked
 from surgery.lens.checks import (
+    attention_sink_heads,
     attention_sink_mass,
     dla_check,
     frozen_attribution,
@@ -132,7 +133,7 @@ def test_attention_sink_mass_matches_hf_attentions():
     with torch.no_grad():
         attns = hf(tokens, output_attentions=True).attentions  # per layer (batch, head, query, key)
     ref = [a[:, :, 1:, 0].mean().item() for a in attns]
-    assert attention_sink_mass(load_hooked(hf), tokens) == pytest.approx(ref, abs=1e-6)
+    assert attention_sink_mass(attention_sink_heads(load_hooked(hf), tokens)) == pytest.approx(ref, abs=1e-6)
 
 
 def test_hf_scale_spread():

@@ -95,14 +95,6 @@ def first_position_norms(hf_model, tokens: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def attention_sink_heads(hooked, tokens: torch.Tensor) -> torch.Tensor:
-    """(n_layers, n_heads): mean attention that queries at positions >= 1 put on position 0, per head."""
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(hooked.cfg.n_layers)]
-    _, cache = hooked.run_with_cache(tokens, names_filter=lambda n: n in names)
-    return torch.stack([cache[n][:, :, 1:, 0].double().mean((0, 2)) for n in names])  # pattern: (batch, head, query, key)
-
-
-@torch.no_grad()
 def null_space_scores(hf_model) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(norm (d_mlp,), null-space fraction (d_mlp,), chance) of each final-layer MLP neuron's output weight w_out.
 
@@ -113,7 +105,7 @@ def null_space_scores(hf_model) -> tuple[torch.Tensor, torch.Tensor, float]:
     fraction = ||P_null w_out||^2 / ||w_out||^2; chance = k / d, a random direction's expected fraction.
     """
     fam = family_of(hf_model)
-    w_out = in_out_weight(get_module(model_blocks(hf_model)[-1], fam.mlp_out)).detach().double()  # (d_mlp, d)
+    w_out = in_out_weight(_mlp_out(hf_model)).detach().double()  # (d_mlp, d)
     w_u = get_module(hf_model, fam.lm_head).weight.detach().double() * get_module(hf_model, fam.final_norm).weight.detach().double()
     w_u = w_u - w_u.mean(0)
     d = w_u.shape[1]
@@ -179,11 +171,11 @@ def entropy_neurons(hf_model, blocks, batch_size: int = 8) -> tuple[dict, dict]:
     return clean, report
 
 
-def paper_analyses(hf_model, hooked, blocks, tokens: torch.Tensor, batch_size: int = 8) -> dict:
+def paper_analyses(hf_model, sinks: torch.Tensor, blocks, tokens: torch.Tensor, batch_size: int = 8) -> dict:
     """Every analysis above: output stats and entropy neurons on every block of `blocks` (a Dataset of (T,)
-    LongTensors), first-position norms and attention sinks on `tokens` (batch, pos)."""
+    LongTensors), first-position norms on `tokens` (batch, pos), and the sink rate of `sinks` (n_layers, n_heads;
+    `surgery.lens.checks.attention_sink_heads` on the same tokens)."""
     output, neurons = entropy_neurons(hf_model, blocks, batch_size)
-    sinks = attention_sink_heads(hooked, tokens)
     return {
         "output": output,
         "first_position_norm": first_position_norms(hf_model, tokens),

@@ -162,11 +162,17 @@ def hf_scale_spread(hf_model, tokens: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def attention_sink_mass(hooked, tokens: torch.Tensor) -> list[float]:
-    """Per layer: mean share of attention that queries at positions >= 1 put on position 0 (all heads)."""
+def attention_sink_heads(hooked, tokens: torch.Tensor) -> torch.Tensor:
+    """(n_layers, n_heads): mean attention that queries at positions >= 1 put on position 0, per head."""
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(hooked.cfg.n_layers)]
     _, cache = hooked.run_with_cache(tokens, names_filter=lambda n: n in names)
-    return [cache[n][:, :, 1:, 0].mean().item() for n in names]  # pattern: (batch, head, query, key)
+    return torch.stack([cache[n][:, :, 1:, 0].double().mean((0, 2)) for n in names])  # pattern: (batch, head, query, key)
+
+
+def attention_sink_mass(heads: torch.Tensor) -> list[float]:
+    """Per layer: mean share of attention that queries at positions >= 1 put on position 0 (all heads), from
+    `attention_sink_heads`."""
+    return heads.mean(1).tolist()
 
 
 # What an LN-free export must satisfy (fp32): logits within 1e-4 of HF's, DLA exact to float error, and the HF

@@ -11,7 +11,7 @@ import torch
 
 from surgery.lens import has_normalization
 from surgery.lens.analyses import N_BINS, SINK_THRESHOLD, paper_analyses
-from surgery.lens.checks import attention_sink_mass, dla_check, hf_scale_spread, logit_agreement
+from surgery.lens.checks import attention_sink_heads, attention_sink_mass, dla_check, hf_scale_spread, logit_agreement
 from surgery.lens.patching import induction_prompts, patching_effects
 
 
@@ -34,12 +34,13 @@ def verify_model(hf_model, hooked, blocks, settings: VerifySettings) -> dict:
     result = {"has_normalization": has_normalization(hooked), "hf_scale_spread": hf_scale_spread(hf_model, tokens)}
     result.update(logit_agreement(hf_model, hooked, tokens))
     result.update(dla_check(hooked, tokens))
-    result["attention_sink_mass"] = attention_sink_mass(hooked, tokens)
+    sinks = attention_sink_heads(hooked, tokens)
+    result["attention_sink_mass"] = attention_sink_mass(sinks)
     clean, corrupted = induction_prompts(torch.from_numpy(blocks.tokens[: len(blocks) * blocks.block_size].astype("int64")),
                                          settings.seg_len, settings.n_prompts, settings.seed)
     result["patching"] = patching_effects(hooked, clean, corrupted)
     result["validation"] = cross_entropy(hf_model, blocks, settings.batch_size)
-    result["analyses"] = paper_analyses(hf_model, hooked, blocks, tokens, settings.batch_size)
+    result["analyses"] = paper_analyses(hf_model, sinks, blocks, tokens, settings.batch_size)
     return result
 
 
