@@ -10,8 +10,8 @@
 """
 
 from surgery.lens.convert import is_ln_free, norm_eps, tl_config, tl_state_dict
-from surgery.lens.hooked import hooked_config_and_weights
-from surgery.lens.load import has_normalization, load_hf, load_hooked, transformer_lens_version
+from surgery.lens.hooked import hooked_config_and_weights, transformer_lens_version
+from surgery.lens.load import has_normalization, load_hf, load_hooked
 
 __all__ = [
     "has_normalization",

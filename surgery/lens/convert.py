@@ -50,6 +50,13 @@ def lens_supports(model_type: str | None) -> bool:
     return True
 
 
+def tl_parts(hf_model, ln_free: bool | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(`tl_config` dict, `tl_state_dict` weights) of `hf_model`; `ln_free` defaults to `is_ln_free` (measured),
+    and a model with norms keeps its own eps."""
+    ln_free = is_ln_free(hf_model) if ln_free is None else ln_free
+    return tl_config(hf_model.config, ln_free, None if ln_free else norm_eps(hf_model)), tl_state_dict(hf_model, ln_free)
+
+
 def is_ln_free(model, tokens: torch.Tensor | None = None) -> bool:
     """True when every norm of `model` is neutralised (measured: `surgery.ln_free.detect_ln_free`); SurgeryError
     naming the norms that still normalize when only some are."""

@@ -21,16 +21,20 @@ from __future__ import annotations
 import torch
 
 from surgery.errors import SurgeryError
-from surgery.lens.convert import is_ln_free, lens_family, norm_eps, tl_config, tl_state_dict
+from surgery.lens.convert import lens_family, tl_parts
 
 BUFFERS = (".mask", ".IGNORE", ".rotary_sin", ".rotary_cos")  # built by HookedTransformer from its config
 
 
-def transformer_lens_major() -> int:
-    """The major version of the installed TransformerLens."""
+def transformer_lens_version() -> str:
     import importlib.metadata
 
-    return int(importlib.metadata.version("transformer_lens").split(".")[0])
+    return importlib.metadata.version("transformer_lens")
+
+
+def transformer_lens_major() -> int:
+    """The major version of the installed TransformerLens."""
+    return int(transformer_lens_version().split(".")[0])
 
 
 def hooked_state(cfg: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -76,9 +80,8 @@ def hooked_config_and_weights(hf_model, ln_free: bool | None = None, device: str
         raise SurgeryError(f"HookedTransformer was removed in TransformerLens 4.0 (installed: {major}.x); install "
                            "transformer_lens>=3.9,<4 for it, or use surgery.lens.load_hooked (a TransformerBridge)")
     lens_family(hf_model)  # SurgeryError naming the supported families
-    ln_free = is_ln_free(hf_model) if ln_free is None else ln_free
-    cfg = tl_config(hf_model.config, ln_free, None if ln_free else norm_eps(hf_model))
-    return hooked_transformer_config(cfg, device), hooked_state(cfg, tl_state_dict(hf_model, ln_free))
+    cfg, state = tl_parts(hf_model, ln_free)
+    return hooked_transformer_config(cfg, device), hooked_state(cfg, state)
 
 
 def build_hooked_transformer(cfg: dict, state: dict[str, torch.Tensor], tokenizer=None, device="cpu"):

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from surgery.errors import SurgeryError
-from surgery.lens.convert import is_ln_free, lens_family, norm_eps, tl_config, tl_state_dict
+from surgery.lens.convert import lens_family, tl_parts
 from surgery.lens.hooked import build_hooked_transformer, transformer_lens_major
 
 
@@ -50,12 +50,6 @@ def load_hf(path_or_model):
     return model.eval(), tokenizer
 
 
-def transformer_lens_version() -> str:
-    import importlib.metadata
-
-    return importlib.metadata.version("transformer_lens")
-
-
 def load_hooked(path_or_model, tokenizer=None, device: str | torch.device = "cpu", ln_free: bool | None = None):
     """A TransformerLens model for a GPT-2, GPT-NeoX or Llama-style directory or in-memory model, offline.
 
@@ -68,9 +62,7 @@ def load_hooked(path_or_model, tokenizer=None, device: str | torch.device = "cpu
     """
     hf_model, dir_tokenizer = load_hf(path_or_model)
     tokenizer = tokenizer if tokenizer is not None else dir_tokenizer
-    ln_free = is_ln_free(hf_model) if ln_free is None else ln_free
-    cfg = tl_config(hf_model.config, ln_free, None if ln_free else norm_eps(hf_model))
-    state = tl_state_dict(hf_model, ln_free)
+    cfg, state = tl_parts(hf_model, ln_free)
     if transformer_lens_major() < 4:  # TransformerLens 3.x: HookedTransformer (4.x removed it)
         return build_hooked_transformer(cfg, state, tokenizer, device)
     return _load_bridge(cfg, state, tokenizer, device)
