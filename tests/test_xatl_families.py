@@ -70,12 +70,15 @@ def step_by_step(model, seq, steps: int):
     return seq
 
 
-GENERATE = [(k, m, []) for k in KINDS for m in MIXERS] + [(k, "gla", [1]) for k in KINDS] + [("llama", "mamba", [0])]
+GENERATE = ([(k, m, [], None) for k in KINDS for m in MIXERS] + [(k, "gla", [1], None) for k in KINDS]
+            + [("llama", "mamba", [0], None)]
+            # softmax windows (4 and 3 tokens) that the 24 generated tokens run well past
+            + [("gpt2", "gla", [1], {"key_dim": 32, "window": 4}), ("llama", "retention", [], {"window": 3})])
 
 
-@pytest.mark.parametrize("kind,mixer,attn_layers", GENERATE)
-def test_generate_on_reloaded_hybrid_equals_argmax_over_full_forwards(tmp_path, kind, mixer, attn_layers):
-    _, model = source_and_hybrid(kind, mixer, attn_layers)
+@pytest.mark.parametrize("kind,mixer,attn_layers,options", GENERATE)
+def test_generate_on_reloaded_hybrid_equals_argmax_over_full_forwards(tmp_path, kind, mixer, attn_layers, options):
+    _, model = source_and_hybrid(kind, mixer, attn_layers, options)
     randomize_mixers(model).save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(model).__name__.startswith("Hybrid") and model.config.attn_layers == attn_layers

@@ -10,7 +10,7 @@ from transformers.models.mamba.modeling_mamba import MambaMixer as HFMambaMixer
 
 from surgery.errors import SurgeryError
 from surgery.xatl.mixers import MIXERS, build_mixer
-from surgery.xatl.scan import gla_chunked, gla_recurrent, selective_scan_chunked, selective_scan_sequential
+from surgery.xatl.scan import gla_chunked, gla_recurrent, selective_scan_chunked, selective_scan_sequential, window_attention
 
 torch.set_num_threads(1)
 
@@ -53,11 +53,23 @@ def _mixer(name: str, **kw) -> torch.nn.Module:
     return m
 
 
+# every mixer, and the linear-attention mixers with a softmax window whose linear branch is switched on
+VARIANTS = [(name, {}) for name in sorted(MIXERS)] + [("gla", {"window": 5}), ("retention", {"window": 16})]
+
+
+def _variant(name: str, options: dict) -> torch.nn.Module:
+    m = _mixer(name, **options)
+    if options.get("window"):
+        with torch.no_grad():
+            m.norm_weight.normal_(1.0, 0.3)
+    return m
+
+
 @pytest.mark.parametrize("T", [41, 300])
-@pytest.mark.parametrize("name", sorted(MIXERS))
-def test_chunked_form_equals_recurrent_form(name, T):
+@pytest.mark.parametrize("name,options", VARIANTS)
+def test_chunked_form_equals_recurrent_form(name, options, T):
     """T = 300 spans several chunks of every mixer (retention's are 128 tokens)."""
-    m, x = _mixer(name), torch.randn(2, T, 32)
+    m, x = _variant(name, options), torch.randn(2, T, 32)
     y, state = m(x)
     y_rec, state_rec = m(x, recurrent=True)
     assert y.abs().max() > 0.1
@@ -66,11 +78,11 @@ def test_chunked_form_equals_recurrent_form(name, T):
         assert (s - r).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("name", sorted(MIXERS))
-def test_token_by_token_generation_form(name):
+@pytest.mark.parametrize("name,options", VARIANTS)
+def test_token_by_token_generation_form(name, options):
     """Generation: one token at a time with a carried state of fixed size equals the full forward;
     a prefix in one call followed by single tokens as well."""
-    m, x = _mixer(name), torch.randn(2, 30, 32)
+    m, x = _variant(name, options), torch.randn(2, 30, 32)
     y, _ = m(x)
     state, outs, sizes = None, [], set()
     for t in range(30):
@@ -85,6 +97,66 @@ def test_token_by_token_generation_form(name):
         o, state = m(x[:, t : t + 1], state)
         outs.append(o)
     assert (torch.cat(outs, 1) - y).abs().max() < 1e-5
+
+
+def _window_reference(q, k, v, window):
+    """Softmax over a banded causal mask on the whole sequence."""
+    T = q.shape[2]
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    mask = (j <= i) & (j > i - window)
+    return (q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("window", [1, 4, 7, 64])
+def test_window_attention_equals_banded_softmax_across_calls(window):
+    """In one call and split over calls at uneven points (the carried keys/values of the last window-1 tokens,
+    partly empty at first), against a banded softmax over the whole sequence."""
+    g = torch.Generator().manual_seed(window)
+    q, k = torch.randn(2, 3, 23, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 23, 4, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 3, 23, 5, generator=g, dtype=torch.float64)
+    ref = _window_reference(q, k, v, window)
+    o, (kp, vp, filled) = window_attention(q, k, v, window)
+    assert (o - ref).abs().max() < 1e-12
+    assert kp.shape == (2, 3, window - 1, 4) and filled.tolist() == [min(23, window - 1)] * 2
+    past, outs = None, []
+    for s, e in [(0, 2), (2, 3), (3, 15), (15, 23)]:
+        o, past = window_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], window, past)
+        outs.append(o)
+    assert (torch.cat(outs, 2) - ref).abs().max() < 1e-12
+
+
+def test_windowed_mixer_with_source_weights_starts_as_the_sources_attention():
+    """A GLA mixer with a window >= T given a GPT-2 attention's Q/K/V/O (randomized) computes that attention
+    exactly at initialisation (its linear branch starts at zero); a shorter window cuts the attention there."""
+    from transformers import GPT2Config
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+    torch.manual_seed(3)
+    d, T = 32, 20
+    cfg = GPT2Config(n_embd=d, n_head=4, n_positions=T, attn_pdrop=0.0, resid_pdrop=0.0)
+    cfg._attn_implementation = "eager"
+    attn = GPT2Attention(cfg).eval()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, T, d)
+    causal = torch.full((T, T), float("-inf")).triu(1)[None, None]
+    ref = attn(x, attention_mask=causal)[0]
+    for window in (T, 6):
+        m = build_mixer("gla", d, 4, key_dim=d, window=window)
+        with torch.no_grad():
+            W, b = attn.c_attn.weight, attn.c_attn.bias  # Conv1D: (in, out), columns Q | K | V
+            for j, lin in enumerate([m.q_proj, m.k_proj, m.v_proj]):
+                lin.weight.copy_(W[:, j * d : (j + 1) * d].T)
+                lin.bias.copy_(b[j * d : (j + 1) * d])
+            m.out_proj.weight.copy_(attn.c_proj.weight.T)
+            m.out_proj.bias.copy_(attn.c_proj.bias)
+            y, _ = m(x)
+        same = (y - ref).abs().amax(dim=(0, 2))  # per position
+        if window == T:
+            assert same.max() < 1e-5
+        else:  # positions that see no more than the window agree, later ones differ
+            assert same[:window].max() < 1e-5 and same[window:].min() > 1e-3
 
 
 def test_mamba_matches_transformers_mamba_mixer():
@@ -112,8 +184,10 @@ def test_unknown_mixer_and_bad_options():
                                            r"'d_state'\?\); its settings: d_state, d_conv, expand, dt_rank, chunk$"):
         build_mixer("mamba", 32, 4, d_stat=8)
     with pytest.raises(SurgeryError, match=r"key 'gate_rnk' is not a setting of mixer 'gla' \(did you mean 'gate_rank'\?\); "
-                                           r"its settings: key_dim, gate_rank, gate_norm, chunk$"):
+                                           r"its settings: key_dim, gate_rank, gate_norm, chunk, window$"):
         build_mixer("gla", 32, 4, gate_rnk=8)
-    with pytest.raises(SurgeryError, match=r"key 'd_state' is not a setting of mixer 'retention'; its settings: chunk, key_dim$"):
+    with pytest.raises(SurgeryError, match=r"key 'd_state' is not a setting of mixer 'retention'; its settings: chunk, key_dim, window$"):
         build_mixer("retention", 32, 4, d_state=8)
+    with pytest.raises(SurgeryError, match=r"window=-1: give the number of recent tokens"):
+        build_mixer("gla", 32, 4, window=-1)
     assert build_mixer("mamba", 32, 4, d_state=4).d_state == 4 and build_mixer("gla", 32, 4, gate_rank=4, chunk=8).chunk == 8

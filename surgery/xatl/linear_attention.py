@@ -2,6 +2,13 @@
 (data-dependent per-key decay, Yang et al. 2023). Both compute, per head,
 ``S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``, then a per-head RMS norm, a SiLU output gate
 and an output projection. State per sequence: S, (B, H, K, V), constant in T.
+
+With `window` > 0 a mixer also attends exactly (softmax, the same q, k, v) to its last `window` tokens and adds
+that to the gated linear-attention output, as LoLCATs (Zhang et al. 2024) and Based (Arora et al. 2024) pair
+linear attention with a sliding window: the window's keys and values join the state, still constant in T.
+The linear branch starts at zero (its norm gain), so a mixer given a source's Q/K/V/O starts as the source's
+attention cut to the window (exact for sources with absolute positions, e.g. GPT-2; rotary sources' windows
+start without their rotation).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from torch import nn
 from transformers import initialization as init
 
 from surgery.xatl.kernels import cuda_kernel, try_kernel
-from surgery.xatl.scan import gla_chunked, gla_recurrent, rms_norm
+from surgery.xatl.scan import gla_chunked, gla_recurrent, rms_norm, window_attention
 
 
 class LinearAttentionMixer(nn.Module):
@@ -22,12 +29,18 @@ class LinearAttentionMixer(nn.Module):
     Args:
         d_model: residual width. n_head: heads. key_dim: total query/key width (default d_model).
         chunk: chunk length of the chunked form. q/k/v projections have biases so GPT-2's Q/K/V fit whole.
+        window: tokens each position also attends to by softmax (itself included); 0: none.
     """
 
     fla_kernel: tuple[str, str] | None = None
 
-    def __init__(self, d_model: int, n_head: int, key_dim: int | None = None, chunk: int = 32):
+    def __init__(self, d_model: int, n_head: int, key_dim: int | None = None, chunk: int = 32, window: int = 0):
         super().__init__()
+        if window < 0:
+            from surgery.errors import SurgeryError
+
+            raise SurgeryError(f"window={window}: give the number of recent tokens to attend to exactly, or 0 for none")
+        self.window = window
         key_dim = key_dim or d_model
         if key_dim % n_head or d_model % n_head:
             from surgery.errors import SurgeryError
@@ -47,7 +60,7 @@ class LinearAttentionMixer(nn.Module):
         for lin in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.out_proj):
             init.xavier_uniform_(lin.weight, gain=2**-2.5 if lin is not self.out_proj else 2**-0.5)
             init.zeros_(lin.bias)
-        init.ones_(self.norm_weight)
+        (init.zeros_ if self.window else init.ones_)(self.norm_weight)
 
     def transfer_slots(self) -> dict[str, tuple[nn.Linear, slice]]:
         return {"o": (self.out_proj, slice(0, self.d_model)), "q": (self.q_proj, slice(0, self.q_proj.out_features)),
@@ -60,8 +73,8 @@ class LinearAttentionMixer(nn.Module):
         return t.view(t.shape[0], t.shape[1], self.n_head, d).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, state: tuple | None = None, recurrent: bool = False):
-        """x: (B, T, d_model); state: (S,) from a previous call or None; `recurrent` uses the step-by-step
-        form. Returns (y (B, T, d_model), (S,))."""
+        """x: (B, T, d_model); state: (S,) (with a window: (S, keys, values, filled)) from a previous call or
+        None; `recurrent` uses the step-by-step form. Returns (y (B, T, d_model), the new state)."""
         Bsz, T, _ = x.shape
         q = self._heads(self.q_proj(x), self.head_k) * self.head_k**-0.5
         k, v = self._heads(self.k_proj(x), self.head_k), self._heads(self.v_proj(x), self.head_v)
@@ -73,8 +86,11 @@ class LinearAttentionMixer(nn.Module):
         if out is None:
             out = (gla_recurrent if recurrent else gla_chunked)(q, k, v, g, s0, **({} if recurrent else {"chunk": self.chunk}))
         o, S = out
-        o = rms_norm(o, self.norm_weight).transpose(1, 2).reshape(Bsz, T, -1)
-        return self.out_proj(o * F.silu(self.g_proj(x))), (S,)
+        y = rms_norm(o, self.norm_weight).transpose(1, 2).reshape(Bsz, T, -1) * F.silu(self.g_proj(x))
+        if not self.window:
+            return self.out_proj(y), (S,)
+        o_win, past = window_attention(q, k, v, self.window, None if state is None else state[1:])
+        return self.out_proj(y + o_win.transpose(1, 2).reshape(Bsz, T, -1)), (S, *past)
 
     def _fla(self, fn, q, k, v, g, s0):
         """flash-linear-attention's chunk kernel, (B, T, H, K) layout, scale already applied to q."""

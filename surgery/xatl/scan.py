@@ -114,6 +114,36 @@ def gla_chunked(q, k, v, g, s0: torch.Tensor | None = None, chunk: int = 32):
     return torch.cat(outs, 2), S
 
 
+def window_attention(q, k, v, window: int, past: tuple | None = None):
+    """Causal softmax attention of each query over its last `window` keys (itself included), in chunks of
+    `window` queries, each against the `window - 1` keys before it and its own: O(T * window), not O(T^2).
+
+    q (already scaled), k: (B, H, T, K); v: (B, H, T, V); past: from a previous call, or None:
+    (keys (B, H, window - 1, K), values (B, H, window - 1, V), filled (B,) how many of those slots hold real
+    tokens, right-aligned). Returns o (B, H, T, V) and the new past, of the same fixed size.
+    """
+    Bsz, H, T, _ = q.shape
+    P = window - 1
+    if past is None:
+        past = (k.new_zeros(Bsz, H, P, k.shape[-1]), v.new_zeros(Bsz, H, P, v.shape[-1]),
+                torch.zeros(Bsz, dtype=torch.long, device=q.device))
+    k_past, v_past, filled = past
+    k_all, v_all = torch.cat([k_past, k], 2), torch.cat([v_past, v], 2)  # token t of this call at index P + t
+    idx = torch.arange(P + T, device=q.device)
+    valid = idx[None, :] >= (P - filled)[:, None]  # (B, P + T): empty slots of the past are never attended to
+    outs = []
+    for s in range(0, T, window):
+        e = min(s + window, T)
+        qi = idx[s + P : e + P, None]  # (L, 1): query indices; keys of the chunk: [s, e + P)
+        kj = idx[None, s : e + P]
+        mask = (kj <= qi) & (kj > qi - window)
+        mask = mask[None, None] & valid[:, None, None, s : e + P]
+        scores = q[:, :, s:e] @ k_all[:, :, s : e + P].transpose(-1, -2)
+        outs.append(scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v_all[:, :, s : e + P])
+    keep = k_all.shape[2] - P
+    return torch.cat(outs, 2), (k_all[:, :, keep:], v_all[:, :, keep:], (filled + T).clamp(max=P))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
