@@ -167,6 +167,22 @@ class ValOnly(L.LightningDataModule):
         return loader()
 
 
+def test_auto_kl_criterion_measures_each_layer_replaced_alone(source_dir):
+    """A block whose attention writes nothing (output projection zeroed) costs nothing when its mixer (given
+    that zero projection) replaces it alone: KL 0 by the "kl" criterion, ranked last; the others cost > 0."""
+    from surgery.xatl.auto_layers import rank_layers
+
+    src = GPT2LMHeadModel.from_pretrained(source_dir)
+    with torch.no_grad():
+        for p in src.parameters():  # randomized weights of order one: every attention matters
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        src.transformer.h[1].attn.c_proj.weight.zero_()
+        src.transformer.h[1].attn.c_proj.bias.zero_()
+    batches = [torch.stack(ValOnly().blocks[i : i + 4]) for i in range(0, 8, 4)]
+    kl = rank_layers(src, "retention", None, batches, ["attn_out", "qkv"], steps=3, seed=0, criterion="kl")
+    assert kl[-1][0] == 1 and abs(kl[-1][1]) < 1e-6 and min(c for _, c in kl[:-1]) > 1e-3
+
+
 def test_auto_attention_layers_are_the_costliest_and_deterministic(source_dir):
     from surgery.xatl.auto_layers import choose_layers, rank_layers
 
@@ -178,6 +194,8 @@ def test_auto_attention_layers_are_the_costliest_and_deterministic(source_dir):
     assert choose_layers(one, 2) == sorted([one[0][0], one[1][0]])
     with pytest.raises(SurgeryError, match="keeps 3 attention layer"):
         choose_layers(one, 3)
+    with pytest.raises(SurgeryError, match=r"auto_attn.criterion 'loss': choose one of kl, alignment"):
+        XatlLM(source_dir, mixer="retention", attn_layers="auto", auto_attn={"criterion": "loss"})
     # in a run: the model is rebuilt with the chosen layers before training; the ranking is reported
     module = XatlLM(source_dir, mixer="retention", attn_layers="auto", auto_attn={"keep": 1, "steps": 4, "batches": 4, "seed": 3},
                     transfer=["embeddings", "norms", "mlp", "lm_head", "attn_layers", "attn_out", "qkv"],

@@ -110,3 +110,8 @@ def test_errors(source_dir):
     with pytest.raises(SurgeryError, match="the tokenizer has 100 entries but .* embeds only 64"):
         XatlLM(source_dir, tokenizer=type("Tok", (), {"__len__": lambda self: 100})())
     del tok
+    # a kept attention layer that the transfer does not copy would start random (the quick starts' hybrids did)
+    for layers in ([1], "auto"):
+        with pytest.raises(SurgeryError, match=r"keeps softmax attention, but transfer \['mlp', 'qkv'\] does not copy it: "
+                                               r"the kept layers would start from random weights. Add attn_layers to transfer"):
+            XatlLM(source_dir, mixer="gla", attn_layers=layers, transfer=["mlp", "qkv"])

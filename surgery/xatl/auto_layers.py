@@ -2,8 +2,13 @@
 
 A probe twin with a mixer in every layer gets the same transfer into its mixers as the run (attention
 output projection, Q/K/V where asked), then `steps` of attention alignment (surgery.xatl.align) on the given
-batches; a layer's cost is the alignment error its mixer is left with, averaged over the probe batches after
-training. The k layers with the largest error keep softmax attention. Deterministic for a seed and batches.
+batches. A layer's cost is then, by `criterion`:
+- "kl": KL(source || the source with that one layer's attention replaced by its probe mixer), mean over the
+  batches (nats/token): what the model's predictions lose when that layer alone is replaced;
+- "alignment": the alignment error its mixer is left with (normalized MSE of the layer's output). A layer can
+  be hard to imitate and yet matter little downstream, or the reverse: on the tiny GPT-2 the block with the
+  smallest alignment error (0) is the one whose long-range attention the predictions need most.
+The k costliest layers keep softmax attention. Deterministic for a seed and batches.
 
     ranking = rank_layers(source, "gla", {}, batches, transfer=["attn_out", "qkv"], steps=50, seed=0)
     keep = sorted(layer for layer, _ in ranking[:k])
@@ -14,20 +19,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from surgery.distill import Teacher
+from surgery.distill import Teacher, kl_to_teacher
 from surgery.errors import SurgeryError
 from surgery.xatl.align import AttentionAligner
 from surgery.xatl.model import hybrid_config_from, hybrid_model
+from surgery.families import blocks, family_of, get_module
 from surgery.xatl.transfer import transfer_shared_weights
 
-MIXER_INPUTS = ("attn_out", "qkv")  # the transfer components that initialize a mixer
+MIXER_INPUTS = ("attn_out", "qkv", "v")  # the transfer components that initialize a mixer
+CRITERIA = ("kl", "alignment")
 
 
 def rank_layers(source: nn.Module, mixer: str, mixer_config: dict | None, batches: list[torch.Tensor],
-                transfer: list[str] = (), steps: int = 50, lr: float = 2e-3, seed: int = 0) -> list[tuple[int, float]]:
-    """[(layer, alignment error after the probe)], worst first. `batches`: token ids (B, T) each."""
+                transfer: list[str] = (), steps: int = 50, lr: float = 2e-3, seed: int = 0,
+                criterion: str = "kl") -> list[tuple[int, float]]:
+    """[(layer, cost after the probe)], costliest first. `batches`: token ids (B, T) each."""
     if not batches:
         raise SurgeryError("ranking layers for attn_layers: auto needs at least one batch of data")
+    if criterion not in CRITERIA:
+        raise SurgeryError(f"auto_attn.criterion {criterion!r}: choose one of {', '.join(CRITERIA)}")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         probe = hybrid_model(hybrid_config_from(source.config, mixer, mixer_config, []))
@@ -41,12 +51,34 @@ def rank_layers(source: nn.Module, mixer: str, mixer_config: dict | None, batche
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        totals = dict.fromkeys(probe.mixer_layers(), 0.0)
-        with torch.no_grad():
-            for ids in batches:
-                for i, v in aligner(probe, ids)[1].items():
-                    totals[i] += float(v) / len(batches)
+        probe.eval()
+        if criterion == "kl":
+            totals = {i: _lone_mixer_kl(source, probe, i, mixer, mixer_config, batches) for i in probe.mixer_layers()}
+        else:
+            totals = dict.fromkeys(probe.mixer_layers(), 0.0)
+            with torch.no_grad():
+                for ids in batches:
+                    for i, v in aligner(probe, ids)[1].items():
+                        totals[i] += float(v) / len(batches)
     return sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+@torch.no_grad()
+def _lone_mixer_kl(source: nn.Module, probe: nn.Module, layer: int, mixer: str, mixer_config: dict | None,
+                   batches: list[torch.Tensor]) -> float:
+    """KL(source || source with attention replaced by the probe's mixer at `layer` only), mean over batches."""
+    n = len(blocks(source))
+    lone = hybrid_model(hybrid_config_from(source.config, mixer, mixer_config, [j for j in range(n) if j != layer]))
+    transfer_shared_weights(source, lone, ["embeddings", "norms", "mlp", "lm_head", "attn_layers"])
+    fam = family_of(probe)
+    mixer_of = lambda model: get_module(blocks(model)[layer], fam.attn).mixer  # noqa: E731
+    mixer_of(lone).load_state_dict(mixer_of(probe).state_dict())
+    lone.eval()
+    source_was_training = source.training
+    source.eval()
+    total = sum(float(kl_to_teacher(lone(ids).logits, source(ids).logits)) for ids in batches) / len(batches)
+    source.train(source_was_training)
+    return total
 
 
 def choose_layers(ranking: list[tuple[int, float]], keep: int) -> list[int]:

@@ -28,7 +28,7 @@ from surgery.errors import SurgeryError
 from surgery.lm import CausalLM, cosine_with_warmup
 from surgery.loading import load_causal_lm
 from surgery.xatl.align import AttentionAligner
-from surgery.xatl.auto_layers import choose_layers, rank_layers
+from surgery.xatl.auto_layers import CRITERIA, choose_layers, rank_layers
 from surgery.xatl.model import hybrid_config_from, hybrid_model
 from surgery.xatl.transfer import DEFAULT_COMPONENTS, transfer_shared_weights
 
@@ -54,15 +54,21 @@ class UnfreezeSchedule:
 
 @dataclass
 class AutoAttn:
-    """`attn_layers: auto`: keep softmax attention at the `keep` layers whose mixer is left with the largest
-    error after a probe of `steps` alignment steps (lr `lr`, seed `seed`) on the first `batches` validation
-    batches (surgery.xatl.auto_layers)."""
+    """`attn_layers: auto`: keep softmax attention at the `keep` layers whose replacement costs most after a
+    probe of `steps` alignment steps (lr `lr`, seed `seed`) on the first `batches` validation batches; the
+    cost by `criterion`: "kl" (KL from the source to the source with that layer alone replaced by its probe
+    mixer) or "alignment" (the mixer's alignment error) (surgery.xatl.auto_layers)."""
 
     keep: int = 1
     steps: int = 50
     batches: int = 8
     lr: float = 2e-3
     seed: int = 0
+    criterion: str = "kl"
+
+    def __post_init__(self):
+        if self.criterion not in CRITERIA:
+            raise SurgeryError(f"auto_attn.criterion {self.criterion!r}: choose one of {', '.join(CRITERIA)}")
 
 
 @dataclass
@@ -168,6 +174,9 @@ class XatlLM(CausalLM):
         if (self.align.steps > 0 or self.distill.needs_teacher or attn_layers == "auto") and not transfer:
             raise SurgeryError("align, distill and attn_layers: auto use the source as a teacher: they make no sense "
                                "for a model trained from scratch (transfer: []); drop them for the scratch arm")
+        if transfer and attn_layers and "attn_layers" not in transfer:
+            raise SurgeryError(f"attn_layers: {attn_layers} keeps softmax attention, but transfer {list(transfer)} does not "
+                               "copy it: the kept layers would start from random weights. Add attn_layers to transfer")
         self.source_model = Teacher(src)  # the source, frozen; a Teacher is no nn.Module: neither trained nor saved
         self.ranking: list[tuple[int, float]] | None = None
         self.spike_monitor: torch.Tensor | None = None  # the next-token CE of the last step, for the guard
@@ -202,9 +211,10 @@ class XatlLM(CausalLM):
         batches = [b.to(self.device) for b, _ in zip(loader, range(self.auto_attn.batches))]
         a = self.auto_attn
         self.ranking = rank_layers(self.source_model.model, self.hparams.mixer, self.hparams.mixer_config, batches,
-                                   list(self.hparams.transfer), a.steps, a.lr, a.seed)
+                                   list(self.hparams.transfer), a.steps, a.lr, a.seed, a.criterion)
         chosen = choose_layers(self.ranking, a.keep)
-        print(f"xatl: attn_layers auto kept attention at {chosen}; alignment error by layer, worst first: "
+        what = "KL with that layer alone replaced" if a.criterion == "kl" else "alignment error"
+        print(f"xatl: attn_layers auto kept attention at {chosen}; {what} by layer, costliest first: "
               + ", ".join(f"{i}: {e:.4f}" for i, e in self.ranking))
         self._build(chosen)
 
