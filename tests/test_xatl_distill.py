@@ -209,6 +209,7 @@ def test_auto_attention_layers_are_the_costliest_and_deterministic(source_dir):
     assert type(kept).__name__ == "GPT2Attention"  # copied whole, frozen so far
     assert torch.equal(kept.c_attn.weight, src.transformer.h[one[0][0]].attn.c_attn.weight)
     assert module.run_metrics()["xatl"]["attn_layers"] == [one[0][0]]
+    assert module.run_metrics()["xatl"]["attn_layer_criterion"] == "kl"
     with pytest.raises(SurgeryError, match="resume with attn_layers"):
         XatlLM(source_dir, mixer="retention", attn_layers=[2] if one[0][0] != 2 else [0]).on_load_checkpoint(
             {"hf_config": {"attn_layers": [one[0][0]]}})

@@ -213,9 +213,9 @@ class XatlLM(CausalLM):
         self.ranking = rank_layers(self.source_model.model, self.hparams.mixer, self.hparams.mixer_config, batches,
                                    list(self.hparams.transfer), a.steps, a.lr, a.seed, a.criterion)
         chosen = choose_layers(self.ranking, a.keep)
-        what = "KL with that layer alone replaced" if a.criterion == "kl" else "alignment error"
-        print(f"xatl: attn_layers auto kept attention at {chosen}; {what} by layer, costliest first: "
-              + ", ".join(f"{i}: {e:.4f}" for i, e in self.ranking))
+        what = "KL to the source with that layer alone replaced" if a.criterion == "kl" else "alignment error"
+        print(f"xatl: attn_layers auto kept attention at {chosen} ({what}, costliest first: "
+              + ", ".join(f"{i}: {e:.4f}" for i, e in self.ranking) + ")")
         self._build(chosen)
 
     def stage(self, step: int) -> str:
@@ -318,4 +318,5 @@ class XatlLM(CausalLM):
                          "unfrozen_at": self.unfrozen_at, "align_steps": self.align.steps,
                          "distill": self.distill.describe(), "lm_after": self.lm_after,
                          "attn_layers": list(self.model.config.attn_layers or []),
-                         "attn_layer_ranking": self.ranking}}
+                         "attn_layer_ranking": self.ranking,
+                         "attn_layer_criterion": self.auto_attn.criterion if self.ranking is not None else None}}
