@@ -6,8 +6,8 @@ batches. A layer's cost is then, by `criterion`:
 - "kl": KL(source || the source with that one layer's attention replaced by its probe mixer), mean over the
   batches (nats/token): what the model's predictions lose when that layer alone is replaced;
 - "alignment": the alignment error its mixer is left with (normalized MSE of the layer's output). A layer can
-  be hard to imitate and yet matter little downstream, or the reverse: on the tiny GPT-2 the block with the
-  smallest alignment error (0) is the one whose long-range attention the predictions need most.
+  be hard to imitate and yet matter little downstream, or the reverse: on the tiny GPT-2 with GLA mixers,
+  block 0 has the smallest alignment error and the second-largest KL.
 The k costliest layers keep softmax attention. Deterministic for a seed and batches.
 
     ranking = rank_layers(source, "gla", {}, batches, transfer=["attn_out", "qkv"], steps=50, seed=0)
