@@ -5,7 +5,8 @@ Every model has the same width, depth, heads and vocabulary, batch 1, random wei
 GPT-2 blocks (mixer + MLP); `hf-mamba` is `transformers.MambaForCausalLM` (mixer only, no MLP: fewer
 parameters) with the same width, depth, state size (16), expansion (2) and conv width (4). On CPU it takes
 its torch path: a sequential loop over time steps (no mamba-ssm, no mambapy). Our mamba trains with the
-chunked selective scan (surgery.xatl.scan.selective_scan_chunked); linear mixers with chunked GLA.
+chunked selective scan (surgery.xatl.scan.selective_scan_chunked); linear mixers with chunked GLA;
+`gla-w64` adds a 64-token softmax window to each GLA mixer (surgery.xatl.scan.window_attention).
 flash-linear-attention's naive torch references join when `fla` imports (on CPU it needs triton too:
 `pip install -e '.[bench]'`): the recurrence alone, ours against theirs, forward and backward.
 """
@@ -27,7 +28,8 @@ from surgery.xatl.model import HybridGPT2LMHeadModel, hybrid_config_from
 from surgery.xatl.scan import gla_chunked
 
 SEQS = (256, 512, 1024, 2048, 4096)
-MODELS = ("attention", "mamba", "retention", "gla", "hf-mamba")
+MODELS = ("attention", "mamba", "retention", "gla", "gla-w64", "hf-mamba")
+VARIANTS = {"gla-w64": ("gla", {"window": 64})}  # GLA with exact softmax attention over its last 64 tokens
 
 
 def fla_status() -> str:
@@ -53,7 +55,8 @@ def build(names=MODELS, width: int = 128, depth: int = 2, heads: int = 4, vocab:
                                                         num_hidden_layers=depth, expand=2, conv_kernel=4,
                                                         use_mambapy=False, bos_token_id=0, eos_token_id=0))
         else:
-            models[name] = HybridGPT2LMHeadModel(hybrid_config_from(cfg, name))
+            mixer, options = VARIANTS.get(name, (name, None))
+            models[name] = HybridGPT2LMHeadModel(hybrid_config_from(cfg, mixer, options))
     return models
 
 
