@@ -21,13 +21,18 @@ from torch import nn
 
 from surgery.distill import Teacher, kl_to_teacher
 from surgery.errors import SurgeryError
+from surgery.families import blocks, family_of, get_module
 from surgery.xatl.align import AttentionAligner
 from surgery.xatl.model import hybrid_config_from, hybrid_model
-from surgery.families import blocks, family_of, get_module
 from surgery.xatl.transfer import transfer_shared_weights
 
 MIXER_INPUTS = ("attn_out", "qkv", "v")  # the transfer components that initialize a mixer
 CRITERIA = ("kl", "alignment")
+
+
+def check_criterion(criterion: str) -> None:
+    if criterion not in CRITERIA:
+        raise SurgeryError(f"auto_attn.criterion {criterion!r}: choose one of {', '.join(CRITERIA)}")
 
 
 def rank_layers(source: nn.Module, mixer: str, mixer_config: dict | None, batches: list[torch.Tensor],
@@ -36,14 +41,14 @@ def rank_layers(source: nn.Module, mixer: str, mixer_config: dict | None, batche
     """[(layer, cost after the probe)], costliest first. `batches`: token ids (B, T) each."""
     if not batches:
         raise SurgeryError("ranking layers for attn_layers: auto needs at least one batch of data")
-    if criterion not in CRITERIA:
-        raise SurgeryError(f"auto_attn.criterion {criterion!r}: choose one of {', '.join(CRITERIA)}")
+    check_criterion(criterion)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         probe = hybrid_model(hybrid_config_from(source.config, mixer, mixer_config, []))
         components = ["norms", *[c for c in transfer if c in MIXER_INPUTS]]
         transfer_shared_weights(source, probe, components)
-        aligner = AttentionAligner(Teacher(source), probe.mixer_layers())
+        teacher = Teacher(source)
+        aligner = AttentionAligner(teacher, probe.mixer_layers())
         params = [p for n, p in probe.named_parameters() if ".mixer." in n]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         for step in range(steps):
@@ -53,7 +58,7 @@ def rank_layers(source: nn.Module, mixer: str, mixer_config: dict | None, batche
             opt.step()
         probe.eval()
         if criterion == "kl":
-            totals = {i: _lone_mixer_kl(source, probe, i, mixer, mixer_config, batches) for i in probe.mixer_layers()}
+            totals = {i: _lone_mixer_kl(teacher, probe, i, mixer, mixer_config, batches) for i in probe.mixer_layers()}
         else:
             totals = dict.fromkeys(probe.mixer_layers(), 0.0)
             with torch.no_grad():
@@ -64,9 +69,10 @@ def rank_layers(source: nn.Module, mixer: str, mixer_config: dict | None, batche
 
 
 @torch.no_grad()
-def _lone_mixer_kl(source: nn.Module, probe: nn.Module, layer: int, mixer: str, mixer_config: dict | None,
+def _lone_mixer_kl(teacher: Teacher, probe: nn.Module, layer: int, mixer: str, mixer_config: dict | None,
                    batches: list[torch.Tensor]) -> float:
     """KL(source || source with attention replaced by the probe's mixer at `layer` only), mean over batches."""
+    source = teacher.model
     n = len(blocks(source))
     lone = hybrid_model(hybrid_config_from(source.config, mixer, mixer_config, [j for j in range(n) if j != layer]))
     transfer_shared_weights(source, lone, ["embeddings", "norms", "mlp", "lm_head", "attn_layers"])
@@ -74,11 +80,7 @@ def _lone_mixer_kl(source: nn.Module, probe: nn.Module, layer: int, mixer: str, 
     mixer_of = lambda model: get_module(blocks(model)[layer], fam.attn).mixer  # noqa: E731
     mixer_of(lone).load_state_dict(mixer_of(probe).state_dict())
     lone.eval()
-    source_was_training = source.training
-    source.eval()
-    total = sum(float(kl_to_teacher(lone(ids).logits, source(ids).logits)) for ids in batches) / len(batches)
-    source.train(source_was_training)
-    return total
+    return sum(float(kl_to_teacher(lone(ids).logits, teacher(ids).logits)) for ids in batches) / len(batches)
 
 
 def choose_layers(ranking: list[tuple[int, float]], keep: int) -> list[int]:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
+from surgery.errors import SurgeryError
 from surgery.xatl.kernels import cuda_kernel, try_kernel
 from surgery.xatl.scan import gla_chunked, gla_recurrent, rms_norm, window_attention
 
@@ -37,14 +38,10 @@ class LinearAttentionMixer(nn.Module):
     def __init__(self, d_model: int, n_head: int, key_dim: int | None = None, chunk: int = 32, window: int = 0):
         super().__init__()
         if window < 0:
-            from surgery.errors import SurgeryError
-
             raise SurgeryError(f"window={window}: give the number of recent tokens to attend to exactly, or 0 for none")
         self.window = window
         key_dim = key_dim or d_model
         if key_dim % n_head or d_model % n_head:
-            from surgery.errors import SurgeryError
-
             raise SurgeryError(f"key width {key_dim} and width {d_model} must both divide by n_head={n_head}")
         self.d_model, self.n_head, self.chunk = d_model, n_head, chunk
         self.head_k, self.head_v = key_dim // n_head, d_model // n_head

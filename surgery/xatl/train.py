@@ -28,7 +28,7 @@ from surgery.errors import SurgeryError
 from surgery.lm import CausalLM, cosine_with_warmup
 from surgery.loading import load_causal_lm
 from surgery.xatl.align import AttentionAligner
-from surgery.xatl.auto_layers import CRITERIA, choose_layers, rank_layers
+from surgery.xatl.auto_layers import check_criterion, choose_layers, rank_layers
 from surgery.xatl.model import hybrid_config_from, hybrid_model
 from surgery.xatl.transfer import DEFAULT_COMPONENTS, transfer_shared_weights
 
@@ -67,8 +67,7 @@ class AutoAttn:
     criterion: str = "kl"
 
     def __post_init__(self):
-        if self.criterion not in CRITERIA:
-            raise SurgeryError(f"auto_attn.criterion {self.criterion!r}: choose one of {', '.join(CRITERIA)}")
+        check_criterion(self.criterion)
 
 
 @dataclass
