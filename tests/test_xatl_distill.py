@@ -152,8 +152,9 @@ def test_comparison_reports_the_source_on_the_full_split(tmp_path):
     assert full_validation(tmp_path)["scratch_full_val"] is None
 
 
-class ValOnly(L.LightningDataModule):
-    """What attn_layers: auto reads from a data module: split("validation") and batch_size."""
+class TrainBlocks(L.LightningDataModule):
+    """What attn_layers: auto reads from a data module: split("train") and batch_size; the validation split is
+    not for choosing layers."""
 
     def __init__(self):
         super().__init__()
@@ -161,6 +162,8 @@ class ValOnly(L.LightningDataModule):
         self.blocks = [torch.randint(0, 64, (32,), generator=torch.Generator().manual_seed(100 + i)) for i in range(16)]
 
     def split(self, name):
+        if name != "train":
+            raise AssertionError(f"attn_layers: auto read the {name} split")
         return self.blocks
 
     def train_dataloader(self):
@@ -178,7 +181,7 @@ def test_auto_kl_criterion_measures_each_layer_replaced_alone(source_dir):
             p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
         src.transformer.h[1].attn.c_proj.weight.zero_()
         src.transformer.h[1].attn.c_proj.bias.zero_()
-    batches = [torch.stack(ValOnly().blocks[i : i + 4]) for i in range(0, 8, 4)]
+    batches = [torch.stack(TrainBlocks().blocks[i : i + 4]) for i in range(0, 8, 4)]
     kl = rank_layers(src, "retention", None, batches, ["attn_out", "qkv"], steps=3, seed=0, criterion="kl")
     assert kl[-1][0] == 1 and abs(kl[-1][1]) < 1e-6 and min(c for _, c in kl[:-1]) > 1e-3
 
@@ -187,7 +190,7 @@ def test_auto_attention_layers_are_the_costliest_and_deterministic(source_dir):
     from surgery.xatl.auto_layers import choose_layers, rank_layers
 
     src = GPT2LMHeadModel.from_pretrained(source_dir)
-    batches = [torch.stack(ValOnly().blocks[i : i + 4]) for i in range(0, 16, 4)]
+    batches = [torch.stack(TrainBlocks().blocks[i : i + 4]) for i in range(0, 16, 4)]
     one = rank_layers(src, "retention", None, batches, ["attn_out", "qkv"], steps=4, seed=3)
     assert one == rank_layers(src, "retention", None, batches, ["attn_out", "qkv"], steps=4, seed=3)
     assert sorted(i for i, _ in one) == [0, 1, 2] and [e for _, e in one] == sorted((e for _, e in one), reverse=True)
@@ -203,7 +206,7 @@ def test_auto_attention_layers_are_the_costliest_and_deterministic(source_dir):
     assert module.model.config.attn_layers == []
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False)
-    trainer.fit(module, datamodule=ValOnly())
+    trainer.fit(module, datamodule=TrainBlocks())
     assert module.model.config.attn_layers == [one[0][0]] and module.ranking == one
     kept = module.model.transformer.h[one[0][0]].attn
     assert type(kept).__name__ == "GPT2Attention"  # copied whole, frozen so far

@@ -91,8 +91,9 @@ def test_alignment_targets_are_the_source_attention_on_its_own_norm(kind):
         assert (p.grad is not None) == (".mixer." in n), n
 
 
-class ValOnly(L.LightningDataModule):
-    """What attn_layers: auto reads from a data module: split("validation") and batch_size."""
+class TrainBlocks(L.LightningDataModule):
+    """What attn_layers: auto reads from a data module: split("train") and batch_size; the validation split is
+    not for choosing layers."""
 
     def __init__(self):
         super().__init__()
@@ -100,6 +101,8 @@ class ValOnly(L.LightningDataModule):
         self.blocks = blocks()[:16]
 
     def split(self, name):
+        if name != "train":
+            raise AssertionError(f"attn_layers: auto read the {name} split")
         return self.blocks
 
     def train_dataloader(self):
@@ -112,7 +115,7 @@ def test_auto_attention_layers(source_dirs, kind):
                     auto_attn={"keep": 1, "steps": 3, "batches": 2, "seed": 1}, transfer=list(COMPONENTS),
                     freeze=False, lr=0.0)  # one step that changes no weight: the kept layer stays the source's
     L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-              enable_checkpointing=False).fit(module, datamodule=ValOnly())
+              enable_checkpointing=False).fit(module, datamodule=TrainBlocks())
     kept = module.model.config.attn_layers
     assert len(kept) == 1 and kept == [module.ranking[0][0]] and module.model.mixer_layers() == [1 - kept[0]]
     src = tiny_model(kind)

@@ -55,7 +55,7 @@ class UnfreezeSchedule:
 @dataclass
 class AutoAttn:
     """`attn_layers: auto`: keep softmax attention at the `keep` layers whose replacement costs most after a
-    probe of `steps` alignment steps (lr `lr`, seed `seed`) on the first `batches` validation batches; the
+    probe of `steps` alignment steps (lr `lr`, seed `seed`) on the first `batches` training batches; the
     cost by `criterion`: "kl" (KL from the source to the source with that layer alone replaced by its probe
     mixer) or "alignment" (the mixer's alignment error) (surgery.xatl.auto_layers)."""
 
@@ -195,18 +195,19 @@ class XatlLM(CausalLM):
         self.distiller = Distiller(self.distill, teacher)
 
     def setup(self, stage: str) -> None:
-        """With attn_layers: auto, rank the layers on the data module's first validation batches and rebuild the
+        """With attn_layers: auto, rank the layers on the first blocks of the data module's training split (in
+        file order, not the shuffled epoch order; the validation split stays unseen) and rebuild the
         hybrid with the costliest `auto_attn.keep` layers as attention (before the optimizer exists and before a
         checkpoint is restored: the ranking is deterministic, so a resumed run rebuilds the same model)."""
         if self.hparams.attn_layers != "auto" or self.ranking is not None:
             return
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "split"):
-            raise SurgeryError("attn_layers: auto ranks layers on the data module's validation split; use a "
+            raise SurgeryError("attn_layers: auto ranks layers on the data module's training split; use a "
                                "surgery.data data module, or list the layers to keep")
         from torch.utils.data import DataLoader
 
-        loader = DataLoader(dm.split("validation"), batch_size=dm.batch_size)
+        loader = DataLoader(dm.split("train"), batch_size=dm.batch_size)
         batches = [b.to(self.device) for b, _ in zip(loader, range(self.auto_attn.batches))]
         a = self.auto_attn
         self.ranking = rank_layers(self.source_model.model, self.hparams.mixer, self.hparams.mixer_config, batches,
