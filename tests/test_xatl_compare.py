@@ -109,3 +109,27 @@ def test_the_plot_says_whether_the_transferred_weights_were_unfrozen(tmp_path):
     assert ckpt(100) == "XATL (transferred, frozen until step 100)"
     assert ckpt(0) == "XATL (transferred, trained throughout)"
     assert xatl_label(tmp_path / "none") == "XATL (transferred)"
+
+
+def test_the_scratch_arm_keeps_the_attention_layers_the_xatl_arm_chose(tmp_path, monkeypatch):
+    """With attn_layers: auto the scratch arm is built with the layers the XATL arm kept (read from its
+    metrics.json), since it has no source to rank with; the arguments it gets build that model."""
+    import surgery.xatl.compare as compare
+    from surgery.xatl.train import XatlLM
+
+    calls = fake_arms(monkeypatch, 2, 10)
+    xatl = tmp_path / "c" / "xatl"
+    xatl.mkdir(parents=True)
+    (xatl / "metrics.json").write_text(json.dumps({"steps": 10, "xatl": {"attn_layers": [2]}}))
+    hybrid = "recipes/xatl/quickstart-gla-hybrid.yaml"  # attn_layers: auto
+    assert compare.main([hybrid, "--out", str(tmp_path / "c"), "--steps", "10", "--",
+                         "--trainer.val_check_interval", "2"]) == 0
+    assert [name for name, _ in calls] == ["xatl", "scratch"]  # the XATL arm first: the scratch arm reads it
+    args = calls[1][1]
+    assert args[args.index("--model.init_args.attn_layers") + 1] == "[2]"
+    scratch = XatlLM("checkpoints/tiny-gpt2-stdlib", mixer="gla", mixer_config={"key_dim": 128, "window": 16},
+                     attn_layers=json.loads("[2]"), transfer=[], freeze=False, align=None, distill=None)
+    assert scratch.model.config.attn_layers == [2] and scratch.model.mixer_layers() == [0, 1, 3]
+    with pytest.raises(SurgeryError, match="attn_layers: auto use the source as a teacher"):
+        XatlLM("checkpoints/tiny-gpt2-stdlib", mixer="gla", attn_layers="auto", transfer=[], freeze=False,
+               align=None, distill=None)

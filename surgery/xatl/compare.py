@@ -86,6 +86,15 @@ def check_command(out: Path, command: dict) -> None:
     write_json(path, command)
 
 
+def kept_layers(run_dir: Path) -> list[str]:
+    """LightningCLI arguments that keep the attention layers a finished XATL arm kept (its metrics.json), so
+    the scratch arm has the same architecture when the recipe says `attn_layers: auto`; none without metrics."""
+    done = run_dir / "metrics.json"
+    if not done.exists():
+        return []
+    return ["--model.init_args.attn_layers", json.dumps(json.loads(done.read_text())["xatl"]["attn_layers"])]
+
+
 def train_arm(recipe: str, run_dir: Path, args: list[str], steps: int | None = None) -> int:
     """Train one arm in `run_dir` (LightningCLI `args` added to the recipe), resuming where it stopped.
     Returns the optimizer steps it took. A finished arm of another step count than `steps` is refused."""
@@ -208,11 +217,13 @@ def compare(argv: list[str] | None = None) -> int:
             f"compare. Use --steps {interval} or more, or add -- --trainer.val_check_interval {max(1, steps // 4)}"
         )
     check_command(out, {"recipe": str(Path(args.recipe).resolve()), "steps": steps, "overrides": argv[cut + 1 :]})
-    # the scratch arm: same architecture, data, steps and lr, nothing copied or frozen, next-token loss only
-    runs = {"xatl": [], "scratch": ["--model.init_args.transfer", "[]", "--model.init_args.freeze", "false",
-                                    "--model.init_args.align", "null", "--model.init_args.distill", "null"]}
-    steps_done = {name: train_arm(args.recipe, out / name, [*extra, *own], steps if isinstance(steps, int) and steps > 0 else None)
-                  for name, own in runs.items()}
+    budget = steps if isinstance(steps, int) and steps > 0 else None
+    steps_done = {"xatl": train_arm(args.recipe, out / "xatl", extra, budget)}
+    # the scratch arm: same architecture (the attention layers the XATL arm kept, `auto` included), data, steps
+    # and lr, nothing copied or frozen, next-token loss only
+    scratch_args = ["--model.init_args.transfer", "[]", "--model.init_args.freeze", "false", "--model.init_args.align",
+                    "null", "--model.init_args.distill", "null", *kept_layers(out / "xatl")]
+    steps_done["scratch"] = train_arm(args.recipe, out / "scratch", [*extra, *scratch_args], budget)
     xatl, scratch = val_curve(out / "xatl"), val_curve(out / "scratch")
     if not xatl or not scratch:
         raise SurgeryError(
