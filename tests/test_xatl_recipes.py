@@ -72,14 +72,16 @@ def test_scratch_control_differs_only_in_what_is_transferred(mixer):
     assert xatl == scratch
 
 
-def test_hybrid_quickstart_is_the_gla_quickstart_with_a_window_and_one_attention_layer():
+def test_hybrid_quickstart_is_the_gla_quickstart_with_a_window_one_attention_layer_and_no_unfreezing():
     here = Path(__file__).parent.parent / "recipes" / "xatl"
     gla, hybrid = (yaml.safe_load((here / f"quickstart-gla{s}.yaml").read_text()) for s in ("", "-hybrid"))
     h = hybrid["model"]["init_args"]
-    assert h.pop("mixer_config").pop("window") == 16 and h.pop("attn_layers") == "auto"
+    assert h.pop("mixer_config").pop("window") == 32 and h.pop("attn_layers") == "auto"
     assert h.pop("auto_attn") == {"keep": 1, "criterion": "kl"} and "attn_layers" in h["transfer"]
+    assert h.pop("unfreeze") == {"step": None, "threshold": None} and h["freeze"] is True
     gla["model"]["init_args"].pop("mixer_config").pop("window", None)
     assert gla["model"]["init_args"].pop("attn_layers") == []
+    assert gla["model"]["init_args"].pop("unfreeze")["step"] == 100
     for cfg in (gla, hybrid):
         del cfg["trainer"]["default_root_dir"]
     assert gla == hybrid

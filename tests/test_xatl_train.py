@@ -68,6 +68,20 @@ def test_transferred_weights_frozen_until_the_unfreeze_step(source_dir, mixer, t
     assert again.unfrozen_at == 3 and again.model.transformer.wte.weight.requires_grad
 
 
+def test_no_unfreeze_step_nor_threshold_keeps_the_transferred_weights_as_copied(source_dir):
+    module = XatlLM(source_dir, mixer="gla", unfreeze=UnfreezeSchedule(step=None, threshold=None), lr=1e-2,
+                    warmup_steps=1)
+    src = dict(GPT2LMHeadModel.from_pretrained(source_dir).named_parameters())
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    fit(module, 5)
+    final = dict(module.model.named_parameters())
+    assert module.unfrozen_at is None and module.transferred
+    assert all(torch.equal(final[n], src[n]) and not final[n].requires_grad for n in module.transferred)
+    trained = [n for n in final if n not in module.transferred]
+    assert trained and all(".mixer." in n for n in trained)
+    assert sum(not torch.equal(final[n], before[n]) for n in trained) >= len(trained) - 1  # the mixers trained
+
+
 def test_scratch_control_trains_everything(source_dir):
     module = XatlLM(source_dir, mixer="gla", transfer=[])
     src = GPT2LMHeadModel.from_pretrained(source_dir)
@@ -104,8 +118,6 @@ def test_hyperparameters_are_the_init_arguments(source_dir):
 
 
 def test_errors(source_dir):
-    with pytest.raises(SurgeryError, match="needs a step or a threshold"):
-        UnfreezeTransferred(UnfreezeSchedule(step=None, threshold=None))
     tok = SimpleNamespace(__len__=None)
     with pytest.raises(SurgeryError, match="the tokenizer has 100 entries but .* embeds only 64"):
         XatlLM(source_dir, tokenizer=type("Tok", (), {"__len__": lambda self: 100})())

@@ -12,7 +12,8 @@ is neither optimized nor saved (a resumed run loads it again from `source`).
 Transferred weights start frozen (requires_grad False: AdamW leaves them bit-identical) while the mixers
 train; at the unfreeze step they join training as their own parameter groups, with their own linear
 warm-up from that step (the XATL recipe). The step is fixed (`UnfreezeSchedule.step`) or chosen when the
-relative improvement of the mean training loss between consecutive windows falls below `threshold`.
+relative improvement of the mean training loss between consecutive windows falls below `threshold`; with
+neither, never.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class UnfreezeSchedule:
     Args:
         step: optimizer step at which to unfreeze (None: only the threshold decides).
         threshold: unfreeze when (prev_window_loss - window_loss) / prev_window_loss < threshold
-            (None: only `step` decides). window: training steps per window.
+            (None: only `step` decides). window: training steps per window. Both None: never; the
+            transferred weights stay as copied and only what was not copied trains.
         warmup_steps: linear lr warm-up of the transferred weights after unfreezing.
         lr_ratio: their peak lr as a share of the model's lr schedule.
     """
@@ -83,8 +85,6 @@ class UnfreezeTransferred(L.Callback):
     """Unfreezes `pl_module.transferred` when the schedule says so; its state lives in the checkpoint."""
 
     def __init__(self, schedule: UnfreezeSchedule):
-        if schedule.step is None and schedule.threshold is None:
-            raise SurgeryError("unfreeze schedule needs a step or a threshold (or set freeze: false)")
         self.schedule = schedule
         self.window_losses: list[float] = []
         self.prev_window_loss: float | None = None
