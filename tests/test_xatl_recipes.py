@@ -85,3 +85,27 @@ def test_hybrid_quickstart_is_the_gla_quickstart_with_a_window_one_attention_lay
     for cfg in (gla, hybrid):
         del cfg["trainer"]["default_root_dir"]
     assert gla == hybrid
+
+
+def test_the_1200_step_mamba_quickstart_spends_the_same_tokens_in_smaller_steps():
+    here = Path(__file__).parent.parent / "recipes" / "xatl"
+    base, small = (yaml.safe_load((here / f"quickstart-mamba{s}.yaml").read_text()) for s in ("", "-1200steps"))
+    tokens = [c["trainer"]["max_steps"] * c["data"]["init_args"]["batch_size"] * c["data"]["init_args"]["block_size"]
+              for c in (base, small)]
+    assert tokens == [307_200, 307_200]
+    b, m = base["model"]["init_args"], small["model"]["init_args"]
+    assert m["align"]["steps"] == m["unfreeze"]["step"] == small["trainer"]["max_steps"] // 3  # as in the base
+    assert b["align"]["steps"] == b["unfreeze"]["step"] == base["trainer"]["max_steps"] // 3
+    assert (m["mixer_config"].pop("d_state"), b["mixer_config"].pop("d_state")) == (16, 8)
+    assert (m["unfreeze"].pop("lr_ratio"), b["unfreeze"].pop("lr_ratio")) == (0.3, 1.0)
+    for cfg in (base, small):
+        for path in ("trainer.default_root_dir", "trainer.max_steps", "trainer.val_check_interval",
+                     "data.init_args.batch_size", "checkpoint.every_n_train_steps", "model.init_args.warmup_steps",
+                     "model.init_args.align.steps", "model.init_args.unfreeze.step",
+                     "model.init_args.unfreeze.warmup_steps"):
+            *parents, leaf = path.split(".")
+            node = cfg
+            for key in parents:
+                node = node[key]
+            del node[leaf]
+    assert base == small
