@@ -86,13 +86,19 @@ def check_command(out: Path, command: dict) -> None:
     write_json(path, command)
 
 
+def arm_metrics(run_dir: Path) -> dict:
+    """A finished arm's metrics.json; {} where it wrote none (unfinished, or the export turned off)."""
+    path = run_dir / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def kept_layers(run_dir: Path) -> list[str]:
     """LightningCLI arguments that keep the attention layers a finished XATL arm kept (its metrics.json), so
     the scratch arm has the same architecture when the recipe says `attn_layers: auto`; none without metrics."""
-    done = run_dir / "metrics.json"
-    if not done.exists():
+    metrics = arm_metrics(run_dir)
+    if not metrics:
         return []
-    return ["--model.init_args.attn_layers", json.dumps(json.loads(done.read_text())["xatl"]["attn_layers"])]
+    return ["--model.init_args.attn_layers", json.dumps(metrics["xatl"]["attn_layers"])]
 
 
 def train_arm(recipe: str, run_dir: Path, args: list[str], steps: int | None = None) -> int:
@@ -146,8 +152,7 @@ def full_validation(out: Path) -> dict:
     """Each arm's loss on the whole validation split (from its metrics.json) and the source's own on the same
     split: {"source_full_val", "xatl_full_val", "scratch_full_val", "xatl_gap_vs_source"} (nats/token; None
     where an arm wrote no metrics.json, e.g. with the export turned off)."""
-    arms = {name: json.loads(p.read_text()) if (p := out / name / "metrics.json").exists() else {}
-            for name in ("xatl", "scratch")}
+    arms = {name: arm_metrics(out / name) for name in ("xatl", "scratch")}
     source = (arms["xatl"].get("xatl") or {}).get("source_val_loss")
     xatl, scratch = ((arms[n].get("val") or {}).get("loss") for n in ("xatl", "scratch"))
     return {"source_full_val": source, "xatl_full_val": xatl, "scratch_full_val": scratch,
@@ -156,7 +161,8 @@ def full_validation(out: Path) -> dict:
 
 def xatl_label(run_dir: Path) -> str:
     """What the XATL arm's transferred weights did, from its final checkpoint: frozen until step N, never
-    unfrozen (max_steps below the unfreeze step), or trained throughout."""
+    unfrozen (max_steps below the unfreeze step, or neither an unfreeze step nor a threshold), or trained
+    throughout."""
     from surgery.resume import read_checkpoint
 
     try:
