@@ -39,6 +39,12 @@ def build_model(init: str | None, config: dict[str, Any] | None, tokenizer: Any 
     return AutoModelForCausalLM.from_config(cfg)
 
 
+def decays(p: torch.nn.Parameter) -> bool:
+    """Whether AdamW's weight decay applies: matrices, except those a module marks `_no_weight_decay` (the
+    mamba-ssm convention, e.g. Mamba's A_log); never vectors (biases, norm gains, Mamba's D)."""
+    return p.ndim >= 2 and not getattr(p, "_no_weight_decay", False)
+
+
 def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Learning-rate multiplier: linear warm-up to 1, then cosine down to `min_ratio` at `total`."""
     if step < warmup:
@@ -97,8 +103,8 @@ class CausalLM(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]  # every model the module trains
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
+        decay = [p for p in params if decays(p)]
+        no_decay = [p for p in params if not decays(p)]
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr,

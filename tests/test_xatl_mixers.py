@@ -10,7 +10,7 @@ from transformers.models.mamba.modeling_mamba import MambaMixer as HFMambaMixer
 
 from surgery.errors import SurgeryError
 from surgery.xatl.mixers import MIXERS, build_mixer
-from surgery.xatl.scan import gla_chunked, gla_recurrent, selective_scan_chunked, selective_scan_sequential, window_attention
+from surgery.xatl.scan import causal_conv1d, gla_chunked, gla_recurrent, selective_scan_chunked, selective_scan_sequential, window_attention
 
 torch.set_num_threads(1)
 
@@ -174,6 +174,20 @@ def test_mamba_matches_transformers_mamba_mixer():
     assert (y - y_ref).abs().max() < 1e-5
 
 
+def test_mamba_identity_conv_passes_each_position_through():
+    """conv_init="identity": the causal conv returns its input (also with a carried conv state), so a value
+    projection copied into in_proj reaches the scan as it is; the default initialisation mixes neighbours."""
+    g = torch.Generator().manual_seed(1)
+    x, past = torch.randn(2, 32, 9, generator=g), torch.randn(2, 32, 3, generator=g)
+    for init, same in (("identity", True), ("default", False)):
+        m = build_mixer("mamba", d_model=32, n_head=4, d_state=4, d_conv=4, expand=1, conv_init=init)
+        for state in (None, past):
+            y, _ = causal_conv1d(x, m.conv1d.weight, m.conv1d.bias, state)
+            assert ((y - x).abs().max() < 1e-7) == same, (init, state is None)
+    with pytest.raises(SurgeryError, match="conv_init must be 'default' or 'identity', not 'eye'"):
+        build_mixer("mamba", 32, 4, conv_init="eye")
+
+
 def test_unknown_mixer_and_bad_options():
     with pytest.raises(SurgeryError, match="unknown mixer 'lstm'; choose one of: gla, mamba, retention"):
         build_mixer("lstm", 32, 4)
@@ -181,7 +195,7 @@ def test_unknown_mixer_and_bad_options():
         build_mixer("retention", 32, 5)
     # A misspelt setting is refused by name, not dropped (each mixer used to take **kwargs and ignore them).
     with pytest.raises(SurgeryError, match=r"^mixer_config key 'd_stat' is not a setting of mixer 'mamba' \(did you mean "
-                                           r"'d_state'\?\); its settings: d_state, d_conv, expand, dt_rank, chunk$"):
+                                           r"'d_state'\?\); its settings: d_state, d_conv, expand, dt_rank, chunk, conv_init$"):
         build_mixer("mamba", 32, 4, d_stat=8)
     with pytest.raises(SurgeryError, match=r"key 'gate_rnk' is not a setting of mixer 'gla' \(did you mean 'gate_rank'\?\); "
                                            r"its settings: key_dim, gate_rank, gate_norm, chunk, window$"):

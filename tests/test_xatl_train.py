@@ -93,6 +93,19 @@ def test_scratch_control_trains_everything(source_dir):
     assert not torch.equal(module.model.transformer.wte.weight, before)
 
 
+def test_weight_decay_spares_mamba_A_log_and_vectors(source_dir):
+    """As in mamba-ssm, A_log (a matrix) gets no weight decay, nor do biases, gains and D; other matrices do,
+    in the mixers' optimizer groups and the transferred weights' alike."""
+    module = XatlLM(source_dir, mixer="mamba", weight_decay=0.3, unfreeze=UnfreezeSchedule(step=None))
+    trainer = fit(module, 1)
+    wd = {id(p): g["weight_decay"] for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    params = dict(module.model.named_parameters())
+    assert len(wd) == len(params)
+    spared = {n for n, p in params.items() if wd[id(p)] == 0.0}
+    assert spared == {n for n, p in params.items() if p.ndim < 2 or n.endswith(".A_log")}
+    assert any(n.endswith(".A_log") for n in spared) and all(wd[id(p)] == 0.3 for n, p in params.items() if n not in spared)
+
+
 def test_threshold_criterion():
     cb = UnfreezeTransferred(UnfreezeSchedule(step=None, threshold=0.05, window=2))
     module = SimpleNamespace(unfrozen_at=None, transferred=["w"])

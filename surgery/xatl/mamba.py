@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
+from surgery.errors import SurgeryError
 from surgery.xatl.kernels import cuda_kernel, try_kernel
 from surgery.xatl.scan import causal_conv1d, selective_scan_chunked, selective_scan_sequential
 
@@ -25,11 +26,17 @@ class MambaMixer(nn.Module):
         d_model: residual width. d_state: SSM state size N per channel. d_conv: causal conv width.
         expand: E / d_model. dt_rank: rank of the step-size projection (default ceil(d_model / 16)).
         chunk: chunk length of the CPU scan (default ceil(sqrt(T)): about 2 sqrt(T) vectorised steps).
+        conv_init: "default" (PyTorch's Conv1d initialisation, as mamba-ssm) or "identity" (the causal conv
+            passes each position's own input through: a value projection copied into in_proj reaches the scan
+            unchanged rather than mixed with its neighbours at random).
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 dt_rank: int | None = None, chunk: int | None = None):
+                 dt_rank: int | None = None, chunk: int | None = None, conv_init: str = "default"):
         super().__init__()
+        if conv_init not in ("default", "identity"):
+            raise SurgeryError(f"conv_init must be 'default' or 'identity', not {conv_init!r}")
+        self.conv_init = conv_init
         self.d_model, self.d_state, self.d_conv, self.chunk = d_model, d_state, d_conv, chunk
         self.d_inner = E = expand * d_model
         self.dt_rank = R = dt_rank or math.ceil(d_model / 16)
@@ -39,6 +46,7 @@ class MambaMixer(nn.Module):
         self.dt_proj = nn.Linear(R, E, bias=True)
         self.A_log = nn.Parameter(torch.empty(E, d_state))
         self.D = nn.Parameter(torch.empty(E))
+        self.A_log._no_weight_decay = True  # mamba-ssm's marker: decay would pull A towards -1 (see decays())
         self.out_proj = nn.Linear(E, d_model, bias=True)
         self.reset_mixer_parameters()
 
@@ -54,7 +62,11 @@ class MambaMixer(nn.Module):
         for lin in (self.in_proj, self.x_proj, self.out_proj):
             init.normal_(lin.weight, std=0.02)
         init.zeros_(self.out_proj.bias)
-        init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
+        if self.conv_init == "identity":
+            init.zeros_(self.conv1d.weight)
+            init.ones_(self.conv1d.weight[:, :, -1])  # the last tap is the current position
+        else:
+            init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
         init.zeros_(self.conv1d.bias)
 
     def transfer_slots(self) -> dict[str, tuple[nn.Linear, slice]]:

@@ -26,7 +26,7 @@ import torch
 
 from surgery.distill import DistillConfig, Distiller, Teacher, as_config, next_token_ce
 from surgery.errors import SurgeryError
-from surgery.lm import CausalLM, cosine_with_warmup
+from surgery.lm import CausalLM, cosine_with_warmup, decays
 from surgery.loading import load_causal_lm
 from surgery.xatl.align import AttentionAligner
 from surgery.xatl.auto_layers import check_criterion, choose_layers, rank_layers
@@ -242,7 +242,7 @@ class XatlLM(CausalLM):
         hp, moved = self.hparams, set(self.transferred)
         groups = {(t, d): [] for t in (False, True) for d in (True, False)}
         for n, p in self.model.named_parameters():
-            groups[(n in moved, p.ndim >= 2)].append(p)
+            groups[(n in moved, decays(p))].append(p)
         order = [(t, d) for t in (False, True) for d in (True, False) if groups[(t, d)]]
         opt = torch.optim.AdamW([{"params": groups[k], "weight_decay": hp.weight_decay if k[1] else 0.0}
                                  for k in order], lr=hp.lr, betas=tuple(hp.betas))
