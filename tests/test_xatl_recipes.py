@@ -98,7 +98,7 @@ def test_the_1200_step_mamba_quickstart_spends_the_same_tokens_in_smaller_steps(
     assert b["align"]["steps"] == b["unfreeze"]["step"] == base["trainer"]["max_steps"] // 3
     assert (m["mixer_config"].pop("d_state"), b["mixer_config"].pop("d_state")) == (16, 8)
     assert (m["unfreeze"].pop("lr_ratio"), b["unfreeze"].pop("lr_ratio")) == (0.1, 1.0)
-    assert (m.pop("lr"), b.pop("lr")) == (3e-3, 2e-3)
+    assert (m.pop("lr"), b.pop("lr")) == (4e-3, 2e-3)
     assert m["mixer_config"].pop("conv_init") == "identity" and "conv_init" not in b["mixer_config"]
     for cfg in (base, small):
         for path in ("trainer.default_root_dir", "trainer.max_steps", "trainer.val_check_interval",
