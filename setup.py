@@ -1,5 +1,5 @@
 """Build step that ships the repository's `recipes/` and `checkpoints/` inside the package (`surgery/_bundled/`),
-so that an installed `surgery` finds them from any directory (`surgery.shipped`). Every file under those two
+so that an installed `surgery` finds them from any directory (`surgery.models.shipped`). Every file under those two
 directories is copied: recipes and checkpoints added later need no edit here. Metadata lives in pyproject.toml."""
 
 import shutil

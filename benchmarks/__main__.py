@@ -1,10 +1,15 @@
-"""`python -m benchmarks [options]`: same as `surgery bench`."""
+"""`python -m benchmarks [options]`: every benchmark section in one process (see benchmarks.bench)."""
 
 import argparse
 import sys
 
-from surgery.commands import bench
+from benchmarks import bench
+from surgery.errors import SurgeryError
 
 parser = argparse.ArgumentParser(prog="python -m benchmarks", description=bench.__doc__)
 bench.add_arguments(parser)
-sys.exit(bench.run(parser.parse_args()))
+try:
+    sys.exit(bench.run(parser.parse_args()))
+except SurgeryError as err:
+    print(f"python -m benchmarks: error: {err}", file=sys.stderr)
+    sys.exit(2)

@@ -4,7 +4,7 @@
 
 Every side runs a full step on the same batch: forward, loss, backward, gradient clipping (1.0), AdamW step.
 - plain: `model(batch, labels=batch).loss`;
-- quickstart: `surgery.distill.Distiller` with the LN-removal quick start's losses (0.5 x CE + 1 x KL to the
+- quickstart: `surgery.training.distill.Distiller` with the LN-removal quick start's losses (0.5 x CE + 1 x KL to the
   frozen original, which runs its own forward under no_grad);
 - kl+hidden: 1 x KL + 1 x normalized MSE of every block's output residual stream;
 - with --twin, also the LN-removal quick start's step as a whole: a student and its control twin, each a
@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.measure import interleaved, machine_info, paired_ratio
 from benchmarks.removal_cost import build_model
-from surgery.distill import DistillConfig, Distiller
+from surgery.training.distill import DistillConfig, Distiller
 
 TARGET = 1.4
 SIDES = {

@@ -21,9 +21,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from benchmarks.measure import interleaved, paired_ratio
 from benchmarks.removal_cost import Stepper, set_phase
 from surgery.remove_ln.points import prepare_for_removal
-from surgery.xatl.kernels import cuda_kernel, torch_paths_only
-from surgery.xatl.mamba import MambaMixer
-from surgery.xatl.model import HybridGPT2LMHeadModel, hybrid_config_from
+from surgery.xatl.mixers.kernels import cuda_kernel, torch_paths_only
+from surgery.xatl.mixers.mamba import MambaMixer
+from surgery.xatl.hybrid.model import HybridGPT2LMHeadModel, hybrid_config_from
 
 TARGET_MFU = 0.45
 

@@ -5,8 +5,8 @@ Every model has the same width, depth, heads and vocabulary, batch 1, random wei
 GPT-2 blocks (mixer + MLP); `hf-mamba` is `transformers.MambaForCausalLM` (mixer only, no MLP: fewer
 parameters) with the same width, depth, state size (16), expansion (2) and conv width (4). On CPU it takes
 its torch path: a sequential loop over time steps (no mamba-ssm, no mambapy). Our mamba trains with the
-chunked selective scan (surgery.xatl.scan.selective_scan_chunked); linear mixers with chunked GLA;
-`gla-w64` adds a 64-token softmax window to each GLA mixer (surgery.xatl.scan.window_attention).
+chunked selective scan (surgery.xatl.mixers.scan.selective_scan_chunked); linear mixers with chunked GLA;
+`gla-w64` adds a 64-token softmax window to each GLA mixer (surgery.xatl.mixers.scan.window_attention).
 flash-linear-attention's naive torch references join when `fla` imports (on CPU it needs triton too:
 `pip install -e '.[bench]'`): the recurrence alone, ours against theirs, forward and backward.
 """
@@ -19,13 +19,13 @@ from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausa
 
 from benchmarks.measure import interleaved, paired_ratio
 from benchmarks.report import progress_line
-from surgery.xatl.cache import CACHE_ARG
-from surgery.xatl.generation_bench import Decoder
+from surgery.xatl.hybrid.cache import CACHE_ARG
+from benchmarks.generation import Decoder
 
 HF_MAMBA_CACHE = "cache" if CACHE_ARG == "cache" else "cache_params"  # MambaForCausalLM's name before 5.24
 from surgery.xatl.mixers import MIXERS
-from surgery.xatl.model import HybridGPT2LMHeadModel, hybrid_config_from
-from surgery.xatl.scan import gla_chunked
+from surgery.xatl.hybrid.model import HybridGPT2LMHeadModel, hybrid_config_from
+from surgery.xatl.mixers.scan import gla_chunked
 
 SEQS = (256, 512, 1024, 2048, 4096)
 MODELS = ("attention", "mamba", "retention", "gla", "gla-w64", "hf-mamba")

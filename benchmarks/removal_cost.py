@@ -50,7 +50,7 @@ def build_model(name: str, seed: int = 0) -> PreTrainedModel:
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_config(SHAPES[name]())
-    from surgery.loading import load_causal_lm
+    from surgery.models.loading import load_causal_lm
 
     shipped = REPO / "checkpoints" / name
     return load_causal_lm(str(shipped if shipped.is_dir() else name))

@@ -1,4 +1,4 @@
-"""Markdown tables, the JSON record and the PNG of a `surgery bench` run."""
+"""Markdown tables, the JSON record and the PNG of a `python -m benchmarks` run."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
 Same width, depth, heads and vocabulary for every model; the KV cache (attention) or the recurrent state
 (mixers) is filled with an L-token prompt, then tokens are decoded one at a time: the fastest step is the
 per-token latency, also given as a ratio to attention at the same L (measured in the same run). The method
-lives in surgery/xatl/generation_bench.py (`run_benchmark` returns the rows, for other code).
+lives in benchmarks/generation.py (`run_benchmark` returns the rows, for other code).
 
 Writes <out>/results.json, <out>/results.md and <out>/generation.png, and prints the table.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from surgery.xatl.generation_bench import CONTEXTS, MIXERS, plot, run_benchmark, table
+from benchmarks.generation import CONTEXTS, MIXERS, plot, run_benchmark, table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """XATL over seeds: the source's loss, the XATL model's and the from-scratch arm's, from finished runs.
 
 Each XATL run is `surgery fit --config recipes/xatl/quickstart-FAMILY-MIXER.yaml --seed_everything S
---trainer.default_root_dir DIR` (or the `xatl/` arm of `python -m surgery.xatl.compare`); a comparison directory
+--trainer.default_root_dir DIR` (or the `xatl/` arm of `surgery compare`); a comparison directory
 adds its `scratch/` arm. Every loss is the run's own evaluation on the whole validation split (`metrics.json`).
 
     python -m benchmarks.xatl_seeds pythia-gla=runs/xatl/qs-pythia-gla-s{0,1,2} \

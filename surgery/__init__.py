@@ -7,4 +7,4 @@ with transformers' Auto classes, so
 
 __version__ = "0.1.0"
 
-import surgery.xatl.model  # noqa: E402,F401  (registration with the Auto classes)
+import surgery.xatl.hybrid.model  # noqa: E402,F401  (registration with the Auto classes)

@@ -1,6 +1,7 @@
 """`surgery bench` bookkeeping on tiny sizes: interleaving, paired ratios, phases, tables, JSON, PNG and
 the CLI's error paths. Speed is never asserted (shared, noisy machines)."""
 
+import argparse
 import json
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from benchmarks import measure, mixer_cost, removal_cost, report
-from surgery.cli import main
+from benchmarks import bench
+from surgery.errors import SurgeryError
 
 torch.set_num_threads(1)
 
@@ -96,9 +98,16 @@ def test_mixer_rows_grid_and_plot(tmp_path):
     assert mixer_cost.fla_status() == "available" or mixer_cost.fla_status().startswith("not available on CPU")
 
 
+def run_bench(argv: list[str]) -> int:
+    """`python -m benchmarks ARGV`, in this process."""
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return bench.run(parser.parse_args(argv))
+
+
 def test_cli_writes_json_and_markdown(tmp_path, capsys):
     out = tmp_path / "bench"
-    rc = main(["bench", "--out", str(out), "--sections", "mixers", "gpu", "--mixer-seqs", "8", "16",
+    rc = run_bench(["--out", str(out), "--sections", "mixers", "gpu", "--mixer-seqs", "8", "16",
                "--mixer-width", "16", "--mixer-depth", "1", "--mixer-repeats", "1", "--new-tokens", "1"])
     assert rc == 0
     record = json.loads((out / "bench.json").read_text())
@@ -111,8 +120,8 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
 
 
 def test_cli_refuses_bad_sizes(capsys):
-    assert main(["bench", "--seq", "1"]) == 2
-    assert "--batch must be >= 1 and --seq / --mixer-seqs >= 2 tokens" in capsys.readouterr().err
+    with pytest.raises(SurgeryError, match="--batch must be >= 1 and --seq / --mixer-seqs >= 2 tokens"):
+        run_bench(["--seq", "1"])
 
 
 def test_progress_lines_are_key_value_pairs_without_timing_lists():

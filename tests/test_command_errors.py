@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from reliability_setup import fit_args, write_setup
-from surgery.cli import main
+from surgery.cli.entry import main
 
 
 @pytest.fixture(scope="module")

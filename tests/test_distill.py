@@ -1,4 +1,4 @@
-"""surgery.distill without Lightning: the losses against hand-computed references on two randomized GPT-2s,
+"""surgery.training.distill without Lightning: the losses against hand-computed references on two randomized GPT-2s,
 the teacher frozen and bit-identical after training a student against it, and the config's error messages."""
 
 import copy
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from surgery.distill import DistillConfig, Distiller, Teacher, hidden_alignment, kl_to_teacher, next_token_ce
+from surgery.training.distill import DistillConfig, Distiller, Teacher, hidden_alignment, kl_to_teacher, next_token_ce
 from surgery.errors import SurgeryError
 
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from reliability_setup import ROOT, fit_args, fit_subprocess, load, write_setup
-from surgery.cli import main
+from surgery.cli.entry import main
 from surgery.data import TokenBlocks
-from surgery.distill import DistillConfig
-from surgery.guard import DivergenceGuard
-from surgery.lightning_cli import RunCheckpoint
-from surgery.loading import load_causal_lm
+from surgery.training.distill import DistillConfig
+from surgery.training.guard import DivergenceGuard
+from surgery.cli.lightning_cli import RunCheckpoint
+from surgery.models.loading import load_causal_lm
 from surgery.remove_ln.module import LNRemoval
 from surgery.remove_ln.schedule import RemovalSchedule
 

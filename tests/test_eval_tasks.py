@@ -1,4 +1,4 @@
-"""`surgery eval --tasks` through lm-evaluation-harness, offline: the `stdlib_next_line` task (surgery.eval_tasks)
+"""`surgery eval --tasks` through lm-evaluation-harness, offline: the `stdlib_next_line` task (surgery.eval.tasks)
 on a shipped checkpoint and on a saved hybrid, with lm-eval's accuracy recomputed here from the model's own
 log-likelihoods; the task builder; the command's errors."""
 
@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
-from surgery.cli import main
-from surgery.eval_tasks import TASK, next_line_docs, stdlib_next_line
-from surgery.loading import load_causal_lm, load_tokenizer
-from surgery.shipped import resolve_shipped
+from surgery.cli.entry import main
+from surgery.eval.tasks import TASK, next_line_docs, stdlib_next_line
+from surgery.models.loading import load_causal_lm, load_tokenizer
+from surgery.models.shipped import resolve_shipped
 
 torch.set_num_threads(1)
 GPT2 = resolve_shipped("checkpoints/tiny-gpt2-stdlib")
@@ -104,7 +104,7 @@ def test_a_saved_hybrid_through_the_auto_classes_and_the_task_built_on_demand(tm
     """A Llama hybrid (GLA in layer 0, attention kept in layer 1) saved like an export; `stdlib_next_line` without
     --include-path is written under the surgery cache; --limit takes the first docs; --data adds the cross-entropy."""
     from surgery.xatl import hybrid_config_from, hybrid_model
-    from surgery.xatl.transfer import transfer_shared_weights
+    from surgery.xatl.transfer.weights import transfer_shared_weights
 
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
     source = load_causal_lm(LLAMA)

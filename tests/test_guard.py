@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from reliability_setup import SpikyRemoval, write_setup
-from surgery.cli import main
+from surgery.cli.entry import main
 from surgery.data import TokenBlocks
 from surgery.errors import SurgeryError
-from surgery.guard import DivergenceGuard
-from surgery.lightning_cli import RunCheckpoint
-from surgery.lm import cosine_with_warmup
+from surgery.training.guard import DivergenceGuard
+from surgery.cli.lightning_cli import RunCheckpoint
+from surgery.training.lm import cosine_with_warmup
 from surgery.remove_ln.schedule import RemovalSchedule
 
 SCHEDULE = RemovalSchedule(start=1, gaps={"ln_2": 1, "ln_1_qk": 1, "ln_1_v": 1, "ln_f": 1})  # steps 1..7

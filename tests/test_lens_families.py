@@ -208,7 +208,7 @@ def _save(model, tokenizer, path):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_verify_passes_ln_free_gates_on_each_family(kind, corpus, tmp_path, monkeypatch, capsys):
-    from surgery.cli import main
+    from surgery.cli.entry import main
 
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
     data, tokenizer = corpus
@@ -232,7 +232,7 @@ def test_verify_passes_ln_free_gates_on_each_family(kind, corpus, tmp_path, monk
     ("--seg-len", "33", "--seg-len 33 makes 66-token prompts, longer than the context (64): it must be an integer from 1 to 32"),
 ])
 def test_verify_refuses_numbers_out_of_range_in_one_line(arg, value, message, corpus, tmp_path, capsys):
-    from surgery.cli import main
+    from surgery.cli.entry import main
 
     model_dir = _save(tiny_model("llama", vocab=VOCAB), corpus[1], tmp_path / "m")
     capsys.readouterr()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from lens_models import make_ln_free, save_model_dirs, tiny_gpt2, write_text_corpus
 
-from surgery.cli import main
+from surgery.cli.entry import main
 
 ARGS = ["--block-size", "64", "--seg-len", "16", "--prompts", "6", "--val-blocks", "8", "--dla-blocks", "2"]
 

@@ -21,11 +21,11 @@ import torch
 from lens_models import write_text_corpus
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from surgery.cli import main
+from surgery.cli.entry import main
 from surgery.errors import SurgeryError
 from surgery.lens import has_normalization, load_hooked
 from surgery.lens.checks import logit_agreement, verify_ln_free
-from surgery.ln_free import check_consistent, detect_ln_free, scan_norms
+from surgery.models.ln_free import check_consistent, detect_ln_free, scan_norms
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-gpt2-stdlib"
 SCALE, EPS = 1e6, 1e12
@@ -256,7 +256,7 @@ def test_a_removal_in_progress_is_partly_ln_free_not_an_error(tokens):
 
 def test_xatl_transfer_from_a_published_format_gives_an_ln_free_hybrid(formats, tokens):
     from surgery.xatl import HybridGPT2LMHeadModel, hybrid_config_from
-    from surgery.xatl.transfer import transfer_shared_weights
+    from surgery.xatl.transfer.weights import transfer_shared_weights
 
     source = formats["baroni"]
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
-from surgery.cli import main
+from surgery.cli.entry import main
 from surgery.data.tokenizer import get_tokenizer
 from surgery.errors import SurgeryError
 from surgery.ln_tune import EntryMask, ln_parameters
@@ -99,7 +99,7 @@ def test_a_saved_mask_is_reused_and_reproduces_the_run(tiny_lm_dir, tmp_path):
 
 @pytest.mark.parametrize("family", ["gpt2", "pythia", "llama"])
 def test_lm_recipes_print_their_full_config(family, capsys):
-    from surgery.lightning_cli import SurgeryCLI
+    from surgery.cli.lightning_cli import SurgeryCLI
 
     with pytest.raises(SystemExit) as exit_info:
         SurgeryCLI(args=["fit", "--config", str(RECIPES / f"tiny-{family}-email.yaml"), "--print_config"])

@@ -19,7 +19,7 @@ NOISE = ["loss_type=None", "LeafSpec", "litlogger", "💡 Tip", "`weights_only` 
 def fit_merged(args: list[str], cache: Path) -> tuple[int, list[str]]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SURGERY_CACHE": str(cache), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-m", "surgery.cli", *args], env=env, stdout=subprocess.PIPE,
+    run = subprocess.run([sys.executable, "-m", "surgery.cli.entry", *args], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, timeout=300)
     return run.returncode, re.split(r"[\r\n]+", run.stdout)
 
@@ -55,7 +55,7 @@ def test_a_long_evaluation_shows_progress_on_a_terminal_only(monkeypatch):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from surgery.evaluate import cross_entropy
+    from surgery.eval.loss import cross_entropy
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0))
     blocks = [torch.randint(0, 50, (8,)) for _ in range(42)]

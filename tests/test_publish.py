@@ -12,7 +12,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from publish_runs import REMOVAL_METRICS, make_run, save_model
-from surgery.cli import main
+from surgery.cli.entry import main
 from surgery.errors import SurgeryError
 from surgery.publish import card, find_source, publish
 
@@ -223,7 +223,7 @@ def test_xatl_hybrid_is_checked_in_process_and_its_card_says_import_surgery(tmp_
     from transformers import GPT2Config
 
     from publish_runs import tiny_tokenizer
-    from surgery.xatl.model import HybridGPT2LMHeadModel, hybrid_config_from
+    from surgery.xatl.hybrid.model import HybridGPT2LMHeadModel, hybrid_config_from
 
     torch.manual_seed(0)
     config = hybrid_config_from(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64), "retention", None, [1])

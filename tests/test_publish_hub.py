@@ -12,7 +12,7 @@ import huggingface_hub.hf_api
 from huggingface_hub import constants
 from hub_standin import COMMIT_OID, StandInHub
 from publish_runs import make_run
-from surgery.cli import main
+from surgery.cli.entry import main
 
 REPO = "my-user/tiny-ln-free"
 TOKEN = "hf_standin_token"

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from surgery.cli import main
+from surgery.cli.entry import main
 from surgery.data.tokenizer import get_tokenizer
 from surgery.errors import SurgeryError
 from surgery.ln_tune.lm import StdlibPartCorpus

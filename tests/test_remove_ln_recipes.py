@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from surgery.lightning_cli import SurgeryCLI
+from surgery.cli.lightning_cli import SurgeryCLI
 
 ROOT = Path(__file__).parent.parent / "recipes"
 RECIPES = sorted((ROOT / "remove_ln").glob("*.yaml")) + sorted((ROOT / "pretrain").glob("*.yaml"))
@@ -29,7 +29,7 @@ def test_print_config(recipe, capsys):
     config = printed(recipe, capsys)
     args = config["model"]["init_args"]
     if recipe.parent.name == "pretrain":
-        assert config["model"]["class_path"] == "surgery.lm.CausalLM" and args["init"] is None
+        assert config["model"]["class_path"] == "surgery.training.lm.CausalLM" and args["init"] is None
         family = {"tiny-gpt2.yaml": "gpt2", "tiny-pythia.yaml": "gpt_neox", "tiny-llama.yaml": "llama"}[recipe.name]
         assert args["config"].get("model_type", "gpt2") == family
         return

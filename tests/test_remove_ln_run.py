@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from surgery.cli import main
+from surgery.cli.entry import main
 from surgery.remove_ln.export import is_ln_free
 from tests.reliability_setup import fit_args, write_setup
 

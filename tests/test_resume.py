@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from reliability_setup import REMOVAL_STEPS, fit_args, fit_subprocess, load, write_setup
-from surgery.cli import main
+from surgery.cli.entry import main
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from surgery.errors import SurgeryError
-from surgery.lightning_cli import RunCheckpoint
-from surgery.resume import AtomicCheckpointIO, choose_checkpoint, plain, read_checkpoint
+from surgery.cli.lightning_cli import RunCheckpoint
+from surgery.training.resume import AtomicCheckpointIO, choose_checkpoint, plain, read_checkpoint
 
 KILL_MID_WRITE = """
 import io, os, signal, sys, torch
-from surgery.resume import AtomicCheckpointIO
+from surgery.training.resume import AtomicCheckpointIO
 real_save = torch.save
 def save_half_then_die(obj, f):
     buf = io.BytesIO(); real_save(obj, buf); data = buf.getvalue()

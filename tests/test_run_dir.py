@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from reliability_setup import fit_args, load, write_setup
-from surgery.cli import main
+from surgery.cli.entry import main
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def finished(setup):
 def test_last_checkpoint_of_a_finished_run_holds_its_final_step(finished, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from surgery.commands import export
+    from surgery.cli.commands import export
 
     ckpt = load(finished / "checkpoints" / "last.ckpt")
     metrics = json.loads((finished / "metrics.json").read_text())
@@ -144,7 +144,7 @@ def test_a_second_fit_into_a_live_run_directory_is_refused(setup, capsys):
     run = root / "live"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
-    first = subprocess.Popen([sys.executable, "-m", "surgery.cli", *fit_args(recipe, run, "--trainer.callbacks+=test_run_dir.SleepAt",
+    first = subprocess.Popen([sys.executable, "-m", "surgery.cli.entry", *fit_args(recipe, run, "--trainer.callbacks+=test_run_dir.SleepAt",
                               "--trainer.callbacks.init_args.step", "6")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
@@ -175,7 +175,7 @@ def test_a_stale_or_foreign_lock(tmp_path, capsys):
     import subprocess
     import sys
 
-    from surgery import run_lock
+    from surgery.training import run_lock
     from surgery.errors import SurgeryError
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from reliability_setup import fit_args, write_setup
-from surgery.cli import main
+from surgery.cli.entry import main
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def _run_dir_with(files: dict[str, str | None]) -> Callable[[Path], Path]:
 
 def _xatl(mixer: str) -> Callable[[Path, Path], list[str]]:
     def args(root: Path, tmp: Path) -> list[str]:
-        model = {"class_path": "surgery.xatl.train.XatlLM", "init_args": {"source": str(root / "init"), "mixer": mixer}}
+        model = {"class_path": "surgery.xatl.training.module.XatlLM", "init_args": {"source": str(root / "init"), "mixer": mixer}}
         return ["--config", recipe_with(root, tmp, model=model)]
     return args
 

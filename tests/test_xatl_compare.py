@@ -5,7 +5,7 @@ import json
 import pytest
 
 from surgery.errors import SurgeryError
-from surgery.xatl.compare import plot, steps_to_match, summarize, val_curve
+from surgery.cli.commands.compare import plot, steps_to_match, summarize, val_curve
 
 
 def test_steps_to_match_and_summary(tmp_path):
@@ -35,7 +35,7 @@ def test_val_curve_joins_the_logs_of_a_resumed_run(tmp_path):
 
 def fake_arms(monkeypatch, every: int, steps_done: int):
     """train_arm replaced by one that writes a validation log every `every` steps up to `steps_done`."""
-    import surgery.xatl.compare as compare
+    import surgery.cli.commands.compare as compare
 
     calls = []
 
@@ -54,7 +54,7 @@ RECIPE = "recipes/xatl/quickstart-mamba.yaml"  # max_steps 300, val_check_interv
 
 
 def test_fewer_steps_than_the_validation_interval_is_refused_before_training(tmp_path, monkeypatch, capsys):
-    from surgery.xatl.compare import main
+    from surgery.cli.commands.compare import main
 
     calls = fake_arms(monkeypatch, 25, 10)
     assert main([RECIPE, "--out", str(tmp_path / "c"), "--steps", "10"]) == 2
@@ -75,7 +75,7 @@ def test_fewer_steps_than_the_validation_interval_is_refused_before_training(tmp
 
 
 def test_a_rerun_with_other_steps_does_not_reuse_finished_arms(tmp_path, monkeypatch, capsys):
-    from surgery.xatl.compare import main, train_arm
+    from surgery.cli.commands.compare import main, train_arm
 
     fake_arms(monkeypatch, 2, 10)
     out = tmp_path / "c"
@@ -97,7 +97,7 @@ def test_a_rerun_with_other_steps_does_not_reuse_finished_arms(tmp_path, monkeyp
 def test_the_plot_says_whether_the_transferred_weights_were_unfrozen(tmp_path):
     import torch
 
-    from surgery.xatl.compare import xatl_label
+    from surgery.cli.commands.compare import xatl_label
 
     def ckpt(unfrozen_at):
         (tmp_path / "checkpoints").mkdir(exist_ok=True)
@@ -114,8 +114,8 @@ def test_the_plot_says_whether_the_transferred_weights_were_unfrozen(tmp_path):
 def test_the_scratch_arm_keeps_the_attention_layers_the_xatl_arm_chose(tmp_path, monkeypatch):
     """With attn_layers: auto the scratch arm is built with the layers the XATL arm kept (read from its
     metrics.json), since it has no source to rank with; the arguments it gets build that model."""
-    import surgery.xatl.compare as compare
-    from surgery.xatl.train import XatlLM
+    import surgery.cli.commands.compare as compare
+    from surgery.xatl.training.module import XatlLM
 
     calls = fake_arms(monkeypatch, 2, 10)
     xatl = tmp_path / "c" / "xatl"

@@ -7,12 +7,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from surgery.data.resumable import EpochShuffle, ResumableLoader
-from surgery.distill import DistillConfig, Teacher
+from surgery.training.distill import DistillConfig, Teacher
 from surgery.errors import SurgeryError
-from surgery.xatl.align import AttentionAligner
-from surgery.xatl.model import HybridGPT2LMHeadModel, hybrid_config_from
-from surgery.xatl.train import AlignStage, UnfreezeSchedule, XatlLM
-from surgery.xatl.transfer import transfer_shared_weights
+from surgery.xatl.training.align import AttentionAligner
+from surgery.xatl.hybrid.model import HybridGPT2LMHeadModel, hybrid_config_from
+from surgery.xatl.training.module import AlignStage, UnfreezeSchedule, XatlLM
+from surgery.xatl.transfer.weights import transfer_shared_weights
 
 torch.set_num_threads(1)
 
@@ -139,7 +139,7 @@ def test_teacher_stages_need_a_transfer(source_dir):
 def test_comparison_reports_the_source_on_the_full_split(tmp_path):
     import json
 
-    from surgery.xatl.compare import full_validation
+    from surgery.cli.commands.compare import full_validation
 
     for arm, body in {"xatl": {"val": {"loss": 4.0}, "xatl": {"source_val_loss": 3.7}},
                       "scratch": {"val": {"loss": 5.5}}}.items():
@@ -173,7 +173,7 @@ class TrainBlocks(L.LightningDataModule):
 def test_auto_kl_criterion_measures_each_layer_replaced_alone(source_dir):
     """A block whose attention writes nothing (output projection zeroed) costs nothing when its mixer (given
     that zero projection) replaces it alone: KL 0 by the "kl" criterion, ranked last; the others cost > 0."""
-    from surgery.xatl.auto_layers import rank_layers
+    from surgery.xatl.training.auto_layers import rank_layers
 
     src = GPT2LMHeadModel.from_pretrained(source_dir)
     with torch.no_grad():
@@ -187,7 +187,7 @@ def test_auto_kl_criterion_measures_each_layer_replaced_alone(source_dir):
 
 
 def test_auto_attention_layers_are_the_costliest_and_deterministic(source_dir):
-    from surgery.xatl.auto_layers import choose_layers, rank_layers
+    from surgery.xatl.training.auto_layers import choose_layers, rank_layers
 
     src = GPT2LMHeadModel.from_pretrained(source_dir)
     batches = [torch.stack(TrainBlocks().blocks[i : i + 4]) for i in range(0, 16, 4)]

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from surgery.errors import SurgeryError
 from surgery.families import family_of, get_module
 from surgery.xatl import HYBRID_MODELS, hybrid_config_from
-from surgery.xatl.cache import CACHE_ARG, CACHE_NAMES, HybridCache
+from surgery.xatl.hybrid.cache import CACHE_ARG, CACHE_NAMES, HybridCache
 from tests.xatl_models import KINDS, attn, randomize_mixers, source_and_hybrid
 
 torch.set_num_threads(1)

@@ -4,7 +4,7 @@ ratios against attention, table and plot. Speed itself is not asserted (shared, 
 import pytest
 import torch
 
-from surgery.xatl.generation_bench import build_models, run_benchmark, table, plot
+from benchmarks.generation import build_models, run_benchmark, table, plot
 
 torch.set_num_threads(1)
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from surgery.remove_ln import export_ln_free, is_ln_free, prepare_for_removal
 from surgery.xatl import HybridGPT2LMHeadModel, hybrid_config_from
-from surgery.xatl.transfer import transfer_shared_weights
+from surgery.xatl.transfer.weights import transfer_shared_weights
 
 torch.set_num_threads(1)
 

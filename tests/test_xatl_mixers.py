@@ -10,7 +10,7 @@ from transformers.models.mamba.modeling_mamba import MambaMixer as HFMambaMixer
 
 from surgery.errors import SurgeryError
 from surgery.xatl.mixers import MIXERS, build_mixer
-from surgery.xatl.scan import causal_conv1d, gla_chunked, gla_recurrent, selective_scan_chunked, selective_scan_sequential, window_attention
+from surgery.xatl.mixers.scan import causal_conv1d, gla_chunked, gla_recurrent, selective_scan_chunked, selective_scan_sequential, window_attention
 
 torch.set_num_threads(1)
 

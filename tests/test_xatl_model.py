@@ -8,7 +8,7 @@ from transformers.cache_utils import DynamicCache
 from surgery.errors import SurgeryError
 from surgery.families import family_of, norm_paths
 from surgery.xatl import HybridGPT2Config, HybridGPT2LMHeadModel
-from surgery.xatl.cache import CACHE_ARG, CACHE_NAMES, HybridCache
+from surgery.xatl.hybrid.cache import CACHE_ARG, CACHE_NAMES, HybridCache
 from tests.xatl_models import randomize_mixers
 
 torch.set_num_threads(1)
@@ -128,7 +128,7 @@ def test_config_errors():
 
 
 def test_load_causal_lm_finds_the_hybrid_in_a_fresh_process(tmp_path):
-    """`surgery.loading` registers hybrid_gpt2 itself: a new interpreter that imports nothing from
+    """`surgery.models.loading` registers hybrid_gpt2 itself: a new interpreter that imports nothing from
     surgery.xatl still loads a saved hybrid (as `surgery eval` does)."""
     import subprocess
     import sys
@@ -139,7 +139,7 @@ def test_load_causal_lm_finds_the_hybrid_in_a_fresh_process(tmp_path):
     with torch.no_grad():
         ref = model(ids).logits
     torch.save(ids, tmp_path / "ids.pt")
-    code = ("import sys, torch; from surgery.loading import load_causal_lm; m = load_causal_lm(sys.argv[1]).eval(); "
+    code = ("import sys, torch; from surgery.models.loading import load_causal_lm; m = load_causal_lm(sys.argv[1]).eval(); "
             "print(type(m).__name__); torch.save(m(torch.load(sys.argv[1] + '/ids.pt')).logits, sys.argv[1] + '/out.pt')")
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]

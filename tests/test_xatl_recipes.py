@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from surgery.lightning_cli import SurgeryCLI
+from surgery.cli.lightning_cli import SurgeryCLI
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes" / "xatl").glob("*.yaml"))
 
@@ -31,7 +31,7 @@ def test_print_config(recipe, capsys):
     assert exit_info.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
     model = config["model"]
-    assert model["class_path"] == "surgery.xatl.train.XatlLM"
+    assert model["class_path"] == "surgery.xatl.training.module.XatlLM"
     args = model["init_args"]
     assert args["mixer"] in recipe.name and args["unfreeze"]["warmup_steps"] > 0  # defaults shown in full
     assert args["freeze"] == bool(args["transfer"])

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from surgery.errors import SurgeryError
-from surgery.xatl.train import UnfreezeSchedule, UnfreezeTransferred, XatlLM
+from surgery.xatl.training.module import UnfreezeSchedule, UnfreezeTransferred, XatlLM
 
 torch.set_num_threads(1)
 

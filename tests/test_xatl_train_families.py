@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from surgery.distill import Teacher, hidden_alignment
+from surgery.training.distill import Teacher, hidden_alignment
 from surgery.families import family_of, get_module
-from surgery.xatl.align import AttentionAligner
-from surgery.xatl.transfer import COMPONENTS
-from surgery.xatl.train import XatlLM
+from surgery.xatl.training.align import AttentionAligner
+from surgery.xatl.transfer.weights import COMPONENTS
+from surgery.xatl.training.module import XatlLM
 from tests.remove_ln_models import tiny_model
 from tests.xatl_models import attn, source_and_hybrid
 

@@ -6,7 +6,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from surgery.errors import SurgeryError
 from surgery.xatl import HybridGPT2LMHeadModel, hybrid_config_from
-from surgery.xatl.transfer import COMPONENTS, transfer_shared_weights
+from surgery.xatl.transfer.weights import COMPONENTS, transfer_shared_weights
 
 torch.set_num_threads(1)
 

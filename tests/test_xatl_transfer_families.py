@@ -8,8 +8,8 @@ from transformers.models.llama.modeling_llama import repeat_kv
 from surgery.errors import SurgeryError
 from surgery.families import family_of, get_module
 from surgery.xatl import hybrid_config_from, hybrid_model
-from surgery.xatl.cache import CACHE_ARG
-from surgery.xatl.transfer import COMPONENTS, transfer_shared_weights
+from surgery.xatl.hybrid.cache import CACHE_ARG
+from surgery.xatl.transfer.weights import COMPONENTS, transfer_shared_weights
 from tests.remove_ln_models import tiny_model
 from tests.xatl_models import D, KINDS, attn, source_and_hybrid
 

@@ -17,7 +17,7 @@ from surgery.data.corpus import Corpus, fingerprint, load_documents
 from surgery.data.resumable import EpochShuffle, ResumableLoader
 from surgery.data.tokenizer import eos_id, get_tokenizer
 from surgery.errors import SurgeryError
-from surgery.paths import cache_dir
+from surgery.models.paths import cache_dir
 
 
 def tokenize_split(corpus: Corpus, tokenizer, split: str) -> np.ndarray:

@@ -8,7 +8,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerFast
 
 from surgery.data.corpus import Corpus, fingerprint, load_documents
-from surgery.paths import cache_dir
+from surgery.models.paths import cache_dir
 
 EOS = "<|endoftext|>"
 _BPE_SPEC = re.compile(r"^bpe-(\d+)$")
@@ -35,7 +35,7 @@ def get_tokenizer(spec: str, corpus: Corpus | None = None) -> PreTrainedTokenize
     """`bpe-N` trains (once, then caches) an N-entry BPE on `corpus`; anything else is a model name or path."""
     match = _BPE_SPEC.match(spec)
     if match is None:
-        from surgery.loading import load_tokenizer
+        from surgery.models.loading import load_tokenizer
 
         return load_tokenizer(spec)
     corpus = corpus or Corpus()

@@ -142,7 +142,7 @@ def hf_scale_spread(hf_model, tokens: torch.Tensor) -> float:
     (LayerNorm: sqrt(var + eps); RMSNorm: sqrt(mean(x^2) + eps)): ~var/(2 eps) ~ 1e-12 for an LN-free export,
     order 1 when the norm still normalizes."""
     from surgery.lens.convert import module_eps
-    from surgery.ln_free import norm_modules
+    from surgery.models.ln_free import norm_modules
 
     spreads = []
 
@@ -197,7 +197,7 @@ def verify_ln_free(hf_model, tokens: torch.Tensor | None = None, seed: int = 0) 
     from surgery.lens import has_normalization, load_hooked
 
     if tokens is None:
-        from surgery.ln_free import random_tokens
+        from surgery.models.ln_free import random_tokens
 
         tokens = random_tokens(hf_model, 2, 32, seed)
     hooked = load_hooked(hf_model)

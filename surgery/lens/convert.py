@@ -4,7 +4,7 @@ One conversion reads the family description (module paths, Q/K/V layout, norm ki
 hard-coding a model's attributes, so GPT-2, GPT-NeoX (Pythia) and Llama-style models (llama, qwen2, mistral) share it:
 
 - an LN-free model (every norm neutralised by a huge eps, so it computes the affine map `c(x) * w / sqrt(eps) + b`;
-  detected from the weights by `surgery.ln_free.detect_ln_free`, not from a config key) becomes a model with **no
+  detected from the weights by `surgery.models.ln_free.detect_ln_free`, not from a config key) becomes a model with **no
   normalization at all** (`normalization_type=None`: no `hook_scale`, no `hook_normalized`). Each norm is folded
   exactly into the weights that read it: a LayerNorm's centering `C = I - 11^T/d`, gain `w/sqrt(eps)` and bias
   into W_Q/W_K/W_V and b_Q/b_K/b_V, W_in (and W_gate) and b_in; an RMSNorm's gain alone (it neither centers nor
@@ -58,9 +58,9 @@ def tl_parts(hf_model, ln_free: bool | None = None) -> tuple[dict, dict[str, tor
 
 
 def is_ln_free(model, tokens: torch.Tensor | None = None) -> bool:
-    """True when every norm of `model` is neutralised (measured: `surgery.ln_free.detect_ln_free`); SurgeryError
+    """True when every norm of `model` is neutralised (measured: `surgery.models.ln_free.detect_ln_free`); SurgeryError
     naming the norms that still normalize when only some are."""
-    from surgery.ln_free import detect_ln_free
+    from surgery.models.ln_free import detect_ln_free
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"is_ln_free measures a model's norms; it takes a model, not a {type(model).__name__}")

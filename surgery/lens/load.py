@@ -32,7 +32,7 @@ def load_hf(path_or_model):
 
     tokenizer = None
     if isinstance(path_or_model, (str, Path)):
-        from surgery.loading import load_causal_lm, load_tokenizer
+        from surgery.models.loading import load_causal_lm, load_tokenizer
 
         path = Path(path_or_model).expanduser()
         if not path.exists():

@@ -28,7 +28,7 @@ class VerifySettings:
 
 def verify_model(hf_model, hooked, blocks, settings: VerifySettings) -> dict:
     """Every check on one model. `blocks`: a Dataset of (block_size,) LongTensors with a flat `.tokens` array."""
-    from surgery.evaluate import cross_entropy
+    from surgery.eval.loss import cross_entropy
 
     tokens = torch.stack([blocks[i] for i in range(min(settings.dla_blocks, len(blocks)))])
     result = {"has_normalization": has_normalization(hooked), "hf_scale_spread": hf_scale_spread(hf_model, tokens)}

@@ -120,7 +120,7 @@ class SequenceClassifier(L.LightningModule):
     def on_fit_end(self) -> None:
         if not self.trainer.is_global_zero:
             return
-        from surgery.run import write_json
+        from surgery.training.run import write_json
 
         run_dir = self._run_dir()
         metrics = {"method": self.hparams.method, "trainable": self.trainable(), **self.times,

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from surgery.errors import SurgeryError
 from surgery.ln_tune.sentiment import SOURCES, labelled_split
-from surgery.paths import cache_dir
+from surgery.models.paths import cache_dir
 
 
 def resolve_model_dir(name: str) -> str:
@@ -85,7 +85,7 @@ class SentimentData(L.LightningDataModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from surgery.loading import load_tokenizer
+            from surgery.models.loading import load_tokenizer
 
             self._tokenizer = load_tokenizer(resolve_model_dir(self.tokenizer_spec))
         return self._tokenizer

@@ -15,12 +15,12 @@ import torch
 from surgery.data.corpus import Corpus
 from surgery.data.datamodule import TokenBlocks
 from surgery.errors import SurgeryError
-from surgery.evaluate import cross_entropy
+from surgery.eval.loss import cross_entropy
 from surgery.ln_tune.fisher import fisher_scores, next_token_log_likelihood
 from surgery.ln_tune.mask import EntryMask
 from surgery.ln_tune.params import ln_parameters, norm_modules
 from surgery.ln_tune.tune import LNTuneConfig, export, ln_tune, trainable_parameters
-from surgery.lm import CausalLM
+from surgery.training.lm import CausalLM
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class LNTuneLM(CausalLM):
         opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=hp.lr,
                                 betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        from surgery.lm import cosine_with_warmup
+        from surgery.training.lm import cosine_with_warmup
 
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: cosine_with_warmup(s, hp.warmup_steps, int(total), hp.min_lr_ratio))

@@ -89,7 +89,7 @@ class EntryMask:
     def load(cls, path: str | Path) -> EntryMask:
         if not Path(path).exists():
             raise SurgeryError(f"mask file {str(path)!r} does not exist")
-        from surgery.loading import check_safetensors
+        from surgery.models.loading import check_safetensors
 
         try:
             check_safetensors(Path(path))

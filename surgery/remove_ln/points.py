@@ -40,7 +40,7 @@ def _as_norm(module: nn.Module, path: str, fam: Family) -> nn.Module:
 
 def _refuse_fixed_norms(model: nn.Module) -> None:
     """A norm already neutralised (an LN-free model, ours or a published one) has nothing left to remove."""
-    from surgery.ln_free import scan_norms
+    from surgery.models.ln_free import scan_norms
 
     if any(isinstance(m, (SwitchableLayerNorm, AttnInputNorms)) for m in model.modules()):
         return  # `_as_norm` names the prepared module

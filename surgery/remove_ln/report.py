@@ -8,7 +8,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from surgery.evaluate import cross_entropy
+from surgery.eval.loss import cross_entropy
 from surgery.remove_ln.points import token_context
 
 

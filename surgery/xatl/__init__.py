@@ -8,7 +8,7 @@ with transformers' Auto classes.
 """
 
 from surgery.xatl.mixers import MIXERS, build_mixer
-from surgery.xatl.model import (HYBRID_CONFIGS, HYBRID_MODELS, HybridGPT2Config, HybridGPT2LMHeadModel,
+from surgery.xatl.hybrid.model import (HYBRID_CONFIGS, HYBRID_MODELS, HybridGPT2Config, HybridGPT2LMHeadModel,
                                 hybrid_config_from, hybrid_model)
 
 __all__ = ["MIXERS", "build_mixer", "HYBRID_CONFIGS", "HYBRID_MODELS", "HybridGPT2Config", "HybridGPT2LMHeadModel",

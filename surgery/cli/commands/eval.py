@@ -1,0 +1,123 @@
+"""`surgery eval MODEL --data SOURCE`: held-out cross-entropy (nats/token) and perplexity; `--tasks a,b`: standard
+benchmarks through lm-evaluation-harness (`surgery.eval.harness`), alone or beside the cross-entropy (with `--data`).
+
+The result says what the model's norms do (`norms`: "LN-free", "with LN", or, for a Lightning checkpoint of a
+LayerNorm removal in progress, "partly LN-free"), measured by `surgery.models.ln_free.scan_norms`; a published model
+that is only partly converted is refused with the names of the norms that still normalize.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from surgery.errors import SurgeryError
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="model directory (save_pretrained), .ckpt, or Hub name")
+    parser.add_argument("--data", default=None, help="held-out cross-entropy on 'stdlib' (the default without --tasks), a "
+                        "local .txt/.jsonl/.parquet path, or a Hub dataset")
+    parser.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (hellaswag,piqa,..., from the Hub; "
+                        "stdlib_next_line offline; or tasks of --include-path), run through lm-evaluation-harness")
+    parser.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                        help="a folder of lm-eval task YAMLs (repeatable)")
+    parser.add_argument("--limit", type=int, default=None, help="lm-eval: evaluate only the first N docs of each task")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: examples in each prompt (default: "
+                        "each task's own)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's own; for a .ckpt, the one its run "
+                        "recorded: <run>/model, else the run's data.tokenizer or starting model)")
+    parser.add_argument("--block-size", type=int, default=256, help="tokens per evaluated block")
+    parser.add_argument("--batch-size", type=int, default=16, help="blocks (or lm-eval requests) per forward pass")
+    parser.add_argument("--max-blocks", type=int, default=None, help="evaluate only the first N validation blocks")
+    parser.add_argument("--json", type=Path, default=None, help="also write the result to this JSON file")
+
+
+def check_arguments(args) -> None:
+    if args.block_size < 2:
+        raise SurgeryError(f"--block-size {args.block_size}: a block needs at least 2 tokens (each token is predicted from "
+                           "the ones before it); pass 2 or more, e.g. 256")
+    if args.batch_size < 1:
+        raise SurgeryError(f"--batch-size {args.batch_size}: pass a positive number of blocks per batch")
+    if args.max_blocks is not None and args.max_blocks < 1:
+        raise SurgeryError(f"--max-blocks {args.max_blocks}: evaluate at least one block, or omit --max-blocks for the "
+                           "whole validation split")
+    if args.tasks is not None and not [t for t in args.tasks.split(",") if t.strip()]:
+        raise SurgeryError(f"--tasks {args.tasks!r}: name at least one task, e.g. --tasks stdlib_next_line")
+    if args.include_path and args.tasks is None:
+        raise SurgeryError("--include-path names folders of lm-eval tasks: pass --tasks with the tasks to run from them")
+    if args.limit is not None and args.limit < 1:
+        raise SurgeryError(f"--limit {args.limit}: evaluate at least one doc per task, or omit --limit for all of them")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise SurgeryError(f"--num-fewshot {args.num_fewshot}: pass 0 or more examples per prompt")
+    from surgery.eval.harness import check_include_paths
+
+    check_include_paths(args.include_path)
+
+
+def run(args) -> int:
+    from surgery.models.ln_free import check_consistent, scan_norms
+    from surgery.models.loading import load_causal_lm
+
+    check_arguments(args)
+    if args.data is None and args.tasks is None:
+        args.data = "stdlib"
+    model = load_causal_lm(args.model)
+    scan = scan_norms(model)
+    check_consistent(model, scan)  # a removal checkpoint may be part-way; an exported model may not
+    result = {"model": args.model, "norms": scan.kind()}
+    if args.data is not None:
+        result.update(held_out_loss(model, args, scan.kind()))
+    if args.tasks is not None:
+        result["lm_eval"] = benchmarks(model, args, scan.kind())
+    print(json.dumps(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def held_out_loss(model, args, kind: str) -> dict:
+    """Cross-entropy on the validation split of --data, printed as a table; {"data", "block_size", "loss", ...}."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from surgery.data import TokenBlocks
+    from surgery.eval.loss import cross_entropy
+
+    positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and args.block_size > positions:
+        raise SurgeryError(f"--block-size {args.block_size}: the model has only {positions} positions; pass --block-size "
+                           f"{positions} or less")
+    data = TokenBlocks(args.data, args.tokenizer or args.model, args.block_size, args.batch_size, max_val_blocks=args.max_blocks)
+    result = {"data": args.data, "block_size": args.block_size}
+    result.update(cross_entropy(model, data.split("validation"), args.batch_size, progress=True))
+    table = Table(title=f"{args.model} ({kind}) on {args.data} (validation split)")
+    for col in ("cross-entropy (nats/token)", "perplexity", "tokens"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{result['loss']:.4f}", f"{result['perplexity']:.3f}", str(result["tokens"]))
+    Console().print(table)
+    return result
+
+
+def benchmarks(model, args, kind: str) -> dict:
+    """lm-eval's tasks of --tasks (`surgery.eval.harness.run_tasks`), printed as a table of task, metric, value ± stderr."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from surgery.data.tokenizer import get_tokenizer
+    from surgery.eval.harness import run_tasks
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    result = run_tasks(model, get_tokenizer(args.tokenizer or args.model), names, args.include_path, args.batch_size,
+                       args.limit, args.num_fewshot)
+    table = Table(title=f"{args.model} ({kind}): lm-eval {result['version']}")
+    for col, justify in (("task", "left"), ("metric", "left"), ("value", "right"), ("± stderr", "right"), ("docs", "right")):
+        table.add_column(col, justify=justify)
+    for task, rows in result["tasks"].items():
+        for metric, v in rows.items():
+            value = f"{v['value']:.4f}" if isinstance(v["value"], (int, float)) else str(v["value"])
+            stderr = f"{v['stderr']:.4f}" if v["stderr"] is not None else ""
+            table.add_row(task, metric, value, stderr, str(result["n_samples"].get(task, "")))
+    Console().print(table)
+    return result
