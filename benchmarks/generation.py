@@ -9,7 +9,7 @@ Speed is given as a ratio to attention at the same L, measured in the same run (
 
     rows = run_benchmark(contexts=[256, 1024])   # list of dicts; table(rows) -> Markdown; plot(rows, path)
 
-The script benchmarks/xatl_generation.py runs it from the command line and writes JSON, Markdown and a PNG.
+`python -m benchmarks.xatl_generation` runs it from the command line and writes JSON, Markdown and a PNG.
 """
 
 from __future__ import annotations

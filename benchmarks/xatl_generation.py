@@ -1,6 +1,6 @@
 """Generation cost per token against context length: GPT-2 attention vs the linear-cost mixers (XATL hybrids).
 
-    OMP_NUM_THREADS=1 python benchmarks/xatl_generation.py [--out runs/xatl/generation] [--contexts 256 512 1024 2048 4096]
+    OMP_NUM_THREADS=1 python -m benchmarks.xatl_generation [--out runs/xatl/generation] [--contexts 256 512 1024 2048 4096]
 
 Same width, depth, heads and vocabulary for every model; the KV cache (attention) or the recurrent state
 (mixers) is filled with an L-token prompt, then tokens are decoded one at a time: the fastest step is the

@@ -1,10 +1,55 @@
 """surgery: architecture surgery for transformer language models.
 
-Importing the package registers the hybrid model types (`hybrid_gpt2`, `hybrid_gpt_neox`, `hybrid_llama`, ...)
-with transformers' Auto classes, so
-`AutoModelForCausalLM.from_pretrained` loads a saved hybrid after a plain `import surgery`.
+`import surgery` is cheap (no torch, no transformers). The hybrid model types (`hybrid_gpt2`, `hybrid_gpt_neox`,
+`hybrid_llama`, ...) are registered with transformers' Auto classes as soon as transformers itself is imported
+(at once, if it already is), so `AutoModelForCausalLM.from_pretrained` loads a saved hybrid after a plain
+`import surgery`, and no one who never touches transformers pays for the hybrid classes.
 """
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+import warnings
 
 __version__ = "0.1.0"
 
-import surgery.xatl.hybrid.model  # noqa: E402,F401  (registration with the Auto classes)
+HYBRIDS_MODULE = "surgery.xatl.hybrid.model"  # importing it registers the hybrid types with the Auto classes
+
+
+def register_hybrids() -> None:
+    """Register the hybrid model types with transformers' Auto classes (idempotent; imports torch and transformers)."""
+    importlib.import_module(HYBRIDS_MODULE)
+
+
+class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
+    """Runs `register_hybrids` right after the `transformers` package has been executed, once."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "transformers":
+            return None
+        sys.meta_path.remove(self)  # find the real spec below this finder, and never fire twice
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            if any(name.startswith("surgery.xatl") for name in sys.modules):
+                return  # transformers was imported on the way to the hybrids' module, which registers them itself
+            try:
+                register_hybrids()
+            except Exception as err:  # a broken optional piece must not break `import transformers`
+                warnings.warn(f"surgery could not register its hybrid model types with transformers: {err!r}",
+                              stacklevel=2)
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+if "transformers" in sys.modules:
+    register_hybrids()
+elif not any(isinstance(f, _RegisterAfterTransformers) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterTransformers())

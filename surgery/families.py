@@ -2,15 +2,21 @@
 
 A `Family` says where a model keeps its blocks, norms, attention and MLP projections, embeddings and head;
 how the attention input projection(s) are laid out; which kind of norm it uses; whether attention and MLP
-read the same residual stream (parallel residual); and which config field holds the norms' epsilon. Every
-surgery (LN removal, its export, the TransformerLens conversion, XATL transfer, LN-tuning) reads module
-locations and layouts from here, so adding a family is one more `Family` entry, not an edit to each surgery.
+read the same residual stream (parallel residual); which config fields hold the norms' epsilon, the context
+length, the MLP width, the activation and the rotary settings; its transformers class; and the name under which
+its decoder layer hands the cache to attention. Every surgery (LN removal, its export, the TransformerLens
+conversion, XATL transfer, LN-tuning) reads these facts from here, so adding a family is one more `Family`
+entry, not an edit to each surgery.
+
+Norm modules are recognised here too (`is_norm`, `norm_kind`, `norm_eps`): torch's nn.LayerNorm and nn.RMSNorm,
+transformers' *LayerNorm and *RMSNorm classes (by class name: they share no base class), and modules that declare
+their kind with a `norm_kind` attribute ("layernorm" or "rmsnorm"; `surgery.remove_ln`'s SwitchableLayerNorm).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -21,6 +27,16 @@ QKVLayout = Literal["fused", "fused_per_head", "separate"]
 # fused:          one projection, output [q | k | v] (GPT-2's Conv1D c_attn)
 # fused_per_head: one projection, output per head [q, k, v] x heads (GPT-NeoX's query_key_value)
 # separate:       q, k and v projections, k and v with n_kv_heads (grouped-query attention; Llama)
+NormKind = Literal["layernorm", "rmsnorm"]  # layernorm centers and has a bias; rmsnorm neither
+
+
+class Rotary(NamedTuple):
+    """A rotary family's position settings: `kind` (transformers' rope_type, "default" for plain RoPE), the
+    `fraction` of each head's features rotated, and the `base` of the rotation frequencies."""
+
+    kind: str
+    fraction: float
+    base: float
 
 
 @dataclass(frozen=True)
@@ -43,13 +59,67 @@ class Family:
     tok_emb: str
     pos_emb: str | None  # learned positions; None for rotary families
     lm_head: str
-    norm_kind: Literal["layernorm", "rmsnorm"]  # layernorm centers and has a bias; rmsnorm neither
+    norm_kind: NormKind
     eps_key: str  # the config field holding every norm's epsilon
+    hf_architecture: str  # the transformers causal-LM class (TransformerLens' `original_architecture`)
+    context_key: str  # the config field holding the number of positions
+    mlp_width_key: str  # the config field holding the MLP's hidden width (None there: 4 * hidden_size)
+    activation_key: str  # the config field naming the MLP activation (transformers' name, e.g. "gelu_new")
     parallel_residual_key: str | None = None  # config field; None: attention and MLP always in sequence
+    hybrid: bool = False  # an XATL hybrid of the family: mixers in place of attention in some layers
+    # Rotary families: the config fields transformers 4.x kept the rotated fraction and the base in (5.x keeps
+    # both in `config.rope_parameters`, read first); None for a family with learned positions.
+    rotary_fraction_key: str | None = None
+    rotary_base_key: str | None = None
+    sliding_window_key: str | None = None  # config field of a sliding attention window, where the family has one
+    # Config flags that change attention's 1/sqrt(d_head) scaling, each with the value that keeps it.
+    attn_scale_flags: tuple[tuple[str, bool], ...] = ()
+    # The argument under which a decoder layer hands the cache to its attention module; None: the name transformers
+    # uses for the model's own cache argument (`cache` from 5.24, `past_key_values` before).
+    layer_cache_arg: str | None = None
 
     def parallel_residual(self, config) -> bool:
         """Whether the MLP reads the block's input (as attention does) instead of the stream after attention."""
         return bool(self.parallel_residual_key and getattr(config, self.parallel_residual_key, False))
+
+    def context_length(self, config) -> int:
+        """Positions a model of this family can attend over (GPT-2's n_positions, else max_position_embeddings)."""
+        return getattr(config, self.context_key)
+
+    def attention_span(self, config) -> int:
+        """Positions one query attends over: the context length, capped by a sliding window where the config uses one
+        (within the window, sliding-window attention is plain causal attention)."""
+        n_ctx = self.context_length(config)
+        window = getattr(config, self.sliding_window_key, None) if self.sliding_window_key else None
+        if window and getattr(config, "use_sliding_window", True):  # Qwen2 switches its window on and off
+            n_ctx = min(n_ctx, window)
+        return n_ctx
+
+    def mlp_width(self, config) -> int:
+        """The MLP's hidden width (GPT-2's `n_inner` may be None: then 4 * hidden_size)."""
+        return getattr(config, self.mlp_width_key, None) or 4 * config.hidden_size
+
+    def activation(self, config) -> str | None:
+        """transformers' name of the MLP activation ("gelu_new", "gelu", "silu", ...)."""
+        return getattr(config, self.activation_key, None)
+
+    def rotary(self, config) -> Rotary | None:
+        """The rotary settings of a model of this family (transformers 5.x `rope_parameters`, 4.x `rope_scaling`
+        and the family's own fields); None for a family with learned positions."""
+        if self.pos_emb:
+            return None
+        def field(key: str | None, default: float) -> float:
+            return getattr(config, key, default) if key else default
+
+        params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+        kind = params.get("rope_type", params.get("type", "default"))
+        base = params.get("rope_theta", field(self.rotary_base_key, 10000.0))
+        fraction = params.get("partial_rotary_factor", field(self.rotary_fraction_key, 1.0))
+        return Rotary(kind, float(fraction), float(base))
+
+    def standard_attn_scale(self, config) -> bool:
+        """Whether attention scores are scaled by 1/sqrt(d_head) and nothing else (GPT-2 has flags for others)."""
+        return all(bool(getattr(config, key, keep)) == keep for key, keep in self.attn_scale_flags)
 
     def value_outputs(self, config) -> torch.Tensor:
         """For a fused Q/K/V projection: a bool mask over its outputs, True where an output is a value feature."""
@@ -80,6 +150,11 @@ GPT2 = Family(
     lm_head="lm_head",
     norm_kind="layernorm",
     eps_key="layer_norm_epsilon",
+    hf_architecture="GPT2LMHeadModel",
+    context_key="n_positions",
+    mlp_width_key="n_inner",
+    activation_key="activation_function",
+    attn_scale_flags=(("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)),
 )
 
 GPT_NEOX = Family(
@@ -101,7 +176,14 @@ GPT_NEOX = Family(
     lm_head="lm_head",  # `embed_out` in checkpoints; transformers >= 5.17 loads it as lm_head
     norm_kind="layernorm",
     eps_key="layer_norm_eps",
+    hf_architecture="GPTNeoXForCausalLM",
+    context_key="max_position_embeddings",
+    mlp_width_key="intermediate_size",
+    activation_key="hidden_act",
     parallel_residual_key="use_parallel_residual",
+    rotary_fraction_key="rotary_pct",
+    rotary_base_key="rotary_emb_base",
+    layer_cache_arg="layer_past",
 )
 
 LLAMA = Family(
@@ -123,9 +205,27 @@ LLAMA = Family(
     lm_head="lm_head",
     norm_kind="rmsnorm",
     eps_key="rms_norm_eps",
+    hf_architecture="LlamaForCausalLM",  # also for qwen2 and mistral: the same computation
+    context_key="max_position_embeddings",
+    mlp_width_key="intermediate_size",
+    activation_key="hidden_act",
+    rotary_fraction_key="partial_rotary_factor",
+    rotary_base_key="rope_theta",
+    sliding_window_key="sliding_window",  # mistral, qwen2
 )
 
+HYBRID_PREFIX = "hybrid_"
+
+
+def hybrid_of(family: Family) -> Family:
+    """The XATL hybrid of a family (`surgery.xatl.hybrid`): the same module layout under `hybrid_<model type>`, so
+    every surgery finds a hybrid's norms, MLPs and kept attention layers where the source family keeps them."""
+    return replace(family, name=HYBRID_PREFIX + family.name, hybrid=True,
+                   model_types=tuple(HYBRID_PREFIX + t for t in family.model_types))
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, GPT_NEOX, LLAMA)}
+FAMILIES.update({hybrid_of(f).name: hybrid_of(f) for f in list(FAMILIES.values())})
 
 # Model types that look like a supported family but are not, with what stands in the way.
 UNSUPPORTED = {
@@ -134,19 +234,76 @@ UNSUPPORTED = {
 }
 
 
+def _described_family(config) -> Family | None:
+    model_type = getattr(config, "model_type", None)
+    return next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+
+
 def family_of(model: nn.Module) -> Family:
     """The family of a Hugging Face model (or config), from its `model_type`."""
     config = getattr(model, "config", model)
+    family = _described_family(config)
+    if family is not None:
+        return family
     model_type = getattr(config, "model_type", None)
-    for family in FAMILIES.values():
-        if model_type in family.model_types:
-            return family
-    known = sorted(t for f in FAMILIES.values() for t in f.model_types if not t.startswith("hybrid_"))
+    known = sorted(t for f in FAMILIES.values() for t in f.model_types if not f.hybrid)
     why = f": {UNSUPPORTED[model_type]}" if model_type in UNSUPPORTED else ""
     raise SurgeryError(
         f"model type {model_type!r} is not supported{why} (supported: {', '.join(known)} and their XATL hybrids); "
         "add a Family entry in surgery/families.py to support another family"
     )
+
+
+def context_length_of(model_or_config) -> int | None:
+    """Positions a model attends over: its family's `Family.context_length`; for a model of no described family
+    (BERT, say), the first of the families' context fields its config has; None when it has none."""
+    config = getattr(model_or_config, "config", model_or_config)
+    family = _described_family(config)
+    keys = (family.context_key,) if family else tuple(dict.fromkeys(f.context_key for f in FAMILIES.values()))
+    return next((value for key in keys if (value := getattr(config, key, None))), None)
+
+
+NORM_CLASS_SUFFIXES: dict[str, NormKind] = {"RMSNorm": "rmsnorm", "LayerNorm": "layernorm"}  # transformers' classes
+EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon")  # torch's norms and ours; transformers' RMSNorms; others
+
+
+def norm_kind(module: nn.Module) -> NormKind | None:
+    """The kind of a norm module, "layernorm" or "rmsnorm"; None for any other module. A module that declares its
+    kind (a `norm_kind` attribute, as SwitchableLayerNorm does) has that kind; otherwise torch's classes (GPT-2's,
+    GPT-NeoX's and BERT's LayerNorms are nn.LayerNorm) and transformers' *LayerNorm / *RMSNorm classes by name."""
+    declared = getattr(module, "norm_kind", None)
+    if isinstance(declared, str) and declared in ("layernorm", "rmsnorm"):
+        return declared
+    if isinstance(module, nn.RMSNorm):
+        return "rmsnorm"
+    if isinstance(module, nn.LayerNorm):
+        return "layernorm"
+    name = type(module).__name__
+    return next((kind for suffix, kind in NORM_CLASS_SUFFIXES.items() if name.endswith(suffix)), None)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Whether `module` is a norm (LayerNorm or RMSNorm, torch's, transformers' or ours; see `norm_kind`)."""
+    return norm_kind(module) is not None
+
+
+def norm_eps(module: nn.Module) -> float | None:
+    """A norm module's epsilon (`eps` of torch's norms and ours, `variance_epsilon` of transformers' RMSNorms); None
+    where it has none (nn.RMSNorm's default eps=None: the machine epsilon of its input's dtype)."""
+    for name in EPS_ATTRIBUTES:
+        value = getattr(module, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def set_norm_eps(module: nn.Module, eps: float) -> None:
+    """Set a norm module's epsilon in whichever attribute of `EPS_ATTRIBUTES` it keeps it."""
+    name = next((n for n in EPS_ATTRIBUTES if isinstance(getattr(module, n, None), (int, float))), None)
+    if name is None:
+        raise SurgeryError(f"cannot set the epsilon of a {type(module).__name__}: "
+                           f"it has none of {', '.join(EPS_ATTRIBUTES)}")
+    setattr(module, name, eps)
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:

@@ -12,7 +12,6 @@ from benchmarks import measure, mixer_cost, removal_cost, report
 from benchmarks import bench
 from surgery.errors import SurgeryError
 
-torch.set_num_threads(1)
 
 
 def test_interleaved_alternates_order_and_ratio_is_median_of_pairs():

@@ -7,7 +7,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from benchmarks import gpu_cost
 
-torch.set_num_threads(1)
 CPU = torch.device("cpu")
 
 
@@ -54,7 +53,7 @@ def test_kernel_rows_compare_the_same_model_with_and_without_kernels():
 def test_torch_paths_only_hides_the_kernels_inside_the_block(monkeypatch):
     from types import SimpleNamespace
 
-    from surgery.xatl import kernels
+    from surgery.xatl.mixers import kernels
 
     monkeypatch.setattr(kernels, "_load", lambda module, name: "kernel")
     on_gpu = SimpleNamespace(is_cuda=True)

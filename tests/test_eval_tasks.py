@@ -18,7 +18,6 @@ from surgery.eval.tasks import TASK, next_line_docs, stdlib_next_line
 from surgery.models.loading import load_causal_lm, load_tokenizer
 from surgery.models.shipped import resolve_shipped
 
-torch.set_num_threads(1)
 GPT2 = resolve_shipped("checkpoints/tiny-gpt2-stdlib")
 LLAMA = resolve_shipped("checkpoints/tiny-llama-stdlib")
 N_DOCS = 32

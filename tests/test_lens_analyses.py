@@ -29,7 +29,7 @@ from surgery.lens.analyses import (
     output_stats,
     select_entropy_neurons,
 )
-from tests.remove_ln_models import tiny_model
+from remove_ln_models import tiny_model
 
 
 def test_entropy_and_ece_by_hand():

@@ -26,7 +26,7 @@ from surgery.lens import has_normalization, load_hooked, tl_config, tl_state_dic
 from surgery.lens.checks import dla_check, residual_components, verify_ln_free
 from surgery.remove_ln.export import export_ln_free
 from surgery.remove_ln.points import prepare_for_removal, token_context
-from tests.remove_ln_models import tiny_model
+from remove_ln_models import tiny_model
 
 KINDS = ["neox", "neox_seq", "llama"]
 SCALE, EPS = 1e6, 1e12

@@ -15,8 +15,8 @@ import torch
 from surgery.errors import SurgeryError
 from surgery.lens import hooked_config_and_weights
 from surgery.lens.hooked import BUFFERS, transformer_lens_major
-from tests.remove_ln_models import tiny_model
-from tests.test_lens_families import exported
+from remove_ln_models import tiny_model
+from test_lens_families import exported
 
 TL3 = transformer_lens_major() < 4
 needs_tl3 = pytest.mark.skipif(not TL3, reason="HookedTransformer exists only in TransformerLens 3.x (bash .ci/tl3)")

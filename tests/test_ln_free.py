@@ -32,7 +32,6 @@ SCALE, EPS = 1e6, 1e12
 ARGS = ["--block-size", "64", "--seg-len", "16", "--prompts", "4", "--val-blocks", "4", "--dla-blocks", "2"]
 NORMS = [f"transformer.h.{i}.{n}" for i in range(4) for n in ("ln_1", "ln_2")] + ["transformer.ln_f"]
 
-torch.set_num_threads(1)
 
 
 def original():

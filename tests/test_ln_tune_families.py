@@ -17,7 +17,7 @@ from surgery.errors import SurgeryError
 from surgery.ln_tune import EntryMask, LNTuneConfig, export, fisher_scores, ln_parameters, ln_tune, peft_ln_tuning
 from surgery.ln_tune import next_token_log_likelihood, trainable_parameters
 from surgery.ln_tune.methods import prepare
-from tests.remove_ln_models import FAMILY_CONFIGS, tiny_model
+from remove_ln_models import FAMILY_CONFIGS, tiny_model
 
 KINDS = ["neox", "neox_seq", "llama"]
 D, N_NORMS = 32, 5  # hidden size of the tiny models; 2 layers x 2 norms + the final norm

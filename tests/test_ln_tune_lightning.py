@@ -16,7 +16,7 @@ from surgery.errors import SurgeryError
 from surgery.ln_tune import EntryMask, ln_parameters
 from surgery.ln_tune.lm import LNTuneLM, StdlibPartCorpus
 from ln_tune_models import tiny_gpt2
-from tests.remove_ln_models import tiny_model
+from remove_ln_models import tiny_model
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "ln_tune"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]

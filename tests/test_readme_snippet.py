@@ -21,7 +21,7 @@ def test_first_readme_snippet_runs_and_removes_every_norm(tmp_path, monkeypatch)
         exec(compile(snippet, "README.md", "exec"), scope)
     finally:
         torch.set_num_threads(threads)
-    from surgery.remove_ln.export import is_ln_free
+    from surgery.remove_ln.export import marked_ln_free
 
     assert all(ln.is_fake for ln in scope["points"].values()) and len(scope["removal"].removed) == 13
-    assert is_ln_free(scope["ln_free"])
+    assert marked_ln_free(scope["ln_free"])

@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from surgery.errors import SurgeryError
-from surgery.remove_ln.export import SCALE, export_ln_free, is_ln_free
-from tests.remove_ln_models import all_fake, tiny_gpt2
+from surgery.remove_ln.export import SCALE, export_ln_free, marked_ln_free
+from remove_ln_models import all_fake, tiny_gpt2
 from surgery.remove_ln.points import prepare_for_removal
 
 
@@ -21,7 +21,7 @@ def test_export_logits_equal_the_fake_ln_model(tmp_path):
     exported = export_ln_free(model)
     logits = exported(ids).logits
     assert ((logits - reference).abs().max() / reference.abs().max()) < 1e-4
-    assert is_ln_free(exported) and not is_ln_free(tiny_gpt2())
+    assert marked_ln_free(exported) and not marked_ln_free(tiny_gpt2())
     exported.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # plain transformers, no surgery code
     assert reloaded.config.surgery_ln_free == {"scale": SCALE}
@@ -61,7 +61,7 @@ def test_export_refuses_real_or_special_norms():
     with pytest.raises(SurgeryError, match="special"):
         export_ln_free(model)
     points["ln_f"].drop_specials(first=True)
-    assert is_ln_free(export_ln_free(model))
+    assert marked_ln_free(export_ln_free(model))
 
 
 def test_export_of_an_unprepared_model_is_refused():

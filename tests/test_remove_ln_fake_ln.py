@@ -10,7 +10,7 @@ from surgery.families import GPT2, GPT_NEOX
 from surgery.remove_ln.fake_ln import SwitchableLayerNorm, TokenContext, per_token_std
 from surgery.remove_ln.points import find_points, prepare_for_removal, token_context
 from surgery.remove_ln.split_input import AttnInputNorms, SplitQKVInput
-from tests.remove_ln_models import tiny_gpt2, tiny_model
+from remove_ln_models import tiny_gpt2, tiny_model
 
 
 def gpt2_split(model, block, qk, v) -> SplitQKVInput:

@@ -14,7 +14,7 @@ from surgery.families import family_of, get_module
 from surgery.remove_ln.export import export_ln_free
 from surgery.remove_ln.points import prepare_for_removal, token_context
 from surgery.remove_ln.split_input import AttnInputNorms
-from tests.remove_ln_models import FAMILY_CONFIGS, tiny_model
+from remove_ln_models import FAMILY_CONFIGS, tiny_model
 
 KINDS = list(FAMILY_CONFIGS)
 
@@ -142,7 +142,7 @@ def test_a_removal_schedule_naming_blocks_the_model_lacks_is_refused():
 
 
 def test_a_hybrid_with_mixer_layers_is_refused_naming_the_missing_projection():
-    from tests.xatl_models import source_and_hybrid
+    from xatl_models import source_and_hybrid
 
     _, hybrid = source_and_hybrid("llama", "gla", attn_layers=[1])
     with pytest.raises(SurgeryError, match=r"model.layers.0 has no attention input projection self_attn.q_proj \(a hybrid's mixer layer\?\)"):

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from surgery.cli.entry import main
-from surgery.remove_ln.export import is_ln_free
-from tests.reliability_setup import fit_args, write_setup
+from surgery.remove_ln.export import marked_ln_free
+from reliability_setup import fit_args, write_setup
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_export_command_rebuilds_the_run_model_from_its_checkpoint(finished_run,
     out = tmp_path / "exported"
     assert main(["export", str(run / "checkpoints" / "last.ckpt"), "--out", str(out)]) == 0
     ours, theirs = AutoModelForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(run / "model")
-    assert is_ln_free(ours) and (out / "tokenizer.json").exists()
+    assert marked_ln_free(ours) and (out / "tokenizer.json").exists()
     ids = torch.randint(0, 4096, (2, 32))
     assert torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-5)
     assert main(["export", str(run / "checkpoints" / "last.ckpt"), "--out", str(out)]) == 2  # never overwrites

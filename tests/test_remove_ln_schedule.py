@@ -6,7 +6,7 @@ import torch
 from surgery.errors import SurgeryError
 from surgery.remove_ln.points import find_points, prepare_for_removal
 from surgery.remove_ln.schedule import RemovalCallback, RemovalSchedule
-from tests.remove_ln_models import tiny_gpt2
+from remove_ln_models import tiny_gpt2
 
 
 def test_gaps_order_the_kinds_block_by_block():

@@ -12,7 +12,7 @@ import torch
 
 from surgery.errors import SurgeryError
 from surgery.cli.lightning_cli import RunCheckpoint
-from surgery.training.resume import AtomicCheckpointIO, choose_checkpoint, plain, read_checkpoint
+from surgery.training.resume import AtomicCheckpointIO, choose_checkpoint, plain, read_training_checkpoint
 
 KILL_MID_WRITE = """
 import io, os, signal, sys, torch
@@ -42,7 +42,7 @@ def test_kill_mid_write_keeps_the_previous_checkpoint(tmp_path):
     assert done.returncode == -9, done.stderr[-2000:]
     [partial] = list(last.parent.glob(".last.ckpt.*.tmp"))  # the cut-short write, under a name never resumed
     assert 0 < partial.stat().st_size < last.stat().st_size
-    ckpt = read_checkpoint(last)
+    ckpt = read_training_checkpoint(last)
     assert ckpt["global_step"] == 1 and float(ckpt["state_dict"]["w"][0]) == 1.0
     assert choose_checkpoint(tmp_path / "run", None, auto_resume=True, overwrite=False) == str(last)
     assert not partial.exists()  # cleaned up when the run restarts
@@ -53,7 +53,7 @@ def test_a_plain_write_cut_short_is_refused(tmp_path):
     torch.save(training_checkpoint(1), path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # what a non-atomic writer leaves after a kill
     with pytest.raises(SurgeryError, match="is truncated or corrupt and cannot be resumed"):
-        read_checkpoint(path)
+        read_training_checkpoint(path)
 
 
 def test_what_a_run_directory_resumes_from(tmp_path):

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from surgery.errors import SurgeryError
+from surgery.cli import main
 from surgery.cli.commands.compare import plot, steps_to_match, summarize, val_curve
 
 
@@ -54,38 +55,36 @@ RECIPE = "recipes/xatl/quickstart-mamba.yaml"  # max_steps 300, val_check_interv
 
 
 def test_fewer_steps_than_the_validation_interval_is_refused_before_training(tmp_path, monkeypatch, capsys):
-    from surgery.cli.commands.compare import main
-
     calls = fake_arms(monkeypatch, 25, 10)
-    assert main([RECIPE, "--out", str(tmp_path / "c"), "--steps", "10"]) == 2
+    assert main(["compare", RECIPE, "--out", str(tmp_path / "c"), "--steps", "10"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "compare: error: 10 steps is fewer than trainer.val_check_interval=25: no validation loss would be logged to "
+        "surgery compare: error: 10 steps is fewer than trainer.val_check_interval=25: no validation loss would be logged to "
         "compare. Use --steps 25 or more, or add -- --trainer.val_check_interval 2")
     assert calls == []
     # With the interval lowered it runs; an arm that logged no validation is named, not an IndexError.
     fake_arms(monkeypatch, 2, 10)
-    assert main([RECIPE, "--out", str(tmp_path / "c"), "--steps", "10", "--", "--trainer.val_check_interval", "2"]) == 0
+    assert main(["compare", RECIPE, "--out", str(tmp_path / "c"), "--steps", "10", "--", "--trainer.val_check_interval", "2"]) == 0
     assert json.loads((tmp_path / "c" / "metrics.json").read_text())["total_steps"] == 10
     fake_arms(monkeypatch, 25, 10)
-    assert main([RECIPE, "--out", str(tmp_path / "d"), "--steps", "10", "--", "--trainer.val_check_interval=20"]) == 2
-    assert "compare: error: 10 steps is fewer than trainer.val_check_interval=20" in capsys.readouterr().err
+    assert main(["compare", RECIPE, "--out", str(tmp_path / "d"), "--steps", "10", "--", "--trainer.val_check_interval=20"]) == 2
+    assert "surgery compare: error: 10 steps is fewer than trainer.val_check_interval=20" in capsys.readouterr().err
     fake_arms(monkeypatch, 25, 10)  # arms that logged no validation loss all the same (e.g. no validation data)
-    assert main([RECIPE, "--out", str(tmp_path / "e"), "--steps", "10", "--", "--trainer.val_check_interval", "2"]) == 2
+    assert main(["compare", RECIPE, "--out", str(tmp_path / "e"), "--steps", "10", "--", "--trainer.val_check_interval", "2"]) == 2
     assert f"no validation loss was logged in {tmp_path / 'e' / 'xatl'} (logs/metrics.csv)" in capsys.readouterr().err
 
 
 def test_a_rerun_with_other_steps_does_not_reuse_finished_arms(tmp_path, monkeypatch, capsys):
-    from surgery.cli.commands.compare import main, train_arm
+    from surgery.cli.commands.compare import train_arm
 
     fake_arms(monkeypatch, 2, 10)
     out = tmp_path / "c"
-    assert main([RECIPE, "--out", str(out), "--steps", "10", "--", "--trainer.val_check_interval", "2"]) == 0
+    assert main(["compare", RECIPE, "--out", str(out), "--steps", "10", "--", "--trainer.val_check_interval", "2"]) == 0
     capsys.readouterr()
-    assert main([RECIPE, "--out", str(out), "--steps", "20", "--", "--trainer.val_check_interval", "2"]) == 2
+    assert main(["compare", RECIPE, "--out", str(out), "--steps", "20", "--", "--trainer.val_check_interval", "2"]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"compare: error: {out} holds a comparison made with other settings (steps: 10 -> 20): its arms would not be "
+        f"surgery compare: error: {out} holds a comparison made with other settings (steps: 10 -> 20): its arms would not be "
         f"comparable with this command's. Choose another --out, or delete {out} to redo it")
-    assert main([RECIPE, "--out", str(out), "--steps", "10", "--", "--trainer.val_check_interval", "5"]) == 2
+    assert main(["compare", RECIPE, "--out", str(out), "--steps", "10", "--", "--trainer.val_check_interval", "5"]) == 2
     assert 'overrides: ["--trainer.val_check_interval", "2"] -> ["--trainer.val_check_interval", "5"]' in capsys.readouterr().err
     (out / "xatl" / "metrics.json").write_text('{"steps": 10}')  # a directory from before command.json existed
     with pytest.raises(SurgeryError, match=f"{out / 'xatl'} finished 10 steps before, this comparison asks for 20: "
@@ -122,7 +121,7 @@ def test_the_scratch_arm_keeps_the_attention_layers_the_xatl_arm_chose(tmp_path,
     xatl.mkdir(parents=True)
     (xatl / "metrics.json").write_text(json.dumps({"steps": 10, "xatl": {"attn_layers": [2]}}))
     hybrid = "recipes/xatl/quickstart-gla-hybrid.yaml"  # attn_layers: auto
-    assert compare.main([hybrid, "--out", str(tmp_path / "c"), "--steps", "10", "--",
+    assert main(["compare", hybrid, "--out", str(tmp_path / "c"), "--steps", "10", "--",
                          "--trainer.val_check_interval", "2"]) == 0
     assert [name for name, _ in calls] == ["xatl", "scratch"]  # the XATL arm first: the scratch arm reads it
     args = calls[1][1]

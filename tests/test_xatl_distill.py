@@ -14,7 +14,6 @@ from surgery.xatl.hybrid.model import HybridGPT2LMHeadModel, hybrid_config_from
 from surgery.xatl.training.module import AlignStage, UnfreezeSchedule, XatlLM
 from surgery.xatl.transfer.weights import transfer_shared_weights
 
-torch.set_num_threads(1)
 
 
 def source() -> GPT2LMHeadModel:

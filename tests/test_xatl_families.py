@@ -10,9 +10,8 @@ from surgery.errors import SurgeryError
 from surgery.families import family_of, get_module
 from surgery.xatl import HYBRID_MODELS, hybrid_config_from
 from surgery.xatl.hybrid.cache import CACHE_ARG, CACHE_NAMES, HybridCache
-from tests.xatl_models import KINDS, attn, randomize_mixers, source_and_hybrid
+from xatl_models import KINDS, attn, randomize_mixers, source_and_hybrid
 
-torch.set_num_threads(1)
 MIXERS = ("mamba", "retention", "gla")
 SMALL_CHUNKS = {"mamba": {"chunk": 5}, "retention": {"chunk": 8}, "gla": {"chunk": 8}}
 

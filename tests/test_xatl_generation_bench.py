@@ -6,7 +6,6 @@ import torch
 
 from benchmarks.generation import build_models, run_benchmark, table, plot
 
-torch.set_num_threads(1)
 
 
 def test_rows_cache_sizes_and_outputs(tmp_path):

@@ -12,7 +12,6 @@ from surgery.errors import SurgeryError
 from surgery.xatl.mixers import MIXERS, build_mixer
 from surgery.xatl.mixers.scan import causal_conv1d, gla_chunked, gla_recurrent, selective_scan_chunked, selective_scan_sequential, window_attention
 
-torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize("T,chunk", [(37, None), (37, 8), (64, 16), (5, 64), (1, None)])

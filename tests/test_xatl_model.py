@@ -9,9 +9,8 @@ from surgery.errors import SurgeryError
 from surgery.families import family_of, norm_paths
 from surgery.xatl import HybridGPT2Config, HybridGPT2LMHeadModel
 from surgery.xatl.hybrid.cache import CACHE_ARG, CACHE_NAMES, HybridCache
-from tests.xatl_models import randomize_mixers
+from xatl_models import randomize_mixers
 
-torch.set_num_threads(1)
 
 
 def tiny(mixer: str, attn_layers=(), **kw) -> HybridGPT2LMHeadModel:

@@ -12,7 +12,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from surgery.errors import SurgeryError
 from surgery.xatl.training.module import UnfreezeSchedule, UnfreezeTransferred, XatlLM
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,9 @@ from surgery.families import family_of, get_module
 from surgery.xatl.training.align import AttentionAligner
 from surgery.xatl.transfer.weights import COMPONENTS
 from surgery.xatl.training.module import XatlLM
-from tests.remove_ln_models import tiny_model
-from tests.xatl_models import attn, source_and_hybrid
+from remove_ln_models import tiny_model
+from xatl_models import attn, source_and_hybrid
 
-torch.set_num_threads(1)
 FAMILY_KINDS = ("neox", "neox_seq", "llama")
 
 

@@ -8,7 +8,6 @@ from surgery.errors import SurgeryError
 from surgery.xatl import HybridGPT2LMHeadModel, hybrid_config_from
 from surgery.xatl.transfer.weights import COMPONENTS, transfer_shared_weights
 
-torch.set_num_threads(1)
 
 
 def gpt2(n_embd=32, n_layer=2, **kw) -> GPT2LMHeadModel:

@@ -10,10 +10,9 @@ from surgery.families import family_of, get_module
 from surgery.xatl import hybrid_config_from, hybrid_model
 from surgery.xatl.hybrid.cache import CACHE_ARG
 from surgery.xatl.transfer.weights import COMPONENTS, transfer_shared_weights
-from tests.remove_ln_models import tiny_model
-from tests.xatl_models import D, KINDS, attn, source_and_hybrid
+from remove_ln_models import tiny_model
+from xatl_models import D, KINDS, attn, source_and_hybrid
 
-torch.set_num_threads(1)
 
 
 def expected_qkv(src, kind: str, layer: int) -> dict[str, tuple]:

@@ -6,7 +6,7 @@ import torch
 
 from surgery.families import family_of, get_module
 from surgery.xatl import hybrid_config_from, hybrid_model
-from tests.remove_ln_models import tiny_model
+from remove_ln_models import tiny_model
 
 KINDS = ("gpt2", "neox", "neox_seq", "llama")  # neox: parallel residual; llama: 4 query heads, 2 KV heads
 D = 32  # width of every tiny model

@@ -1,8 +1,10 @@
 """The `surgery` entry point.
 
 `surgery fit|validate|test --config RECIPE.yaml` runs a recipe through Lightning's `LightningCLI`;
-the other subcommands (eval, export, verify, publish, bench) are plain argparse commands, each a
-module in `surgery.cli.commands` with `add_arguments(parser)` and `run(args) -> int`.
+the other subcommands (eval, export, verify, publish, compare) are plain argparse commands, each a
+module in `surgery.cli.commands` with `add_arguments(parser)` and `run(args) -> int`, imported only when called.
+Arguments after `--` reach a command as `args.overrides` (LightningCLI arguments, for `compare`); the others
+refuse them.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from surgery.errors import SurgeryError
 from surgery.training.guard import DivergenceGuard
 from surgery.cli.parse_errors import SurgeryArgumentParser
 from surgery.training.progress import StepProgressBar
-from surgery.training.resume import (AtomicCheckpointIO, check_resume_config, choose_checkpoint, plain, read_checkpoint, rng_state,
+from surgery.training.resume import (AtomicCheckpointIO, check_resume_config, choose_checkpoint, plain, read_training_checkpoint, rng_state,
                             set_rng_state)
 from surgery.training.run import ExportRun
 from surgery.training.validate import check_fit, check_trainer_config
@@ -137,7 +137,7 @@ class SurgeryCLI(LightningCLI):
         sub = self.config.get("subcommand")
         path = self.config[sub].get("ckpt_path") if sub else None
         if path and path not in ("last", "best", "hpc", "registry") and not str(path).startswith("registry:"):
-            read_checkpoint(path)
+            read_training_checkpoint(path)
         super()._parse_ckpt_path()
 
     def instantiate_classes(self) -> None:
@@ -185,7 +185,7 @@ class SurgeryCLI(LightningCLI):
         config["ckpt_path"] = choose_checkpoint(run_dir, config.get("ckpt_path"), ckpt.auto_resume, ckpt.overwrite)
         ckpt.run_config = plain(self.config["fit"].as_dict())
         if config["ckpt_path"] is not None:
-            check_resume_config(config["ckpt_path"], read_checkpoint(config["ckpt_path"]), ckpt.run_config,
+            check_resume_config(config["ckpt_path"], read_training_checkpoint(config["ckpt_path"]), ckpt.run_config,
                                 ckpt.accept_changes, run_dir)
             keep_earlier_log(run_dir / "logs")
         elif os.environ.get("LOCAL_RANK", "0") == "0":

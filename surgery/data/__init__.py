@@ -1,3 +1,6 @@
+"""Training and evaluation text: corpora (stdlib, Hub datasets, local files), tokenizers, and the Lightning data module
+that cuts them into token blocks."""
+
 from surgery.data.corpus import Corpus, load_documents
 from surgery.data.datamodule import TokenBlocks
 from surgery.data.tokenizer import get_tokenizer

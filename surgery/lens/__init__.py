@@ -9,16 +9,16 @@
 - `surgery.lens.report`: every check of one model, and the report of `surgery verify`.
 """
 
-from surgery.lens.convert import is_ln_free, norm_eps, tl_config, tl_state_dict
+from surgery.lens.convert import measured_ln_free, norm_eps, tl_config, tl_state_dict
 from surgery.lens.hooked import hooked_config_and_weights, transformer_lens_version
 from surgery.lens.load import has_normalization, load_hf, load_hooked
 
 __all__ = [
     "has_normalization",
     "hooked_config_and_weights",
-    "is_ln_free",
     "load_hf",
     "load_hooked",
+    "measured_ln_free",
     "norm_eps",
     "tl_config",
     "tl_state_dict",

@@ -141,15 +141,15 @@ def hf_scale_spread(hf_model, tokens: torch.Tensor) -> float:
     """Largest relative spread over tokens, (max - min) / mean, of the per-token divisor of any norm of the HF model
     (LayerNorm: sqrt(var + eps); RMSNorm: sqrt(mean(x^2) + eps)): ~var/(2 eps) ~ 1e-12 for an LN-free export,
     order 1 when the norm still normalizes."""
-    from surgery.lens.convert import module_eps
+    from surgery.families import norm_eps, norm_kind
     from surgery.models.ln_free import norm_modules
 
     spreads = []
 
     def hook(module, args, out):
         x = args[0].double()
-        second = x.pow(2).mean(-1) if "RMSNorm" in type(module).__name__ else x.var(-1, unbiased=False)
-        scale = (second + module_eps(module)).sqrt()
+        second = x.pow(2).mean(-1) if norm_kind(module) == "rmsnorm" else x.var(-1, unbiased=False)
+        scale = (second + norm_eps(module)).sqrt()
         spreads.append(((scale.max() - scale.min()) / scale.mean()).item())
 
     handles = [m.register_forward_hook(hook) for m in norm_modules(hf_model).values()]

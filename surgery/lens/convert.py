@@ -1,7 +1,8 @@
 """Hugging Face model -> TransformerLens config and weights, for every family of `surgery.families`.
 
-One conversion reads the family description (module paths, Q/K/V layout, norm kind, parallel residual) instead of
-hard-coding a model's attributes, so GPT-2, GPT-NeoX (Pythia) and Llama-style models (llama, qwen2, mistral) share it:
+One conversion reads the family description (module paths, Q/K/V layout, norm kind, parallel residual, config
+fields, transformers class) instead of hard-coding a model's attributes, so GPT-2, GPT-NeoX (Pythia) and
+Llama-style models (llama, qwen2, mistral) share it:
 
 - an LN-free model (every norm neutralised by a huge eps, so it computes the affine map `c(x) * w / sqrt(eps) + b`;
   detected from the weights by `surgery.models.ln_free.detect_ln_free`, not from a config key) becomes a model with **no
@@ -23,18 +24,20 @@ import torch
 from torch import nn
 
 from surgery.errors import SurgeryError
-from surgery.families import Family, blocks, family_of, get_module, in_out_weight
+from surgery import families
+from surgery.families import FAMILIES, Family, blocks, family_of, get_module, in_out_weight
 
 # HF activation name -> TransformerLens act_fn (HF "gelu" is the exact erf GELU, as TransformerLens' "gelu")
 ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM"}
 
 
 def lens_family(model_or_config) -> Family:
-    """The family of a model the lens converts; SurgeryError for other families (hybrids with non-attention mixers)."""
+    """The family of a model the lens converts: one whose models transformers' own class builds (SurgeryError for
+    other families: XATL hybrids, whose blocks are not all attention + MLP)."""
     fam = family_of(model_or_config)
-    if fam.name not in ARCHITECTURES:
-        raise SurgeryError(f"TransformerLens conversion supports the {', '.join(ARCHITECTURES)} families, not {fam.name} "
+    if fam.hybrid:
+        supported = [f.name for f in FAMILIES.values() if not f.hybrid]
+        raise SurgeryError(f"TransformerLens conversion supports the {', '.join(supported)} families, not {fam.name} "
                            "(its blocks are not all attention + MLP)")
     return fam
 
@@ -51,28 +54,30 @@ def lens_supports(model_type: str | None) -> bool:
 
 
 def tl_parts(hf_model, ln_free: bool | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(`tl_config` dict, `tl_state_dict` weights) of `hf_model`; `ln_free` defaults to `is_ln_free` (measured),
+    """(`tl_config` dict, `tl_state_dict` weights) of `hf_model`; `ln_free` defaults to `measured_ln_free`,
     and a model with norms keeps its own eps."""
-    ln_free = is_ln_free(hf_model) if ln_free is None else ln_free
+    ln_free = measured_ln_free(hf_model) if ln_free is None else ln_free
     return tl_config(hf_model.config, ln_free, None if ln_free else norm_eps(hf_model)), tl_state_dict(hf_model, ln_free)
 
 
-def is_ln_free(model, tokens: torch.Tensor | None = None) -> bool:
-    """True when every norm of `model` is neutralised (measured: `surgery.models.ln_free.detect_ln_free`); SurgeryError
-    naming the norms that still normalize when only some are."""
+def measured_ln_free(model, tokens: torch.Tensor | None = None) -> bool:
+    """True when every norm of `model` is neutralised, measured from its weights and activations
+    (`surgery.models.ln_free.detect_ln_free`; `config.surgery_ln_free` is not read: see
+    `surgery.remove_ln.export.marked_ln_free` for that); SurgeryError naming the norms that still normalize when only
+    some are."""
     from surgery.models.ln_free import detect_ln_free
 
     if not isinstance(model, nn.Module):
-        raise TypeError(f"is_ln_free measures a model's norms; it takes a model, not a {type(model).__name__}")
+        raise TypeError(f"measured_ln_free measures a model's norms; it takes a model, not a {type(model).__name__}")
     return detect_ln_free(model, tokens)
 
 
 def module_eps(norm: nn.Module) -> float:
-    """A norm module's epsilon (`eps` of nn.LayerNorm, `variance_epsilon` of the HF RMSNorms)."""
-    for name in ("eps", "variance_epsilon"):
-        if isinstance(getattr(norm, name, None), (int, float)):
-            return float(getattr(norm, name))
-    raise SurgeryError(f"cannot read the epsilon of a {type(norm).__name__}")
+    """A norm module's epsilon (`surgery.families.norm_eps`); SurgeryError for a module without one."""
+    eps = families.norm_eps(norm)
+    if eps is None:
+        raise SurgeryError(f"cannot read the epsilon of a {type(norm).__name__}")
+    return eps
 
 
 def _norms(model, fam: Family) -> list[nn.Module]:
@@ -88,28 +93,27 @@ def norm_eps(model) -> float:
     return eps.pop()
 
 
-def _act_fn(config) -> str:
-    name = getattr(config, "activation_function", None) or getattr(config, "hidden_act", None)
+def _act_fn(config, fam: Family) -> str:
+    name = fam.activation(config)
     if name not in ACTIVATIONS:
         raise SurgeryError(f"activation {name!r} is not supported by the lens conversion (known: {', '.join(ACTIVATIONS)})")
     return ACTIVATIONS[name]
 
 
-def _rope(config, d_head: int) -> tuple[int, float]:
-    """(rotary_dim, rotary_base) of a rotary family's config (transformers 5.x `rope_parameters`, or 4.x fields)."""
-    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise SurgeryError(f"rope type {kind!r} is not supported by the lens conversion (only the default rotary embedding)")
-    base = params.get("rope_theta", getattr(config, "rope_theta", getattr(config, "rotary_emb_base", 10000.0)))
-    fraction = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", getattr(config, "rotary_pct", 1.0)))
-    return int(d_head * fraction), float(base)
+def _rope(config, fam: Family, d_head: int) -> tuple[int, float]:
+    """(rotary_dim, rotary_base) of a rotary family's config (`Family.rotary`)."""
+    rotary = fam.rotary(config)
+    if rotary.kind != "default":
+        raise SurgeryError(f"rope type {rotary.kind!r} is not supported by the lens conversion (only the default rotary embedding)")
+    return int(d_head * rotary.fraction), rotary.base
 
 
 def _check_supported(config, fam: Family) -> None:
-    if fam.name == "gpt2" and (getattr(config, "scale_attn_by_inverse_layer_idx", False) or not getattr(config, "scale_attn_weights", True)):
-        raise SurgeryError("GPT-2 attention scaling other than 1/sqrt(d_head) is not supported by the lens conversion")
-    _act_fn(config)
+    if not fam.standard_attn_scale(config):
+        flags = ", ".join(f"{key}={getattr(config, key, keep)}" for key, keep in fam.attn_scale_flags)
+        raise SurgeryError(f"{fam.name} attention scaling other than 1/sqrt(d_head) ({flags}) is not supported by the "
+                           "lens conversion")
+    _act_fn(config, fam)
 
 
 def tl_config(config, ln_free: bool, eps: float | None = None) -> dict:
@@ -120,11 +124,8 @@ def tl_config(config, ln_free: bool, eps: float | None = None) -> dict:
     d, n_heads = config.hidden_size, config.num_attention_heads
     d_head = getattr(config, "head_dim", None) or d // n_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    n_ctx = getattr(config, "n_positions", None) or config.max_position_embeddings
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True):
-        n_ctx = min(n_ctx, window)  # within the window, sliding-window attention is plain causal attention
-    d_mlp = getattr(config, "n_inner", None) or getattr(config, "intermediate_size", None) or 4 * d
+    n_ctx = fam.attention_span(config)  # the context, or a sliding window within it
+    d_mlp = fam.mlp_width(config)
     cfg = {
         "n_layers": config.num_hidden_layers,
         "d_model": d,
@@ -135,20 +136,20 @@ def tl_config(config, ln_free: bool, eps: float | None = None) -> dict:
         "d_vocab": config.vocab_size,
         "d_vocab_out": config.vocab_size,
         "n_ctx": n_ctx,
-        "act_fn": _act_fn(config),
+        "act_fn": _act_fn(config, fam),
         "gated_mlp": len(fam.mlp_in) == 2,
         "parallel_attn_mlp": fam.parallel_residual(config),
         "normalization_type": None if ln_free else ("RMS" if fam.norm_kind == "rmsnorm" else "LN"),
         "final_rms": fam.norm_kind == "rmsnorm" and not ln_free,
         "eps": 1e-5 if ln_free else (getattr(config, fam.eps_key) if eps is None else eps),
         "positional_embedding_type": "standard" if fam.pos_emb else "rotary",
-        "original_architecture": ARCHITECTURES[fam.name],
+        "original_architecture": fam.hf_architecture,
         "default_prepend_bos": False,
         "tokenizer_prepends_bos": False,
         "init_weights": False,
     }
     if not fam.pos_emb:
-        cfg["rotary_dim"], cfg["rotary_base"] = _rope(config, d_head)
+        cfg["rotary_dim"], cfg["rotary_base"] = _rope(config, fam, d_head)
         cfg["rotary_adjacent_pairs"] = False  # HF's rotate-half: feature i rotates with i + rotary_dim / 2
     return cfg
 
@@ -196,11 +197,11 @@ def _qkv(block: nn.Module, fam: Family, cfg: dict) -> dict[str, tuple[torch.Tens
 def tl_state_dict(model, ln_free: bool | None = None) -> dict[str, torch.Tensor]:
     """The weights of a Hugging Face model in TransformerLens property format, float32.
 
-    LN-free models (`ln_free`, default: measured by `is_ln_free`) have every norm folded in (module docstring);
+    LN-free models (`ln_free`, default: `measured_ln_free`) have every norm folded in (module docstring);
     other models keep `ln1.w` (and `ln1.b` for LayerNorm), ... Gated MLPs: `W_gate` (gate_proj) and `W_in` (up_proj).
     """
     fam = family_of(model)
-    ln_free = is_ln_free(model) if ln_free is None else ln_free
+    ln_free = measured_ln_free(model) if ln_free is None else ln_free
     cfg = tl_config(model.config, ln_free=True)  # shapes only
     h, dh = cfg["n_heads"], cfg["d_head"]
 

@@ -69,7 +69,7 @@ def hooked_transformer_config(cfg: dict, device: str | torch.device = "cpu"):
 def hooked_config_and_weights(hf_model, ln_free: bool | None = None, device: str | torch.device = "cpu"):
     """(HookedTransformerConfig, state dict) of a GPT-2, GPT-NeoX or Llama-style HF model, for TransformerLens 3.x.
 
-    `ln_free` defaults to `is_ln_free(hf_model)` (measured): an LN-free model gets `normalization_type=None` and its
+    `ln_free` defaults to `measured_ln_free(hf_model)`: an LN-free model gets `normalization_type=None` and its
     norms folded into W_Q/W_K/W_V, W_in/W_gate and an untied W_U; a model with norms keeps "LN" / "RMS" and its own
     eps. Weights are float32 tensors keyed as HookedTransformer's parameters (`blocks.0.attn.W_Q` (n_heads,
     d_model, d_head), ...); load them with `load_state_dict(state, strict=False)`: the keys it reports missing are

@@ -54,7 +54,7 @@ def load_hooked(path_or_model, tokenizer=None, device: str | torch.device = "cpu
     """A TransformerLens model for a GPT-2, GPT-NeoX or Llama-style directory or in-memory model, offline.
 
     LN-free model -> no normalization (no `hook_scale`); a model with norms -> `normalization_type` "LN" or "RMS".
-    `ln_free` defaults to `is_ln_free(model)` (measured; a partly converted model is refused with the names of the
+    `ln_free` defaults to `measured_ln_free(model)` (a partly converted model is refused with the names of the
     norms that still normalize); pass a decision already made to skip the measurement.
     With TransformerLens 4.x the result is a `TransformerBridge` (hook names as in HookedTransformer:
     `blocks.{l}.attn.hook_z` (batch, pos, head, d_head), `blocks.{l}.hook_resid_post` (batch, pos, d_model), ...);

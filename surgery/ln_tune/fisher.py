@@ -10,8 +10,8 @@ of the true label for classification, the mean log-probability of each next toke
 Per-example gradients come from one batched backward: for y = x_hat * w + b (x_hat the normalised
 input), dL_i/dw = sum_t g_it * x_hat_it and dL_i/db = sum_t g_it, with g the gradient at the norm's
 output. x_hat is recomputed from the norm's input: (x - mean) / sqrt(var + eps) for a LayerNorm,
-x / sqrt(mean(x^2) + eps) for an RMSNorm (nn.RMSNorm, or a Llama-style family's *RMSNorm with the
-family's epsilon). Every batch checks that x_hat * w (+ b) reproduces the norm's output; a norm that
+x / sqrt(mean(x^2) + eps) for an RMSNorm (nn.RMSNorm, or a Llama-style family's *RMSNorm with its own
+epsilon). Every batch checks that x_hat * w (+ b) reproduces the norm's output; a norm that
 computes something else is an error, not a silent wrong score. This needs examples that do not interact
 (true for transformers in eval mode, with padding masked). `method="loop"` takes one backward per example
 instead: the reference, and the path for norms without a closed form here.
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.errors import SurgeryError
+from surgery.families import norm_eps, norm_kind
 from surgery.ln_tune.params import ln_parameters, norm_modules, registry_family
 
 Batch = torch.Tensor | dict[str, torch.Tensor]
@@ -137,8 +138,8 @@ def _normalizers(model: nn.Module) -> dict[str, tuple[nn.Module, Callable[[torch
             out[name] = m, lambda x, m=m: F.layer_norm(x, m.normalized_shape, eps=m.eps)
         elif isinstance(m, nn.RMSNorm):
             out[name] = m, lambda x, m=m: F.rms_norm(x, m.normalized_shape, eps=m.eps)
-        elif family is not None and family.norm_kind == "rmsnorm" and type(m).__name__.endswith("RMSNorm"):
-            out[name] = m, _rms_normalize(float(getattr(model.config, family.eps_key)))
+        elif family is not None and norm_kind(m) == "rmsnorm" and norm_eps(m) is not None:
+            out[name] = m, _rms_normalize(norm_eps(m))
         else:
             return None
     return out

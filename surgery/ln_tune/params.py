@@ -2,8 +2,9 @@
 
 Names are full parameter names (`model.named_parameters()`), e.g. `transformer.h.0.ln_1.weight`.
 For a family of `surgery.families` (GPT-2, GPT-NeoX, Llama-style) the norms are the ones the family
-describes, in forward order; other models (BERT) are scanned for norm modules by type. A LayerNorm has a
-gain and a bias; an RMSNorm (Llama-style) has a gain only, so there "gains and biases" means gains.
+describes, in forward order; other models (BERT) are scanned for norm modules (`surgery.families.is_norm`).
+A LayerNorm has a gain and a bias; an RMSNorm (Llama-style) has a gain only, so there "gains and biases"
+means gains.
 """
 
 from __future__ import annotations
@@ -12,16 +13,10 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from surgery.errors import SurgeryError
-from surgery.families import FAMILIES, Family, family_of, norm_paths
+from surgery.families import FAMILIES, Family, family_of, is_norm, norm_paths
 
-# Norm classes recognised by type; other families' norms are recognised by class name.
-NORM_NAME_SUFFIXES = ("LayerNorm", "RMSNorm")
 # Top-level modules that hold a task head in Hugging Face *ForSequenceClassification models.
 HEAD_CANDIDATES = ("classifier", "score")
-
-
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(NORM_NAME_SUFFIXES)
 
 
 def _model_name(model: nn.Module) -> str:
@@ -37,7 +32,7 @@ def registry_family(model: nn.Module) -> Family | None:
 
 
 def _scan(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if _is_norm(m) and any(True for _ in m.parameters(recurse=False))}
+    return {n: m for n, m in model.named_modules() if is_norm(m) and any(True for _ in m.parameters(recurse=False))}
 
 
 def _family_norms(model: nn.Module, family: Family) -> dict[str, nn.Module]:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from surgery.errors import SurgeryError
+from surgery.families import context_length_of, is_norm, norm_eps, norm_kind
 
 FIXED_SCALE_TOL = 1e-6  # relative: a norm whose per-token scale stays within this of sqrt(eps) is fixed
 SCAN_SEQUENCES, SCAN_LENGTH = 2, 32  # random token sequences measured when no tokens are given
@@ -78,22 +79,6 @@ class NormScan:
         }
 
 
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
-
-
-def _eps(module: nn.Module) -> float | None:
-    for name in ("eps", "variance_epsilon", "epsilon"):
-        value = getattr(module, name, None)
-        if isinstance(value, (int, float)):
-            return float(value)
-    return None
-
-
-def _is_rms(module: nn.Module) -> bool:
-    return "RMSNorm" in type(module).__name__
-
-
 def _fake_excess(module: nn.Module) -> float:
     """A fake SwitchableLayerNorm divides by sigma; with special first/EOT sigmas its scale varies by their ratio."""
     if not getattr(module, "has_specials", False):
@@ -104,8 +89,8 @@ def _fake_excess(module: nn.Module) -> float:
 
 
 def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every norm module (nn.LayerNorm, *LayerNorm, *RMSNorm) with an epsilon, by module name, in definition order."""
-    return {n: m for n, m in model.named_modules() if _is_norm(m) and (_eps(m) is not None or hasattr(m, "is_fake"))}
+    """Every norm module (`surgery.families.is_norm`) with an epsilon, by module name, in definition order."""
+    return {n: m for n, m in model.named_modules() if is_norm(m) and (norm_eps(m) is not None or hasattr(m, "is_fake"))}
 
 
 def random_tokens(model: nn.Module, n: int = SCAN_SEQUENCES, length: int = SCAN_LENGTH, seed: int = 0) -> torch.Tensor:
@@ -113,7 +98,7 @@ def random_tokens(model: nn.Module, n: int = SCAN_SEQUENCES, length: int = SCAN_
     config = getattr(model, "config", None)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(emb, "num_embeddings", None) or getattr(config, "vocab_size")
-    n_ctx = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or length
+    n_ctx = context_length_of(config) or length
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, min(length, n_ctx)), generator=gen)
 
@@ -139,8 +124,8 @@ def scan_norms(model: nn.Module, tokens: torch.Tensor | None = None) -> NormScan
                 excess[name] = _fake_excess(module)
                 return
             x = args[0].detach().double()
-            second = x.pow(2).mean(-1) if _is_rms(module) else x.var(-1, unbiased=False)
-            ratio = (second / _eps(module)).max().item()  # var / eps
+            second = x.pow(2).mean(-1) if norm_kind(module) == "rmsnorm" else x.var(-1, unbiased=False)
+            ratio = (second / norm_eps(module)).max().item()  # var / eps
             value = ratio / ((1.0 + ratio) ** 0.5 + 1.0)  # sqrt(1 + ratio) - 1 without cancellation
             excess[name] = max(excess.get(name, 0.0), value)
 
@@ -171,13 +156,13 @@ def scan_norms(model: nn.Module, tokens: torch.Tensor | None = None) -> NormScan
 
 
 def _eps_or_none(module: nn.Module) -> float | None:
-    return None if getattr(module, "is_fake", False) else _eps(module)
+    return None if getattr(module, "is_fake", False) else norm_eps(module)
 
 
 def _static_scan(model: nn.Module, norms: dict[str, nn.Module], scan: NormScan, err: Exception) -> NormScan:
     """Without a forward pass: a norm with eps < 1 normalizes (being fixed would need its input's variance below
     FIXED_SCALE_TOL * eps < 1e-6, activations of std < 1e-3); one with a larger eps cannot be judged unmeasured."""
-    unjudged = [n for n, m in norms.items() if not getattr(m, "is_fake", False) and _eps(m) >= 1.0]
+    unjudged = [n for n, m in norms.items() if not getattr(m, "is_fake", False) and norm_eps(m) >= 1.0]
     if unjudged:
         raise SurgeryError(
             f"could not run model {_name(model)!r} on token ids to measure its norms ({type(err).__name__}: {err}); "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -162,19 +163,48 @@ def load_tokenizer(name: str):
         raise _hub_error(name, err) from err
 
 
-def read_checkpoint(path: str) -> dict:
+def read_checkpoint(path: str | Path, weights_only: bool = True, use: str = "read",
+                    fix: str = "Copy it again, or use an earlier checkpoint of the run") -> dict:
+    """A Lightning checkpoint's contents (tensors memory-mapped, so a large file is not read twice): the one reader of
+    `.ckpt` files. Raises SurgeryError naming the file, why it cannot be `use`d ("read", "resumed", ...) and `fix`,
+    when it is missing, truncated or corrupt, or holds objects that `weights_only` loading refuses."""
+    path = Path(path)
+    if not path.is_file():
+        raise SurgeryError(f"checkpoint {str(path)!r} does not exist: check the path")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt or truncated files
-        raise SurgeryError(f"could not read Lightning checkpoint {path!r}: {err}") from err
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    except Exception as err:  # zip, pickle and storage errors all mean the file cannot be trusted
+        text = str(err).splitlines()[0][:300]
+        if "Weights only load failed" in str(err):
+            raise SurgeryError(
+                f"checkpoint {str(path)!r} holds Python objects that weights-only loading refuses ({text}); "
+                "surgery's own checkpoints never do, and surgery reads only weights-only checkpoints. If you trust "
+                "where the file came from, load it in Python with torch.load(weights_only=False) and save its tensors"
+            ) from err
+        raise SurgeryError(f"checkpoint {str(path)!r} is truncated or corrupt and cannot be {use} "
+                           f"({type(err).__name__}: {text}). {fix}") from err
+
+
+# The checkpoint key naming the function ("module:function") that gives a freshly built model the structure its
+# LightningModule trained (e.g. LN removal's switchable norms), written by the module; the loader knows no surgery.
+PREPARE_KEY = "prepare_model"
+
+
+def prepare_function(spec: str):
+    """The function a checkpoint's `prepare_model` entry names; only functions of the surgery package are imported."""
+    module, _, name = spec.partition(":")
+    if not module.startswith("surgery.") or not name:
+        raise SurgeryError(f"checkpoint entry {PREPARE_KEY}={spec!r} does not name a function of the surgery package")
+    return getattr(importlib.import_module(module), name)
 
 
 def load_lightning_checkpoint(path: str) -> PreTrainedModel:
     """Rebuild the HF model a surgery module trained, from the config it stores in its checkpoint.
 
-    Modules store `hf_config` (the model config as a dict) in every checkpoint; weights live under
-    the `model.` prefix of the state dict. A model mid-way through LayerNorm removal comes back with
-    its switchable LNs (fake or real, as saved); `surgery export` turns a finished one LN-free.
+    Modules store `hf_config` (the model config as a dict) in every checkpoint, and in `prepare_model` the function
+    that gives the rebuilt model the structure they trained (a model mid-way through LayerNorm removal comes back
+    with its switchable LNs, fake or real, as saved; `surgery export` turns a finished one LN-free); weights live
+    under the `model.` prefix of the state dict.
     """
     ckpt = read_checkpoint(path)
     if "hf_config" not in ckpt:
@@ -182,10 +212,8 @@ def load_lightning_checkpoint(path: str) -> PreTrainedModel:
     cfg = AutoConfig.for_model(**ckpt["hf_config"])
     model = AutoModelForCausalLM.from_config(cfg)
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    if any(".ln_qk." in k for k in state):
-        from surgery.remove_ln.points import prepare_for_removal
-
-        prepare_for_removal(model)
+    if ckpt.get(PREPARE_KEY):
+        prepare_function(ckpt[PREPARE_KEY])(model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in _tied_keys(model)]
     if missing or unexpected:

@@ -20,7 +20,7 @@ _announced: set[str] = set()
 
 def shipped_root() -> Path | None:
     """The directory holding the shipped `recipes/` and `checkpoints/`, or None when there is none."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # surgery/, the package this module lives in
     bundled = package / "_bundled"
     if any((bundled / d).is_dir() for d in SHIPPED_DIRS):
         return bundled

@@ -26,12 +26,12 @@ from surgery.publish.hub import check_repo_id, resolve_token, upload
 from surgery.publish.source import VERIFY_FILES, PublishSource, find_source
 
 
-def _is_ln_free(config: dict) -> bool:
+def _marked_ln_free(config: dict) -> bool:
     from types import SimpleNamespace
 
-    from surgery.remove_ln.export import is_ln_free
+    from surgery.remove_ln.export import marked_ln_free
 
-    return is_ln_free(SimpleNamespace(surgery_ln_free=config.get("surgery_ln_free")))
+    return marked_ln_free(SimpleNamespace(surgery_ln_free=config.get("surgery_ln_free")))
 
 
 def _copy(src: Path, folder: Path, name: str, files: list[str]) -> None:
@@ -70,7 +70,7 @@ def assemble_folder(source: PublishSource, folder: Path, repo_id: str, license: 
     config = source.model_config
     files = copy_files(source, folder)
     checks = check_folder(folder, source.model_dir, config)
-    meta = card.metadata(source, _is_ln_free(config), license, base_model or card.base_model(source),
+    meta = card.metadata(source, _marked_ln_free(config), license, base_model or card.base_model(source),
                          datasets if datasets is not None else card.datasets(source))
     files.append("README.md")
     text = card.render(source, repo_id, meta, checks, files, auto_class(config), needs_surgery(config))

@@ -15,10 +15,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from surgery.errors import SurgeryError
+from surgery.families import context_length_of
 
 # Max |logit difference| allowed, relative to max |logit| (floor 1). The same weights reloaded give 0 in one
 # process; across processes thread counts may change the summation order (~1e-6 relative in fp32), and
@@ -51,8 +53,10 @@ def needs_surgery(config: dict) -> bool:
 
 
 def probe_tokens(config: dict, blocks: int = 4, block_size: int = 64, seed: int = 0) -> torch.Tensor:
-    """(blocks, min(block_size, context)) token ids, uniform over the vocabulary, from a fixed seed."""
-    context = config.get("n_positions") or config.get("max_position_embeddings") or block_size
+    """(blocks, min(block_size, context)) token ids, uniform over the vocabulary, from a fixed seed. `config` is a
+    config.json dict; a hybrid's model type, unknown to the registry until `surgery.xatl` is imported, is read through
+    the context fields of every family (`surgery.families.context_length_of`)."""
+    context = context_length_of(SimpleNamespace(**config)) or block_size
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, config["vocab_size"], (blocks, min(block_size, context)), generator=gen)
 

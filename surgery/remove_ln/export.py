@@ -28,7 +28,9 @@ from surgery.remove_ln.points import find_points
 SCALE = 1e6
 
 
-def is_ln_free(model_or_config) -> bool:
+def marked_ln_free(model_or_config) -> bool:
+    """Whether a model (or config) is marked LN-free by our export (`config.surgery_ln_free` set). A mark, not a
+    measurement: `surgery.lens.convert.measured_ln_free` measures the norms themselves."""
     config = getattr(model_or_config, "config", model_or_config)
     return getattr(config, "surgery_ln_free", None) is not None
 

@@ -18,6 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from surgery.families import norm_eps, norm_kind
+
 
 class TokenContext:
     """What the LNs of one model share: per-batch token facts, and their pending std measurements.
@@ -93,7 +95,7 @@ def per_token_std(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def is_rmsnorm(module: nn.Module) -> bool:
-    return "RMSNorm" in type(module).__name__
+    return norm_kind(module) == "rmsnorm"
 
 
 def _rms_standardize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,13 +123,18 @@ class SwitchableLayerNorm(nn.Module):
         self.weight = nn.Parameter(ln.weight.detach().clone())
         bias = getattr(ln, "bias", None) if self.center else None
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
-        self.eps = float(ln.eps if hasattr(ln, "eps") else ln.variance_epsilon)
+        self.eps = norm_eps(ln)
         self.momentum = momentum
         self.context = context or TokenContext()
         self.track = True  # update the moving averages on training forwards while real
         for name in ("fake", "sigma", "sigma_first", "sigma_eot", "special_first", "special_eot", "avg_std", "avg_std_first", "avg_std_eot", "avg_count"):
             self.register_buffer(name, torch.zeros((), dtype=torch.float32))
         self._sync_flags()
+
+    @property
+    def norm_kind(self) -> str:
+        """What `surgery.families.norm_kind` reads: this norm's kind is the one it was made from."""
+        return "layernorm" if self.center else "rmsnorm"
 
     def _sync_flags(self) -> None:
         self.is_fake = bool(self.fake)

@@ -11,6 +11,7 @@ from surgery.training.distill import DistillConfig, Distiller, as_config
 from surgery.errors import SurgeryError
 from surgery.eval.loss import cross_entropy
 from surgery.families import blocks
+from surgery.models.loading import PREPARE_KEY
 from surgery.training.lm import CausalLM
 from surgery.remove_ln.calibrate import calibrate
 from surgery.remove_ln.export import export_ln_free
@@ -158,6 +159,8 @@ class LNRemoval(CausalLM):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["original_val"] = self.original_val
+        if self.points:  # the loader rebuilds the switchable norms before reading their weights
+            checkpoint[PREPARE_KEY] = f"{prepare_for_removal.__module__}:{prepare_for_removal.__name__}"
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.original_val = checkpoint.get("original_val")

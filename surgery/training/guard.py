@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 from surgery.errors import SurgeryError
-from surgery.training.resume import last_checkpoint, read_checkpoint
+from surgery.training.resume import last_checkpoint, read_training_checkpoint
 
 
 def last_removed(pl_module: L.LightningModule) -> str | None:
@@ -159,7 +159,7 @@ class DivergenceGuard(L.Callback):
         path = last_checkpoint(trainer.default_root_dir)
         if not path.exists():
             return "skip (no checkpoint to roll back to yet)"
-        ckpt = read_checkpoint(path)
+        ckpt = read_training_checkpoint(path)
         lrs = [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers]
         trainer.strategy.load_model_state_dict(ckpt)
         trainer.strategy.load_optimizer_state_dict(ckpt)

@@ -53,34 +53,11 @@ def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class CausalLM(L.LightningModule):
-    """Trains `model` on token blocks with the mean next-token cross-entropy (nats/token).
-
-    Args:
-        init: pretrained model to start from (Hub name, local directory or .ckpt); None trains from scratch.
-        config: for a model trained from scratch, `model_type` (gpt2, gpt_neox, llama, ...) and that
-            config class's fields (vocab size comes from the tokenizer).
-        lr: peak learning rate. min_lr_ratio: final lr as a share of `lr`.
-        warmup_steps: linear warm-up steps. weight_decay, betas: AdamW settings (no decay on biases,
-            norms and embeddings' positions).
-        tokenizer: set by the CLI from the data module; saved beside the exported model.
-    """
-
-    def __init__(
-        self,
-        init: str | None = None,
-        config: dict[str, Any] | None = None,
-        lr: float = 6e-4,
-        min_lr_ratio: float = 0.1,
-        warmup_steps: int = 100,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        tokenizer: Any = None,
-    ):
-        super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer"])
-        self.tokenizer = tokenizer
-        self.model = build_model(init, config, tokenizer)
+class LMModule(L.LightningModule):
+    """What every module that trains a causal LM shares: the next-token cross-entropy (nats/token), AdamW with
+    warm-up + cosine, `hf_config` in every checkpoint, `export_model`. A subclass builds `self.model` in its
+    `__init__` (after `super().__init__()` and `save_hyperparameters`) and has hyperparameters `lr`, `min_lr_ratio`,
+    `warmup_steps`, `weight_decay` and `betas`."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids).logits
@@ -122,3 +99,33 @@ class CausalLM(L.LightningModule):
     def export_model(self) -> PreTrainedModel:
         """The model to save at the end of a run (surgeries override this to fold their changes in)."""
         return self.model
+
+
+class CausalLM(LMModule):
+    """Trains `model` on token blocks with the mean next-token cross-entropy (nats/token).
+
+    Args:
+        init: pretrained model to start from (Hub name, local directory or .ckpt); None trains from scratch.
+        config: for a model trained from scratch, `model_type` (gpt2, gpt_neox, llama, ...) and that
+            config class's fields (vocab size comes from the tokenizer).
+        lr: peak learning rate. min_lr_ratio: final lr as a share of `lr`.
+        warmup_steps: linear warm-up steps. weight_decay, betas: AdamW settings (no decay on biases,
+            norms and embeddings' positions).
+        tokenizer: set by the CLI from the data module; saved beside the exported model.
+    """
+
+    def __init__(
+        self,
+        init: str | None = None,
+        config: dict[str, Any] | None = None,
+        lr: float = 6e-4,
+        min_lr_ratio: float = 0.1,
+        warmup_steps: int = 100,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        tokenizer: Any = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.tokenizer = tokenizer
+        self.model = build_model(init, config, tokenizer)

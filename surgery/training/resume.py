@@ -21,6 +21,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from surgery.errors import SurgeryError
+from surgery.models.loading import read_checkpoint
 
 TRAINING_KEYS = ("state_dict", "loops", "global_step", "optimizer_states", "lr_schedulers")
 
@@ -75,29 +76,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         _fsync_dir(path.parent)
 
 
-def read_checkpoint(path: str | Path, weights_only: bool = True) -> dict:
-    """The checkpoint's contents (tensors memory-mapped, so a large file is not read twice).
+def read_training_checkpoint(path: str | Path, weights_only: bool = True) -> dict:
+    """A checkpoint a run can resume from (`surgery.models.loading.read_checkpoint`, checked for the trainer's state).
 
     Raises SurgeryError naming the file and what to do when it is missing, truncated or corrupt, holds
     objects that `weights_only` loading refuses, or is not a training checkpoint Lightning can resume.
     """
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise SurgeryError(f"checkpoint {str(path)!r} does not exist: check --ckpt_path")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-    except Exception as err:  # zip, pickle and storage errors all mean the file cannot be trusted
-        text = str(err).splitlines()[0][:300]
-        if "Weights only load failed" in str(err):
-            raise SurgeryError(
-                f"checkpoint {str(path)!r} holds Python objects that weights-only loading refuses ({text}); "
-                "surgery's own checkpoints never do, and surgery resumes only weights-only checkpoints. If you trust "
-                "where the file came from, load it in Python with torch.load(weights_only=False) and save its tensors"
-            ) from err
-        raise SurgeryError(
-            f"checkpoint {str(path)!r} is truncated or corrupt and cannot be resumed ({type(err).__name__}: {text}). "
-            "Delete it and resume from an earlier checkpoint (--ckpt_path FILE), or start a new run directory"
-        ) from err
+    ckpt = read_checkpoint(path, weights_only, use="resumed", fix="Delete it and resume from an earlier checkpoint "
+                           "(--ckpt_path FILE), or start a new run directory")
     missing = [k for k in TRAINING_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(TRAINING_KEYS)
     if missing:
         raise SurgeryError(
@@ -152,7 +140,7 @@ def choose_checkpoint(run_dir: str | Path, ckpt_path: str | None, auto_resume: b
                 "choose a new trainer.default_root_dir, or --checkpoint.overwrite true to start it again"
             )
         ckpt_path = str(last)
-    ckpt = read_checkpoint(ckpt_path)
+    ckpt = read_training_checkpoint(ckpt_path)
     rank_zero_info(f"resuming from {ckpt_path} (step {ckpt['global_step']})")
     return str(ckpt_path)
 

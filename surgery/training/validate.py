@@ -15,6 +15,7 @@ import lightning as L
 
 from surgery.data.datamodule import TokenBlocks
 from surgery.errors import SurgeryError
+from surgery.families import context_length_of
 
 
 def _fail(key: str, value: Any, problem: str, fix: str) -> SurgeryError:
@@ -76,7 +77,7 @@ def check_model_and_data(module: L.LightningModule, datamodule: L.LightningDataM
     if datamodule is None or config is None:
         return
     block_size = getattr(datamodule, "block_size", None)
-    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    positions = context_length_of(config)
     if block_size is not None and positions is not None and block_size > positions:
         raise _fail("data.init_args.block_size", block_size, f"the model has only {positions} positions",
                     f"set data.init_args.block_size to at most {positions}")

@@ -24,7 +24,6 @@ from pathlib import Path
 import yaml
 
 from surgery.errors import SurgeryError
-from surgery.training.run import write_json
 
 
 def _log_files(run_dir: Path) -> list[Path]:
@@ -80,6 +79,8 @@ def check_command(out: Path, command: dict) -> None:
                 f"{out} holds a comparison made with other settings ({'; '.join(changed)}): its arms would not be "
                 f"comparable with this command's. Choose another --out, or delete {out} to redo it"
             )
+    from surgery.training.run import write_json  # here, not at the top: `surgery compare --help` imports no torch
+
     out.mkdir(parents=True, exist_ok=True)
     write_json(path, command)
 
@@ -161,7 +162,7 @@ def xatl_label(run_dir: Path) -> str:
     """What the XATL arm's transferred weights did, from its final checkpoint: frozen until step N, never
     unfrozen (max_steps below the unfreeze step, or neither an unfreeze step nor a threshold), or trained
     throughout."""
-    from surgery.training.resume import read_checkpoint
+    from surgery.models.loading import read_checkpoint
 
     try:
         unfrozen_at = read_checkpoint(run_dir / "checkpoints" / "last.ckpt").get("xatl_unfrozen_at", -1)
@@ -201,6 +202,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     """Train both arms (resumable), then compare them; `args.overrides` are the LightningCLI arguments after `--`."""
+    from surgery.training.run import write_json
+
     extra = list(args.overrides)
     if not Path(args.recipe).is_file():
         raise SurgeryError(f"recipe {args.recipe!r} does not exist")

@@ -84,8 +84,9 @@ def held_out_loss(model, args, kind: str) -> dict:
 
     from surgery.data import TokenBlocks
     from surgery.eval.loss import cross_entropy
+    from surgery.families import context_length_of
 
-    positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    positions = context_length_of(model.config)
     if positions is not None and args.block_size > positions:
         raise SurgeryError(f"--block-size {args.block_size}: the model has only {positions} positions; pass --block-size "
                            f"{positions} or less")

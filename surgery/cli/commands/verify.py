@@ -50,11 +50,6 @@ def check_numbers(args) -> None:
             raise SurgeryError(f"--{key.replace('_', '-')} {value} is out of range: it must be an integer {valid}")
 
 
-def context_length(config) -> int:
-    """Positions a model of any supported family can attend over (GPT-2's n_positions, else max_position_embeddings)."""
-    return getattr(config, "n_positions", None) or config.max_position_embeddings
-
-
 def check_same_vocabulary(model, tokenizer, baseline, base_tokenizer, model_dir: str, baseline_dir: str) -> None:
     a, b = model.config.vocab_size, baseline.config.vocab_size
     same_tok = tokenizer is None or base_tokenizer is None or tokenizer.get_vocab() == base_tokenizer.get_vocab()
@@ -70,6 +65,7 @@ def run(args) -> int:
     import torch
 
     from surgery.data import TokenBlocks
+    from surgery.families import context_length_of
     from surgery.lens import load_hf, load_hooked, transformer_lens_version
     from surgery.lens.checks import LN_FREE_THRESHOLDS, ln_free_failures
     from surgery.lens.report import VerifySettings, plot, print_table, verify_model, write_markdown
@@ -81,7 +77,7 @@ def run(args) -> int:
     if args.baseline is not None:
         models["baseline"] = (args.baseline, *load_hf(args.baseline))
         check_same_vocabulary(models["model"][1], models["model"][2], models["baseline"][1], models["baseline"][2], args.model, args.baseline)
-    n_ctx = min(context_length(m.config) for _, m, _ in models.values())
+    n_ctx = min(context_length_of(m.config) for _, m, _ in models.values())
     block_size = min(args.block_size, n_ctx)
     if 2 * args.seg_len > n_ctx:
         raise SurgeryError(f"--seg-len {args.seg_len} makes {2 * args.seg_len}-token prompts, longer than the context "

@@ -26,7 +26,7 @@ attend causally over the whole context (a Mistral sliding window is not applied)
 from __future__ import annotations
 
 import sys
-from dataclasses import fields, replace
+from dataclasses import fields
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -34,12 +34,12 @@ from torch import nn
 from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM
 
 from surgery.errors import SurgeryError
-from surgery.families import FAMILIES, family_of, get_module, set_module
+from surgery.families import FAMILIES, HYBRID_PREFIX, family_of, get_module, set_module
 from surgery.xatl.hybrid.cache import (CACHE_ARG, CACHE_NAMES, LAYER_CACHE_NAMES, HybridCache, as_hybrid_cache,
                                 cache_from_kwargs)
 from surgery.xatl.mixers import MIXERS, build_mixer
 
-PREFIX = "hybrid_"
+PREFIX = HYBRID_PREFIX
 
 
 class MixerAttention(nn.Module):
@@ -166,12 +166,8 @@ def _make_hybrid(source_type: str) -> None:
     AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
 
 
-for _family in [f for f in FAMILIES.values() if not f.name.startswith(PREFIX)]:
-    for _type in _family.model_types:
-        _make_hybrid(_type)
-    # Same module layout as the source family, so surgeries find a hybrid's parts through the registry.
-    FAMILIES.setdefault(PREFIX + _family.name, replace(_family, name=PREFIX + _family.name,
-                                                       model_types=tuple(PREFIX + t for t in _family.model_types)))
+for _type in [t for f in FAMILIES.values() if not f.hybrid for t in f.model_types]:
+    _make_hybrid(_type)
 
 HybridGPT2Config = HYBRID_CONFIGS["hybrid_gpt2"]
 HybridGPT2LMHeadModel = HYBRID_MODELS["hybrid_gpt2"]

@@ -26,7 +26,7 @@ import torch
 
 from surgery.training.distill import DistillConfig, Distiller, Teacher, as_config, next_token_ce
 from surgery.errors import SurgeryError
-from surgery.training.lm import CausalLM, cosine_with_warmup, decays
+from surgery.training.lm import LMModule, cosine_with_warmup, decays
 from surgery.models.loading import load_causal_lm
 from surgery.xatl.training.align import AttentionAligner
 from surgery.xatl.training.auto_layers import check_criterion, choose_layers, rank_layers
@@ -130,9 +130,9 @@ class UnfreezeTransferred(L.Callback):
         self.prev_window_loss = state["prev_window_loss"]
 
 
-class XatlLM(CausalLM):
+class XatlLM(LMModule):
     """A hybrid twin of `source` (surgery.xatl.hybrid.model: the source's own class with mixers in place of attention;
-    same width, depth, vocabulary), trained with the next-token loss of `CausalLM` or distilled from the source.
+    same width, depth, vocabulary), trained with the next-token loss of `LMModule` or distilled from the source.
 
     Args:
         source: the GPT-2, GPT-NeoX/Pythia or Llama-style model to copy: Hub name, directory, .ckpt.
@@ -156,10 +156,7 @@ class XatlLM(CausalLM):
                  min_lr_ratio: float = 0.1, warmup_steps: int = 50, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), align: AlignStage | None = None,
                  distill: DistillConfig | None = None, lm_after: int | None = None, tokenizer: Any = None):
-        L.LightningModule.__init__(self)  # not CausalLM.__init__: it would build a model we do not want
-        # Lightning collects the arguments of frames that hold a `__class__` cell (normally made by super()),
-        # and under the CLI also stores the class path, which `fit --ckpt_path` needs to parse them back.
-        __class__  # noqa: B018
+        super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
         src = load_causal_lm(source)

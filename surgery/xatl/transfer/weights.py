@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from surgery.errors import SurgeryError
-from surgery.families import Family, blocks, family_of, get_module
+from surgery.families import Family, blocks, family_of, get_module, norm_eps, set_norm_eps
 from surgery.xatl.transfer.qkv import linear_parts, qkv_weights
 
 COMPONENTS = ("embeddings", "norms", "mlp", "lm_head", "attn_layers", "attn_out", "qkv", "v")
@@ -162,9 +162,9 @@ def _copy_norms(source, target, fs: Family, ft: Family, cp: _Copier) -> None:
     for s, t in zip(src_paths + [fs.final_norm], dst_paths + [ft.final_norm]):
         sm, tm = get_module(source, s), get_module(target, t)
         cp.module(sm, tm, s, t)
-        for attr in ("eps", "variance_epsilon"):  # nn.LayerNorm's, and transformers' RMSNorms'
-            if hasattr(sm, attr) and getattr(tm, attr) != getattr(sm, attr):
-                setattr(tm, attr, getattr(sm, attr))
+        eps = norm_eps(sm)
+        if eps is not None and norm_eps(tm) != eps:
+            set_norm_eps(tm, eps)
     eps = getattr(source.config, fs.eps_key, None)
     if eps is not None and getattr(target.config, ft.eps_key, eps) != eps:
         setattr(target.config, ft.eps_key, eps)
