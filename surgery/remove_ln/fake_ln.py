@@ -94,10 +94,6 @@ def per_token_std(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (x.var(-1, unbiased=False) + eps).sqrt()
 
 
-def is_rmsnorm(module: nn.Module) -> bool:
-    return norm_kind(module) == "rmsnorm"
-
-
 def _rms_standardize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x / rms_token(x) in x's dtype, rstd (…, 1) in fp32), as Llama's RMSNorm computes it."""
     xf = x.float()
@@ -119,7 +115,7 @@ class SwitchableLayerNorm(nn.Module):
 
     def __init__(self, ln: nn.Module, context: TokenContext | None = None, momentum: float = 0.9):
         super().__init__()
-        self.center = not is_rmsnorm(ln)
+        self.center = norm_kind(ln) != "rmsnorm"
         self.weight = nn.Parameter(ln.weight.detach().clone())
         bias = getattr(ln, "bias", None) if self.center else None
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())

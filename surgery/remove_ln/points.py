@@ -11,8 +11,8 @@ from __future__ import annotations
 from torch import nn
 
 from surgery.errors import SurgeryError
-from surgery.families import Family, blocks, family_of, get_module, set_module
-from surgery.remove_ln.fake_ln import SwitchableLayerNorm, TokenContext, is_rmsnorm
+from surgery.families import Family, blocks, family_of, get_module, norm_kind, set_module
+from surgery.remove_ln.fake_ln import SwitchableLayerNorm, TokenContext
 from surgery.remove_ln.split_input import AttnInputNorms, NormedInput, SplitQKVInput
 
 KINDS = ("ln_2", "ln_1_qk", "ln_1_v", "ln_f")  # removal order of the papers
@@ -29,7 +29,7 @@ def _as_norm(module: nn.Module, path: str, fam: Family) -> nn.Module:
     expected = "an RMSNorm" if fam.norm_kind == "rmsnorm" else "a LayerNorm"
     if isinstance(module, (SwitchableLayerNorm, AttnInputNorms)):
         raise SurgeryError(f"{path} is already prepared for removal: start from the pretrained model, not a removal run's")
-    ok = is_rmsnorm(module) if fam.norm_kind == "rmsnorm" else isinstance(module, nn.LayerNorm)
+    ok = norm_kind(module) == fam.norm_kind
     if not ok:
         raise SurgeryError(
             f"{path} is a {type(module).__name__}, not {expected}: this model has no norm there "

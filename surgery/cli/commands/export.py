@@ -40,6 +40,6 @@ def run(args) -> int:
         raise SurgeryError(f"--out {str(args.out)!r} cannot be created ({err.strerror}): choose a directory you can write to") from None
     exported.save_pretrained(args.out)
     tok.save_pretrained(args.out)
-    kind = "LN-free GPT-2" if prepared else type(exported).__name__
+    kind = f"LN-free {type(exported).__name__}" if prepared else type(exported).__name__
     print(f"exported {kind} ({sum(p.numel() for p in exported.parameters()):,} parameters) to {args.out}")
     return 0
