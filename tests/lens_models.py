@@ -10,22 +10,11 @@ from __future__ import annotations
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from tiny_models import tiny_gpt2
+
+__all__ = ["tiny_gpt2", "make_ln_free", "write_text_corpus", "save_model_dirs"]
+
 SCALE, EPS = 1e6, 1e12
-
-
-def tiny_gpt2(seed: int = 0, **shape) -> GPT2LMHeadModel:
-    """A random GPT-2 (default 2 layers, d 32, 2 heads, vocab 64, 64 positions) with random LN affines."""
-    torch.manual_seed(seed)
-    kw = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    kw.update(shape)
-    model = GPT2LMHeadModel(GPT2Config(**kw)).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0.0, 0.1)
-        model.transformer.wte.weight.normal_(0.0, 0.5)  # larger embeddings: logits of order 1
-    return model
 
 
 @torch.no_grad()

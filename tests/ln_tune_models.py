@@ -1,25 +1,17 @@
 """Tiny random models for the LN-tuning tests (seconds on one core)."""
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+from transformers import BertConfig, BertForSequenceClassification, GPT2ForSequenceClassification
 
+from tiny_models import randomize_norms, tiny_config, tiny_gpt2
 
-def tiny_gpt2(seed: int = 0, vocab_size: int = 64) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab_size, n_positions=64, bos_token_id=0,
-                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(cfg)
-    _perturb_norms(model)
-    return model
+__all__ = ["tiny_gpt2", "tiny_gpt2_classifier", "tiny_bert", "padded_batch"]
 
 
 def tiny_gpt2_classifier(seed: int = 0) -> GPT2ForSequenceClassification:
+    """The tiny GPT-2 (tiny_models) with a two-class head; pad id 0."""
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64, num_labels=2, pad_token_id=0,
-                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2ForSequenceClassification(cfg)
-    _perturb_norms(model)
-    return model
+    return randomize_norms(GPT2ForSequenceClassification(tiny_config(num_labels=2, pad_token_id=0)))
 
 
 def tiny_bert(seed: int = 0, vocab_size: int = 50) -> BertForSequenceClassification:
@@ -27,18 +19,7 @@ def tiny_bert(seed: int = 0, vocab_size: int = 50) -> BertForSequenceClassificat
     cfg = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=64, num_labels=2,
                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = BertForSequenceClassification(cfg)
-    _perturb_norms(model)
-    return model
-
-
-def _perturb_norms(model) -> None:
-    """Fresh norms are all ones and zeros: give every entry its own value so that masks and Fisher scores differ."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.add_(0.3 * torch.randn_like(m.weight))
-                m.bias.add_(0.1 * torch.randn_like(m.bias))
+    return randomize_norms(BertForSequenceClassification(cfg))
 
 
 def padded_batch(seed: int = 0, batch: int = 5, length: int = 12, vocab: int = 50) -> dict:

@@ -76,6 +76,7 @@ def test_removal_phases_fake_counts_and_table(tmp_path):
     del points
 
 
+@pytest.mark.slow
 def test_mixer_rows_grid_and_plot(tmp_path):
     models = mixer_cost.build(width=16, depth=1, heads=2, vocab=32, max_seq=32)
     train = mixer_cost.train_rows(models, seqs=[8, 32], repeats=1, warmup=0, max_seq={"hf-mamba": 8}, long_seq=16)
@@ -104,6 +105,7 @@ def run_bench(argv: list[str]) -> int:
     return bench.run(parser.parse_args(argv))
 
 
+@pytest.mark.slow
 def test_cli_writes_json_and_markdown(tmp_path, capsys):
     out = tmp_path / "bench"
     rc = run_bench(["--out", str(out), "--sections", "mixers", "gpu", "--mixer-seqs", "8", "16",

@@ -62,6 +62,7 @@ def test_teacher_is_frozen_outside_optimizer_and_checkpoint(setup, tmp_path):
     assert n_model == len(ckpt["state_dict"])  # the student and its control, nothing else
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_the_same_teacher(setup):
     """Uninterrupted (a) vs SIGKILLed at step 14 and restarted (b): the same weights. The KL and the hidden
     alignment reach every step's gradient, so a teacher rebuilt from the trained weights, or left in training

@@ -89,6 +89,7 @@ def check_same(reported: dict, ours: dict) -> None:
         assert got["stderr"] == pytest.approx(ours[metric]["stderr"], rel=1e-9), metric
 
 
+@pytest.mark.slow
 def test_lm_eval_accuracy_equals_ours_from_the_models_log_likelihoods(task_dir, tmp_path, capsys):
     code, out, err = _eval(capsys, GPT2, "--tasks", TASK, "--include-path", str(task_dir), "--json", str(tmp_path / "r.json"))
     assert code == 0, err[-2000:]
@@ -99,6 +100,7 @@ def test_lm_eval_accuracy_equals_ours_from_the_models_log_likelihoods(task_dir, 
     assert "stdlib_next_line" in out and "acc_norm" in out and "± stderr" in out  # the table
 
 
+@pytest.mark.slow
 def test_a_saved_hybrid_through_the_auto_classes_and_the_task_built_on_demand(tmp_path, monkeypatch, capsys):
     """A Llama hybrid (GLA in layer 0, attention kept in layer 1) saved like an export; `stdlib_next_line` without
     --include-path is written under the surgery cache; --limit takes the first docs; --data adds the cross-entropy."""
@@ -175,6 +177,7 @@ def test_a_task_whose_data_file_is_gone_is_one_line(tmp_path, capsys):
     assert "offline, use a local task such as stdlib_next_line" in err
 
 
+@pytest.mark.slow
 def test_an_unknown_task_names_the_close_ones(task_dir, capsys):
     """Reads lm-eval's index of built-in tasks (tens of seconds) to be sure the name is nowhere."""
     code, _, err = _eval(capsys, GPT2, "--tasks", "stdlib_next_lines,hellaswagg", "--include-path", str(task_dir))
@@ -183,6 +186,7 @@ def test_an_unknown_task_names_the_close_ones(task_dir, capsys):
     assert "'stdlib_next_lines': did you mean stdlib_next_line" in err and "'hellaswagg': did you mean hellaswag" in err
 
 
+@pytest.mark.slow
 def test_importing_lm_eval_brings_no_gpu_kernels():
     """transformers switches to mamba-ssm / causal-conv1d / fla kernels whenever they are imported, even on CPU (and
     then fails): lm-eval and its HF wrapper must not import them, nor triton."""

@@ -139,8 +139,14 @@ def test_import_surgery_and_the_help_load_neither_torch_nor_transformers():
     assert out.strip().splitlines()[-1] == "[]"
 
 
-@pytest.mark.parametrize("imports", ["import surgery; import transformers", "import transformers; import surgery",
-                                     "import surgery.xatl", "import surgery.models.loading", "import surgery.lens"])
+SLOW = pytest.mark.slow  # a fresh process importing torch and transformers: seconds each
+
+
+@pytest.mark.parametrize("imports", ["import surgery; import transformers",
+                                     pytest.param("import surgery.xatl", marks=SLOW),
+                                     pytest.param("import transformers; import surgery", marks=SLOW),
+                                     pytest.param("import surgery.models.loading", marks=SLOW),
+                                     pytest.param("import surgery.lens", marks=SLOW)])
 def test_hybrids_register_with_transformers_after_import_surgery(imports):
     """`import surgery` is enough for the Auto classes to know the hybrid types, whichever is imported first, and
     whichever of the package's modules brings transformers in (with no warning: -W error)."""

@@ -140,6 +140,7 @@ def test_closed_form_refuses_a_norm_it_does_not_describe():
     assert fisher_scores(model, [x], next_token_log_likelihood, method="loop")["model.norm.weight"].shape == (D,)
 
 
+@pytest.mark.slow
 def test_export_is_the_source_class_and_plain_transformers_reloads_it(tmp_path):
     expected, x = {}, torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
     for kind in ("neox", "llama"):

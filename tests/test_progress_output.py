@@ -4,6 +4,7 @@ recipe in subprocesses (~50 s), stdout and stderr merged into one stream as a te
 
 from __future__ import annotations
 
+import pytest
 import io
 import os
 import re
@@ -28,6 +29,7 @@ def counts(lines: list[str]) -> list[tuple[int, int]]:
     return [tuple(map(int, m.groups())) for line in lines if ", steps:" in line and (m := re.search(r"\| (\d+)/(\d+) ", line))]
 
 
+@pytest.mark.slow
 def test_progress_counts_steps_and_the_table_starts_its_own_line(tmp_path):
     recipe = write_setup(tmp_path, dropout=0.0)
     with_bar = [*fit_args(recipe, tmp_path / "run"), "--trainer.enable_progress_bar", "true"]  # the bar on

@@ -60,6 +60,7 @@ assert not [m for m in sys.modules if m.split(".")[0] == "surgery"]
 """
 
 
+@pytest.mark.slow
 def test_folder_loads_with_plain_transformers_and_gives_the_runs_logits(dry_run, tmp_path):
     run, out = dry_run
     subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out), str(tmp_path / "logits.pt")], check=True, cwd=tmp_path)
@@ -101,6 +102,7 @@ def test_card_of_a_model_with_layernorm_and_local_base(tmp_path):
     assert "ln-free" not in meta["tags"] and "transformer-lens" in meta["tags"] and "base_model" not in meta
 
 
+@pytest.mark.slow
 def test_a_shipped_checkpoint_path_is_not_a_base_model_from_anywhere(tmp_path, monkeypatch):
     """`checkpoints/tiny-gpt2-stdlib` reads like a Hub id (OWNER/NAME); from a run directory outside the clone and
     another working directory it used to be written as `base_model`, which the Hub refuses on upload."""
@@ -123,6 +125,7 @@ def test_a_shipped_checkpoint_path_is_not_a_base_model_from_anywhere(tmp_path, m
     assert front_matter((tmp_path / "out" / "README.md").read_text())["base_model"] == "gpt2"
 
 
+@pytest.mark.slow
 def test_the_card_says_when_a_run_was_resumed_with_changed_settings(tmp_path):
     run = make_run(tmp_path / "run", verify=False)
     record = {"step": 60, "checkpoint": "x", "changes": {"model.init_args.lr": [0.001, 0.002]},

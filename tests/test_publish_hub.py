@@ -49,6 +49,7 @@ def publish_cli(capsys, *args) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
+@pytest.mark.slow
 def test_upload_sends_the_folder_in_one_commit(hub, tmp_path, capsys):
     run = make_run(tmp_path / "run")
     rc, out, err = publish_cli(capsys, str(run), "--repo-id", REPO)

@@ -28,6 +28,7 @@ def tiny_lm_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_recipe_publishes_its_run_at_the_end(tiny_lm_dir, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["fit", "--config", str(RECIPE), "--trainer.default_root_dir", str(run), "--trainer.max_steps", "2",

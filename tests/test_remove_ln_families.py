@@ -103,6 +103,7 @@ def test_export_norms_are_affine_in_their_input(kind):
             assert torch.allclose(got, c * base, rtol=1e-5, atol=1e-6 * c * base.abs().max().item())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["neox", "llama"])
 def test_export_reloads_without_surgery_as_its_vanilla_class(kind, tmp_path):
     model, _ = removed(kind, seed=3)

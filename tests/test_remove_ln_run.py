@@ -68,3 +68,20 @@ def test_max_steps_ending_before_the_schedule_is_refused(finished_run, capsys):
     root, _ = finished_run
     assert main(fit_args(root / "recipe.yaml", root / "too-short", "--trainer.max_steps", "12")) == 2
     assert "trainer.max_steps=12 ends before the removal schedule does (its last event is at step 14)" in capsys.readouterr().err
+
+
+def test_the_checkpoint_names_the_function_that_rebuilds_its_switchable_norms(finished_run, tmp_path, capsys):
+    """The loader knows no surgery: the removal module records `prepare_model`, and a name outside the package is
+    refused instead of imported."""
+    from surgery.models.loading import PREPARE_KEY, load_causal_lm
+    from surgery.remove_ln.points import find_points
+
+    _, run = finished_run
+    ckpt = run / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    assert state[PREPARE_KEY] == "surgery.remove_ln.points:prepare_for_removal"
+    assert len(find_points(load_causal_lm(str(ckpt)))) == 7
+    state[PREPARE_KEY] = "os:system"
+    torch.save(state, tmp_path / "bad.ckpt")
+    assert main(["export", str(tmp_path / "bad.ckpt"), "--out", str(tmp_path / "x")]) == 2
+    assert "checkpoint entry prepare_model='os:system' does not name a function of the surgery package" in capsys.readouterr().err

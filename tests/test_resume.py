@@ -12,6 +12,9 @@ from reliability_setup import REMOVAL_STEPS, fit_args, fit_subprocess, load, wri
 from surgery.cli.entry import main
 
 
+pytestmark = pytest.mark.slow  # every test reads the killed and resumed runs of one module fixture (seconds)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Run `a` uninterrupted; run `b` killed at the start of step 14 (last checkpoint: step 12), then

@@ -34,6 +34,7 @@ def training_checkpoint(step: int, **extra) -> dict:
             "optimizer_states": [], "lr_schedulers": [], **extra}
 
 
+@pytest.mark.slow
 def test_kill_mid_write_keeps_the_previous_checkpoint(tmp_path):
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint(training_checkpoint(1), last)

@@ -135,6 +135,7 @@ class SleepAt(L.Callback):
             time.sleep(60)
 
 
+@pytest.mark.slow
 def test_a_second_fit_into_a_live_run_directory_is_refused(setup, capsys):
     import signal
     import subprocess

@@ -87,6 +87,7 @@ def installed(tmp_path_factory):
     return _build_and_install(tmp_path_factory.mktemp("wheel"))
 
 
+@pytest.mark.slow
 def test_installed_wheel_runs_the_quickstart_recipe_from_anywhere(installed, tmp_path):
     probe = ("import surgery, surgery.models.shipped as s; from surgery.models.loading import load_causal_lm, load_tokenizer; "
              "m = load_causal_lm('checkpoints/tiny-gpt2-stdlib'); t = load_tokenizer('checkpoints/tiny-gpt2-stdlib'); "

@@ -116,6 +116,7 @@ def test_cached_logits_equal_full_forward_under_either_cache_name(kind, name):
     assert (torch.cat(stateless, 1) - full[:, 11:]).abs().max() > 0.1 * scale
 
 
+@pytest.mark.slow
 def test_plain_import_surgery_loads_every_familys_hybrid(tmp_path):
     """A fresh interpreter that runs `import surgery` and transformers' Auto class loads each saved hybrid."""
     import subprocess

@@ -126,6 +126,7 @@ def test_config_errors():
         model(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1]]))
 
 
+@pytest.mark.slow
 def test_load_causal_lm_finds_the_hybrid_in_a_fresh_process(tmp_path):
     """`surgery.models.loading` registers hybrid_gpt2 itself: a new interpreter that imports nothing from
     surgery.xatl still loads a saved hybrid (as `surgery eval` does)."""
@@ -147,6 +148,7 @@ def test_load_causal_lm_finds_the_hybrid_in_a_fresh_process(tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "out.pt").detach(), ref, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_plain_import_surgery_is_enough_to_load_a_saved_hybrid(tmp_path):
     """A fresh interpreter that runs `import surgery` and transformers' own Auto class loads a hybrid."""
     import subprocess
