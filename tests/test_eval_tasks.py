@@ -196,3 +196,20 @@ def test_importing_lm_eval_brings_no_gpu_kernels():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('triton', 'fla', 'mamba_ssm', 'causal_conv1d')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_typo_of_our_offline_task_is_named_before_the_builtin_index_is_read(capsys, monkeypatch):
+    """`stdlib_nextline` is answered with `stdlib_next_line` at once: lm-eval's built-in index (tens of seconds) is
+    never scanned, which the stand-in below would refuse."""
+    import lm_eval.tasks
+
+    real = lm_eval.tasks.TaskManager
+
+    def local_only(*args, include_defaults=True, **kwargs):
+        assert include_defaults is False, "the built-in task index was read"
+        return real(*args, include_defaults=include_defaults, **kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", local_only)
+    code, _, err = _eval(capsys, GPT2, "--tasks", "stdlib_nextline")
+    assert code == 2
+    assert "--tasks: lm-eval knows no task 'stdlib_nextline' ('stdlib_nextline': did you mean stdlib_next_line?)" in err

@@ -132,3 +132,25 @@ def test_the_scratch_arm_keeps_the_attention_layers_the_xatl_arm_chose(tmp_path,
     with pytest.raises(SurgeryError, match="attn_layers: auto use the source as a teacher"):
         XatlLM("checkpoints/tiny-gpt2-stdlib", mixer="gla", attn_layers="auto", transfer=[], freeze=False,
                align=None, distill=None)
+
+
+def test_a_comparison_refused_before_training_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    """A setting the XATL arm refuses (here: an unknown key) writes no command.json, so the corrected rerun into the
+    same --out runs instead of being refused as "a comparison made with other settings"."""
+    import surgery.cli.commands.compare as compare
+
+    def refusing_arm(recipe, run_dir, args, steps=None):
+        run_dir.mkdir(parents=True, exist_ok=True)  # as LightningCLI makes the run directory before it refuses
+        raise SurgeryError("model.init_args.mixr is not a setting")
+
+    monkeypatch.setattr(compare, "train_arm", refusing_arm)
+    out = tmp_path / "c"
+    assert main(["compare", RECIPE, "--out", str(out), "--steps", "30", "--", "--model.init_args.mixr", "gla"]) == 2
+    assert "model.init_args.mixr is not a setting" in capsys.readouterr().err
+    assert not out.exists()
+    out.mkdir()  # an --out that existed before keeps what it held; only the comparison's files go
+    (out / "notes.txt").write_text("mine")
+    assert main(["compare", RECIPE, "--out", str(out), "--steps", "30", "--", "--model.init_args.mixr", "gla"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    fake_arms(monkeypatch, 2, 10)
+    assert main(["compare", RECIPE, "--out", str(out), "--steps", "10", "--", "--trainer.val_check_interval", "2"]) == 0

@@ -194,6 +194,18 @@ def plot(xatl, scratch, summary: dict, path: Path, title: str, xatl_name: str = 
     plt.close(fig)
 
 
+def forget_comparison(out: Path, remove_dir: bool) -> None:
+    """Undo what a comparison refused before training wrote: `out` itself when this command made it, else its
+    command.json and the XATL arm's run directory."""
+    import shutil
+
+    if remove_dir:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    (out / "command.json").unlink(missing_ok=True)
+    shutil.rmtree(out / "xatl", ignore_errors=True)
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("recipe")
     parser.add_argument("--out", default=None, help="default: runs/xatl/compare-<recipe name>")
@@ -216,9 +228,15 @@ def run(args) -> int:
             f"{steps} steps is fewer than trainer.val_check_interval={interval}: no validation loss would be logged to "
             f"compare. Use --steps {interval} or more, or add -- --trainer.val_check_interval {max(1, steps // 4)}"
         )
+    new_out, new_command = not out.exists(), not (out / "command.json").exists()
     check_command(out, {"recipe": str(Path(args.recipe).resolve()), "steps": steps, "overrides": list(args.overrides)})
     budget = steps if isinstance(steps, int) and steps > 0 else None
-    steps_done = {"xatl": train_arm(args.recipe, out / "xatl", extra, budget)}
+    try:
+        steps_done = {"xatl": train_arm(args.recipe, out / "xatl", extra, budget)}
+    except BaseException:
+        if new_command and not (out / "xatl" / "checkpoints").exists():
+            forget_comparison(out, new_out)  # refused before any training: a corrected rerun starts afresh
+        raise
     # the scratch arm: same architecture (the attention layers the XATL arm kept, `auto` included), data, steps
     # and lr, nothing copied or frozen, next-token loss only
     scratch_args = ["--model.init_args.transfer", "[]", "--model.init_args.freeze", "false", "--model.init_args.align",

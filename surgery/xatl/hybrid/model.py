@@ -40,6 +40,10 @@ from surgery.xatl.hybrid.cache import (CACHE_ARG, CACHE_NAMES, LAYER_CACHE_NAMES
 from surgery.xatl.mixers import MIXERS, build_mixer
 
 PREFIX = HYBRID_PREFIX
+# Written into every saved hybrid's config.json: transformers itself answers an unknown model type by suggesting an
+# upgrade of transformers, which does not help.
+HOW_TO_LOAD = ("`pip install lm-surgery`, then `import surgery` before AutoModelForCausalLM.from_pretrained: importing "
+               "it registers the hybrid_* model types with transformers")
 
 
 class MixerAttention(nn.Module):
@@ -147,8 +151,9 @@ def _make_hybrid(source_type: str) -> None:
     src_config = CONFIG_MAPPING[source_type]
     src_model = MODEL_FOR_CAUSAL_LM_MAPPING[src_config]
     ns = {"__module__": __name__, "model_type": PREFIX + source_type, "mixer": "mamba", "mixer_config": None,
-          "attn_layers": None, "__annotations__": {"mixer": str, "mixer_config": dict | None,
-                                                   "attn_layers": list[int] | None},
+          "attn_layers": None, "how_to_load": HOW_TO_LOAD,
+          "__annotations__": {"mixer": str, "mixer_config": dict | None, "attn_layers": list[int] | None,
+                              "how_to_load": str},
           "__doc__": f"{src_config.__name__} plus `mixer` (a name in surgery.xatl.mixers.MIXERS), `mixer_config` "
                      "(its options, e.g. {'d_state': 16}) and `attn_layers` (layers that keep softmax attention)."}
     if "layer_types" not in {f.name for f in fields(src_config)}:  # a family's own layer_types stays its own

@@ -17,6 +17,7 @@ The k costliest layers keep softmax attention. Deterministic for a seed and batc
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 from torch import nn
 
 from surgery.training.distill import Teacher, kl_to_teacher
@@ -37,8 +38,9 @@ def check_criterion(criterion: str) -> None:
 
 def rank_layers(source: nn.Module, mixer: str, mixer_config: dict | None, batches: list[torch.Tensor],
                 transfer: list[str] = (), steps: int = 50, lr: float = 2e-3, seed: int = 0,
-                criterion: str = "kl") -> list[tuple[int, float]]:
-    """[(layer, cost after the probe)], costliest first. `batches`: token ids (B, T) each."""
+                criterion: str = "kl", progress: bool | None = None) -> list[tuple[int, float]]:
+    """[(layer, cost after the probe)], costliest first. `batches`: token ids (B, T) each. `progress`: a bar
+    naming the stage and the layer being probed (None: on a terminal only; the probe takes minutes on a CPU)."""
     if not batches:
         raise SurgeryError("ranking layers for attn_layers: auto needs at least one batch of data")
     check_criterion(criterion)
@@ -51,15 +53,25 @@ def rank_layers(source: nn.Module, mixer: str, mixer_config: dict | None, batche
         aligner = AttentionAligner(teacher, probe.mixer_layers())
         params = [p for n, p in probe.named_parameters() if ".mixer." in n]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        layers = probe.mixer_layers()
+        bar = tqdm(total=steps + (len(layers) if criterion == "kl" else 0), disable=None if progress is None else not progress,
+                   desc="attn_layers auto: aligning the probe's mixers", unit="step", dynamic_ncols=True)
         for step in range(steps):
             loss, _ = aligner(probe, batches[step % len(batches)])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            bar.update()
         probe.eval()
         if criterion == "kl":
-            totals = {i: _lone_mixer_kl(teacher, probe, i, mixer, mixer_config, batches) for i in probe.mixer_layers()}
+            totals = {}
+            for i in layers:
+                bar.set_description(f"attn_layers auto: KL with layer {i} of {len(layers)} replaced")
+                totals[i] = _lone_mixer_kl(teacher, probe, i, mixer, mixer_config, batches)
+                bar.update()
+            bar.close()
         else:
+            bar.close()
             totals = dict.fromkeys(probe.mixer_layers(), 0.0)
             with torch.no_grad():
                 for ids in batches:
