@@ -23,7 +23,7 @@ def run(tmp_path_factory):
 
     os.environ["SURGERY_CACHE"] = str(root / "cache")
     assert main(fit_args(recipe, root / "run")) == 0
-    stdlib = Path(sysconfig.get_paths()["stdlib"])  # held-out text for eval: its last 2% of lines
+    stdlib = Path(sysconfig.get_paths()["stdlib"])  # text for eval, scored whole (--split all, the default for a file)
     (root / "eval.txt").write_text("".join((stdlib / f).read_text() for f in ("textwrap.py", "string.py", "glob.py")))
     return root
 
@@ -68,7 +68,7 @@ def test_eval_of_a_checkpoint_whose_tokenizer_is_gone_says_what_to_pass(run, tmp
 @pytest.mark.parametrize("args, message", [
     (["--block-size", "128"], "--block-size 128: the model has only 64 positions; pass --block-size 64 or less"),
     (["--block-size", "1"], "--block-size 1: a block needs at least 2 tokens"),
-    (["--max-blocks", "0"], "--max-blocks 0: evaluate at least one block, or omit --max-blocks for the whole validation split"),
+    (["--max-blocks", "0"], "--max-blocks 0: evaluate at least one block, or omit --max-blocks to score every block of the split"),
     (["--batch-size", "0"], "--batch-size 0: pass a positive number of blocks per batch"),
 ])
 def test_eval_refuses_sizes_the_model_or_data_cannot_take(run, capsys, args, message):

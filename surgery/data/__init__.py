@@ -2,7 +2,7 @@
 that cuts them into token blocks."""
 
 from surgery.data.corpus import Corpus, load_documents
-from surgery.data.datamodule import TokenBlocks
+from surgery.data.datamodule import TokenBlocks, TooFewTokens
 from surgery.data.tokenizer import get_tokenizer
 
-__all__ = ["Corpus", "TokenBlocks", "get_tokenizer", "load_documents"]
+__all__ = ["Corpus", "TokenBlocks", "TooFewTokens", "get_tokenizer", "load_documents"]

@@ -1,9 +1,11 @@
 """Text sources: the running Python's standard library, local files, or a streamed Hub dataset.
 
-Every source yields (train, validation) lists of documents. Local sources of several files split by file,
-with a hash of the file's relative path deciding the side, so the split is the same on every machine. A
-single .jsonl/.parquet file splits by row (the same hash, of the row's index); a single text file splits by
+Every source yields the documents of a split: "train", "validation", or "all" (the whole source: what `surgery
+eval` and `surgery verify` score by default for a local file or directory). Local sources of several files split
+by file, with a hash of the file's relative path deciding the side, so the split is the same on every machine. A
+single .jsonl/.parquet/.csv file splits by row (the same hash, of the row's index); a single text file splits by
 lines: its last `val_fraction` of text, from a line start, is the validation document (as nanoGPT splits a book).
+Which local files are read, and how each format becomes documents: `surgery.data.formats`.
 
 Local files are read as UTF-8. One that is not is refused, with a count of all such files, unless
 `encoding_errors` says to skip it or to replace its undecodable bytes (both reported with a count). The
@@ -21,9 +23,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from surgery.data.formats import LOCAL_SUFFIXES, ROW_SUFFIXES, SUPPORTED, NotUTF8, check_file, decode, directory_files, \
+    read_file, suffix
 from surgery.errors import SurgeryError
 
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+SPLITS = ("train", "validation", "all")
 ENCODING_ERRORS = ("refuse", "skip", "replace")
 log = logging.getLogger(__name__)
 
@@ -32,10 +36,10 @@ log = logging.getLogger(__name__)
 class Corpus:
     """A text source.
 
-    source: "stdlib", a local file or directory of .txt/.jsonl/.parquet files, or a Hub dataset
+    source: "stdlib", a local .txt/.jsonl/.parquet/.csv file or a directory of them, or a Hub dataset
         name (streamed; "name" or "name:config").
     val_fraction: share of files (or, for a Hub dataset, documents) held out for validation.
-    text_field: the field holding text in .jsonl/.parquet rows and Hub datasets.
+    text_field: the field (column) holding text in .jsonl/.parquet/.csv rows and Hub datasets.
     max_documents: rows read from a streamed Hub dataset, both splits together (None: all).
     encoding_errors: a local file that is not UTF-8 is "refuse"d (an error counting all such files),
         "skip"ped or read with its undecodable bytes "replace"d by U+FFFD (both counted in a warning).
@@ -56,17 +60,30 @@ class Corpus:
     def decode_mode(self) -> str:
         return self.encoding_errors or ("skip" if self.source.split(":")[0] == "stdlib" else "refuse")
 
+    @property
+    def local(self) -> bool:
+        """A local file or directory (not the standard library, not a Hub dataset)."""
+        return self.source.split(":")[0] != "stdlib" and self.files() is not None
+
+    @property
+    def default_eval_split(self) -> str:
+        """What `surgery eval` and `surgery verify` score unless told: "all" of a local file or directory (a text the
+        user names is scored whole), the "validation" split of the standard library and of a Hub dataset."""
+        return "all" if self.local else "validation"
+
     def files(self) -> list[Path] | None:
-        """The files of a local source, sorted; None for a Hub dataset."""
+        """The files of a local source, sorted; None for a Hub dataset. A file or directory surgery cannot read is
+        refused (`surgery.data.formats`)."""
         if self.source == "stdlib":
             root = Path(sysconfig.get_paths()["stdlib"])
             return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
         path = Path(self.source).expanduser()
         if path.is_file():
+            check_file(path)
             return [path]
         if path.is_dir():
-            return sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES)
-        if self.source.startswith(("/", ".", "~")) or Path(self.source).suffix in LOCAL_SUFFIXES:
+            return directory_files(path)
+        if self.source.startswith(("/", ".", "~")) or suffix(Path(self.source)) in LOCAL_SUFFIXES:
             raise SurgeryError(f"data path {self.source!r} does not exist; use 'stdlib', a local file or directory, or a Hub dataset name")
         return None
 
@@ -82,58 +99,6 @@ def _is_validation(rel_path: str, val_fraction: float) -> bool:
     return digest / 2**64 < val_fraction
 
 
-class _NotUTF8(Exception):
-    pass
-
-
-def _decode(path: Path, mode: str) -> tuple[str | None, bool]:
-    """(the file's text, whether it is UTF-8). Not UTF-8: text None for mode "skip", _NotUTF8 raised for "refuse"."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8"), True
-    except UnicodeDecodeError:
-        if mode == "replace":
-            return data.decode("utf-8", errors="replace"), False
-        if mode == "skip":
-            return None, False
-        raise _NotUTF8(path) from None
-
-
-def _jsonl_rows(path: Path, text: str, text_field: str) -> Iterator[str]:
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SurgeryError(f"{path}, line {lineno}: not valid JSON ({err.msg} at column {err.colno}); fix or delete the line") from None
-        if not isinstance(row, dict):
-            raise SurgeryError(f"{path}, line {lineno}: a JSON {type(row).__name__}, not an object with a {text_field!r} field")
-        if text_field not in row:
-            fields = ", ".join(map(repr, row)) or "none"
-            raise SurgeryError(f"{path}, line {lineno}: no field {text_field!r} (its fields: {fields}); "
-                               "set data.init_args.text_field to the field that holds the text")
-        if not isinstance(row[text_field], str):
-            raise SurgeryError(f"{path}, line {lineno}: field {text_field!r} holds {json.dumps(row[text_field])[:40]}, not text")
-        yield row[text_field]
-
-
-def _read_file(path: Path, text_field: str, mode: str) -> tuple[Iterator[str], bool]:
-    """(the documents of one file, whether it is UTF-8); no documents when it is skipped as not UTF-8."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        columns = pq.read_schema(path).names
-        if text_field not in columns:
-            raise SurgeryError(f"{path} has no column {text_field!r} (its columns: {', '.join(map(repr, columns))}); "
-                               "set data.init_args.text_field to the column that holds the text")
-        return iter(pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()), True
-    text, utf8 = _decode(path, mode)
-    if text is None:
-        return iter(()), utf8
-    return (_jsonl_rows(path, text, text_field) if path.suffix == ".jsonl" else iter([text])), utf8
-
-
 def _split_text(text: str, val_fraction: float) -> tuple[str, str]:
     """(train, validation) of one text: validation is its last `val_fraction`, cut at the nearest line start."""
     if val_fraction <= 0 or len(text) < 2:
@@ -146,7 +111,7 @@ def _split_text(text: str, val_fraction: float) -> tuple[str, str]:
 
 
 def _refuse_non_utf8(corpus: Corpus, files: list[Path]) -> SurgeryError:
-    bad = [p for p in files if p.suffix != ".parquet" and not _decode(p, "skip")[1]]
+    bad = [p for p in files if suffix(p) != ".parquet" and not decode(p, "skip")[1]]
     names = ", ".join(p.name for p in bad[:5]) + (", ..." if len(bad) > 5 else "")
     return SurgeryError(
         f"{len(bad)} of {len(files)} files of data {corpus.source!r} are not UTF-8 ({names}): convert them to UTF-8, "
@@ -163,18 +128,26 @@ def _hub_documents(corpus: Corpus, split: str) -> Iterator[str]:
     except Exception as err:
         raise SurgeryError(
             f"could not stream Hub dataset {corpus.source!r} ({type(err).__name__}: {err}); "
-            "without internet use --data stdlib or a local .txt/.jsonl/.parquet path"
+            f"without internet use --data stdlib or a local {SUPPORTED} path"
         ) from err
     # Both splits come from the same first `max_documents` rows, so the validation split never
     # streams further than the training one.
     for i, row in enumerate(itertools.islice(stream, corpus.max_documents)):
-        if _is_validation(str(i), corpus.val_fraction) == (split == "validation"):
+        if _on_side(str(i), corpus, split):
             yield row[corpus.text_field]
 
 
+def _on_side(rel: str, corpus: Corpus, split: str) -> bool:
+    return split == "all" or _is_validation(rel, corpus.val_fraction) == (split == "validation")
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+
+
 def load_documents(corpus: Corpus, split: str) -> Iterator[str]:
-    """Documents of one split ("train" or "validation"), non-empty, in a fixed order."""
-    if split not in ("train", "validation"):
+    """Documents of one split ("train", "validation" or "all"), non-empty, in a fixed order."""
+    if split not in SPLITS:
         raise ValueError(split)
     files = corpus.files()
     if files is None:
@@ -183,21 +156,20 @@ def load_documents(corpus: Corpus, split: str) -> Iterator[str]:
     root, mode = corpus.root(), corpus.decode_mode
     not_utf8: list[Path] = []
     for path in files:
-        rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
-        if len(files) > 1 and _is_validation(rel, corpus.val_fraction) != (split == "validation"):
+        rel = _relative(path, root)
+        if len(files) > 1 and not _on_side(rel, corpus, split):
             continue
         try:
-            docs, utf8 = _read_file(path, corpus.text_field, mode)
-        except _NotUTF8:
+            docs, utf8 = read_file(path, corpus.text_field, mode)
+        except NotUTF8:
             raise _refuse_non_utf8(corpus, files) from None
         if not utf8:
             not_utf8.append(path)
-        if len(files) == 1 and path.suffix not in (".jsonl", ".parquet"):  # one text: split by lines
+        if len(files) == 1 and suffix(path) not in ROW_SUFFIXES and split != "all":  # one text: split by lines
             docs = [_split_text(text, corpus.val_fraction)[split == "validation"] for text in docs]
         for i, doc in enumerate(docs):
             # A single file of rows cannot be split by file: its rows alternate instead.
-            if len(files) == 1 and path.suffix in (".jsonl", ".parquet") and \
-                    _is_validation(f"{rel}:{i}", corpus.val_fraction) != (split == "validation"):
+            if len(files) == 1 and suffix(path) in ROW_SUFFIXES and not _on_side(f"{rel}:{i}", corpus, split):
                 continue
             if doc and doc.strip():
                 yield doc
@@ -207,13 +179,48 @@ def load_documents(corpus: Corpus, split: str) -> Iterator[str]:
         log.warning(f"data {corpus.source!r} ({split}): {len(not_utf8)} files that are not UTF-8 {done} ({names})")
 
 
+def describe_split(corpus: Corpus, split: str) -> str:
+    """What a split of the corpus holds, in words: "all 40 files", "its last 2% of text", ..."""
+    held = corpus.val_fraction if split == "validation" else 1 - corpus.val_fraction
+    share = f"{held * 100:g}%"
+    files = corpus.files()
+    if files is None:
+        rows = f"its first {corpus.max_documents} rows" if corpus.max_documents is not None else "its rows"
+        return rows if split == "all" else f"about {share} of {rows}, by a hash of each row's index"
+    if len(files) > 1:
+        if split == "all":
+            return f"all {len(files)} files"
+        side = sum(_on_side(_relative(p, corpus.root()), corpus, split) for p in files)
+        return f"{side} of its {len(files)} files (about {share}, by a hash of each file's path)"
+    if split == "all":
+        return "the whole file"
+    if suffix(files[0]) in ROW_SUFFIXES:
+        return f"about {share} of its rows, by a hash of each row's index"
+    return f"its {'last' if split == 'validation' else 'first'} {share} of text, cut at a line start"
+
+
+def short_split_cause(corpus: Corpus, split: str, tokens: int) -> str:
+    """Why a split holds only `tokens` tokens, in words for an error message ("" when it is simply short); the fix
+    is the caller's, as training and each command have their own settings."""
+    if split == "validation" and corpus.val_fraction <= 0:
+        return "its val_fraction is 0, so nothing is held out"
+    files = corpus.files()
+    if files is not None and len(files) > 1 and split != "all" and \
+            not any(_on_side(_relative(p, corpus.root()), corpus, split) for p in files):
+        return (f"none of its {len(files)} files falls in the {split} split: a hash of each file's path holds about "
+                f"{corpus.val_fraction * 100:g}% of them out")
+    if tokens == 0:
+        return f"no text in {describe_split(corpus, split)}: every document is empty or whitespace"
+    return f"the {split} split is {describe_split(corpus, split)}" if split != "all" else ""
+
+
 def fingerprint(corpus: Corpus) -> str:
     """A short hash of the source, its split and (for local sources) every file's size and mtime."""
     key = [corpus.source, corpus.val_fraction, corpus.text_field, corpus.max_documents]
     files = corpus.files() or []
     if corpus.encoding_errors is not None:
         key.append(corpus.encoding_errors)
-    if len(files) == 1 and files[0].suffix not in (".jsonl", ".parquet"):
+    if len(files) == 1 and suffix(files[0]) not in ROW_SUFFIXES:
         key.append("text split by lines")  # before: the whole file went to one side
     h = hashlib.sha256(json.dumps(key).encode())
     for p in files:

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from surgery.data.corpus import Corpus, fingerprint, load_documents
+from surgery.data.corpus import SPLITS, Corpus, fingerprint, load_documents, short_split_cause
 from surgery.data.resumable import EpochShuffle, ResumableLoader
 from surgery.data.tokenizer import eos_id, get_tokenizer
 from surgery.errors import SurgeryError
@@ -42,6 +42,19 @@ def tokenize_split(corpus: Corpus, tokenizer, split: str) -> np.ndarray:
     return tokens
 
 
+class TooFewTokens(SurgeryError):
+    """A split with fewer tokens than one block. The message names the fix in training's settings (data.*);
+    `surgery eval` and `surgery verify` name their own flags after `what` (the split, its size and the cause)."""
+
+    def __init__(self, corpus: Corpus, split: str, tokens: int, block_size: int):
+        self.split, self.tokens, self.block_size = split, tokens, block_size
+        self.cause = short_split_cause(corpus, split, tokens)
+        name = f"the {split} split of {corpus.source!r}" if split != "all" else f"{corpus.source!r}"
+        self.what = f"{name} has {tokens} tokens, fewer than one block of {block_size}"
+        cause = f" ({self.cause})" if self.cause else ""
+        super().__init__(f"{self.what}: add text, lower data.block_size or raise data.val_fraction{cause}")
+
+
 class Blocks(Dataset):
     """Non-overlapping `block_size` windows of a token array; item i is a LongTensor (block_size,)."""
 
@@ -64,14 +77,15 @@ class TokenBlocks(L.LightningDataModule):
 
     Args:
         data: "stdlib" (the running Python's standard library, the offline default), a local
-            .txt/.jsonl/.parquet file or directory, or a Hub dataset name (streamed).
+            .txt/.jsonl/.parquet/.csv file or a directory of them, or a Hub dataset name (streamed).
         tokenizer: a Hub name or local path, or "bpe-N" to train an N-entry byte-level BPE on the corpus.
         block_size: tokens per training example.
         batch_size: examples per batch.
         val_fraction: share held out for validation: of files (split by a hash of the path), of rows for a
-            single .jsonl/.parquet file, of text (the end, from a line start) for a single text file.
-        max_val_blocks: cap on validation blocks (the first ones, in a fixed order); None for all.
-        text_field: field holding text in .jsonl/.parquet rows and Hub datasets.
+            single .jsonl/.parquet/.csv file, of text (the end, from a line start) for a single text file.
+        max_val_blocks: cap on validation blocks (the first ones, in a fixed order); None for all. It caps
+            `split("all")` too, the whole source that `surgery eval` scores.
+        text_field: field (column) holding text in .jsonl/.parquet/.csv rows and Hub datasets.
         max_documents: rows read from a streamed Hub dataset, both splits together (None: all).
         seed: seed of the training order; None (default): the run's `seed_everything`. Saved in the
             checkpoint, so a resumed run keeps its order whatever seed the restart draws.
@@ -115,14 +129,14 @@ class TokenBlocks(L.LightningDataModule):
         return self._tokenizer
 
     def split(self, name: str) -> Blocks:
+        """The blocks of "train", "validation" or "all" (the whole source); TooFewTokens when not one block fits."""
+        if name not in SPLITS:
+            raise ValueError(name)
         if name not in self._splits:
             tokens = tokenize_split(self.corpus, self.tokenizer, name)
-            blocks = Blocks(tokens, self.block_size, self.max_val_blocks if name == "validation" else None)
+            blocks = Blocks(tokens, self.block_size, None if name == "train" else self.max_val_blocks)
             if len(blocks) == 0:
-                raise SurgeryError(
-                    f"the {name} split of {self.corpus.source!r} has {len(tokens)} tokens, fewer than one "
-                    f"block of {self.block_size}: add text, lower data.block_size or raise data.val_fraction"
-                )
+                raise TooFewTokens(self.corpus, name, len(tokens), self.block_size)
             self._splits[name] = blocks
         return self._splits[name]
 

@@ -71,7 +71,7 @@ def table_rows(results: dict[str, dict]) -> list[list[str]]:
     n_layers = max(len(r["attention_sink_mass"]) for r in results.values())
     for layer in range(n_layers):
         rows.append(row(f"attention_sink_mass L{layer}", lambda r, i=layer: r["attention_sink_mass"][i] if i < len(r["attention_sink_mass"]) else "-"))
-    rows.append(row("validation cross-entropy (nats/token)", lambda r: r["validation"]["loss"]))
+    rows.append(row("cross-entropy (nats/token)", lambda r: r["validation"]["loss"]))  # on --split of --data
     a = lambda r: r["analyses"]  # noqa: E731
     rows += [
         row("output entropy (nats/token)", lambda r: a(r)["output"]["entropy"]),
@@ -147,11 +147,15 @@ The LN-removal papers' analyses (Baroni et al. 2025, Stolfo et al. 2024; `surger
 """
 
 
-def write_markdown(path: Path, results: dict[str, dict], title: str, settings: VerifySettings, block_size: int) -> None:
+def write_markdown(path: Path, results: dict[str, dict], title: str, settings: VerifySettings, block_size: int,
+                   data: str | None = None) -> None:
+    """report.md: the table, the data (`data`, in words; default "validation blocks of N tokens"), the settings and
+    the definitions."""
     names = list(results)
     lines = [f"# {title}", "", "| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(results)]
-    lines += ["", f"Held-out data: validation blocks of {block_size} tokens; settings: `{asdict(settings)}`.", "", DEFINITIONS]
+    data = data or f"validation blocks of {block_size} tokens"
+    lines += ["", f"Data: {data}; settings: `{asdict(settings)}`.", "", DEFINITIONS]
     lines += ["Plots: `dla_error_per_layer.png`, `patching_scatter.png`, `calibration.png` (reliability diagram), "
               "`first_position_norm.png`, `entropy_neurons.png` (final-layer neurons: norm vs null-space fraction).", ""]
     path.write_text("\n".join(lines))

@@ -1,7 +1,8 @@
 """`surgery verify MODEL_DIR [--baseline ORIGINAL_DIR] --out DIR`: residual-stream checks in TransformerLens.
 
 Loads each model (GPT-2, GPT-NeoX or Llama-style) into TransformerLens (`surgery.lens.load_hooked`, offline), runs every check of
-`surgery.lens.report.verify_model` on held-out text, prints a side-by-side table and writes `report.json`,
+`surgery.lens.report.verify_model` on text blocks of `--data` (`--split`, as `surgery eval`: all of a local file or
+directory, the validation split of stdlib), prints a side-by-side table and writes `report.json`,
 `report.md`, `dla_error_per_layer.png` and `patching_scatter.png` into `--out`.
 Beside the checks it reports, for each model and its baseline, the analyses of the LN-removal papers
 (`surgery.lens.analyses`): output entropy and expected calibration error on the validation blocks
@@ -21,16 +22,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from surgery.cli.commands.eval import SPLITS, scored_blocks, split_words
 from surgery.errors import SurgeryError
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("model", help="model directory written by save_pretrained (GPT-2, GPT-NeoX or Llama-style; LN-free or not)")
     parser.add_argument("--baseline", default=None, help="the original model directory, checked side by side")
     parser.add_argument("--out", type=Path, required=True, help="directory for report.json, report.md and plots")
-    parser.add_argument("--data", default="stdlib", help="held-out text: 'stdlib' or a local .txt/.jsonl/.parquet path")
+    parser.add_argument("--data", default="stdlib", help="text to check on: 'stdlib' or a local .txt/.jsonl/.parquet/.csv "
+                        "file or a directory of them")
+    parser.add_argument("--split", choices=SPLITS, default=None, help="the text used: 'all' of it (the default for a local "
+                        "file or directory), its 'validation' split (the default for stdlib) or its 'train' split")
+    parser.add_argument("--text-field", default="text", help="the field (.jsonl) or column (.parquet, .csv) that holds the text")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: MODEL_DIR's own)")
     parser.add_argument("--block-size", type=int, default=128, help="tokens per held-out block (capped at the context)")
-    parser.add_argument("--val-blocks", type=int, default=32, help="validation blocks for cross-entropy")
+    parser.add_argument("--val-blocks", type=int, default=32, help="blocks of the split for cross-entropy (the first N)")
     parser.add_argument("--dla-blocks", type=int, default=4, help="blocks for logits, DLA and attention-sink checks")
     parser.add_argument("--seg-len", type=int, default=32, help="segment length of the induction prompts")
     parser.add_argument("--prompts", type=int, default=16, help="number of induction prompts")
@@ -85,14 +92,18 @@ def run(args) -> int:
     tokenizer_dir = args.tokenizer or args.model
     if not (Path(tokenizer_dir) / "tokenizer.json").exists():
         raise SurgeryError(f"no tokenizer.json in {tokenizer_dir!r}: save the tokenizer there, or pass --tokenizer DIR")
-    data = TokenBlocks(args.data, tokenizer=tokenizer_dir, block_size=block_size, max_val_blocks=args.val_blocks)
-    blocks = data.split("validation")
+    data = TokenBlocks(args.data, tokenizer=tokenizer_dir, block_size=block_size, max_val_blocks=args.val_blocks,
+                       text_field=args.text_field)
+    blocks, split = scored_blocks(data, args)
+    held_out = f"{args.data}, {split_words(data.corpus, split)}: {len(blocks)} blocks of {block_size} tokens"
     vocab = min(m.config.vocab_size for _, m, _ in models.values())
     if int(blocks.tokens.max()) >= vocab:
         raise SurgeryError(f"the tokenizer of {args.model!r} produces ids up to {int(blocks.tokens.max())}, beyond the model's vocabulary ({vocab})")
     if len(blocks) * blocks.block_size < 2 * args.seg_len + 1:
-        raise SurgeryError(f"--seg-len {args.seg_len} needs {2 * args.seg_len + 1} held-out tokens for its prompts, but the "
-                           f"validation split of {args.data!r} has {len(blocks) * blocks.block_size}: lower --seg-len or raise --val-blocks")
+        more = " or pass --split all" if split != "all" else ""
+        raise SurgeryError(f"--seg-len {args.seg_len} needs {2 * args.seg_len + 1} tokens for its prompts, but the "
+                           f"{len(blocks)} blocks used ({held_out}) hold {len(blocks) * blocks.block_size}: lower "
+                           f"--seg-len or raise --val-blocks{more}")
     settings = VerifySettings(dla_blocks=args.dla_blocks, seg_len=args.seg_len, n_prompts=args.prompts, seed=args.seed)
 
     scan_tokens = torch.stack([blocks[i] for i in range(min(2, len(blocks)))]) if len(blocks) else None  # held-out text
@@ -109,7 +120,7 @@ def run(args) -> int:
         results[label] = verify_model(hf_model, hooked, blocks, settings)
         names[label], detection[label] = path, scans[key].summary()
     title = f"surgery verify: {args.model}" + (f" vs {args.baseline}" if args.baseline else "")
-    print_table(results, title)
+    print_table(results, f"{title}\non {held_out}")
 
     model_label = next(iter(results))
     failures = ln_free_failures(results[model_label]) if ln_free else []
@@ -117,8 +128,11 @@ def run(args) -> int:
     report = {
         "models": names,
         "data": args.data,
+        "split": split,
+        "split_tokens": len(blocks.tokens),
+        "blocks": len(blocks),
         "block_size": block_size,
-        "validation_blocks": len(blocks),
+        "validation_blocks": len(blocks),  # = blocks: the name before --split, which model cards read
         "settings": vars(settings),
         "transformer_lens": transformer_lens_version(),
         "ln_free_thresholds": LN_FREE_THRESHOLDS,
@@ -127,7 +141,7 @@ def run(args) -> int:
         "results": results,
     }
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_markdown(args.out / "report.md", results, title, settings, block_size)
+    write_markdown(args.out / "report.md", results, title, settings, block_size, data=held_out)
     plot(args.out, results)
     print(f"wrote {args.out / 'report.json'}, report.md and plots")
     if failures:
