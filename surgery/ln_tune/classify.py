@@ -3,8 +3,9 @@
 For the Fisher and random LN subsets, the mask is built at `setup("fit")` (Fisher: on the data
 module's `fisher_batches`) and saved to `<run_dir>/masks.safetensors` (Fisher scores beside it in
 `fisher.safetensors`). At the end of fit the merged plain model goes to `<run_dir>/model` and
-accuracy, trainable entries and times to `<run_dir>/metrics.json` (the generic LM export is off
-in these recipes: `export.enabled: false`).
+test accuracy and loss before and after tuning, trainable entries and times to `<run_dir>/metrics.json`
+(the generic LM export is off in these recipes: `export.enabled: false`), and the same numbers are printed as
+a table.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from surgery.ln_tune.fisher import fisher_scores, label_log_likelihood
 from surgery.ln_tune.mask import EntryMask
 from surgery.ln_tune.methods import prepare
 from surgery.ln_tune.tune import export, trainable_parameters
+from surgery.training.report import Row, count_row, gap_rows, num, print_results
 
 
 def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
@@ -54,6 +56,7 @@ class SequenceClassifier(L.LightningModule):
         self.model = AutoModelForSequenceClassification.from_pretrained(
             resolve_model_dir(init), num_labels=num_labels, use_safetensors=True)
         self.mask: EntryMask | None = None
+        self.test_before: dict | None = None  # evaluate() of the test split before training
         self.times: dict[str, float] = {}
         self._prepared = False
 
@@ -76,6 +79,9 @@ class SequenceClassifier(L.LightningModule):
             self.mask.metadata.update({"method": hp.method, "model": str(hp.init)})
             self.mask.save(self._run_dir() / "masks.safetensors")
         self.times["select_s"] = round(time.perf_counter() - start, 2)
+        dm = self.trainer.datamodule
+        if dm is not None and hasattr(dm, "test_dataloader"):  # the new head starts near chance
+            self.test_before = self.evaluate(dm.test_dataloader())
         self._prepared = True
 
     def _run_dir(self) -> Path:
@@ -123,30 +129,62 @@ class SequenceClassifier(L.LightningModule):
         from surgery.training.run import write_json
 
         run_dir = self._run_dir()
+        test = self.evaluate(self.trainer.datamodule.test_dataloader())
         metrics = {"method": self.hparams.method, "trainable": self.trainable(), **self.times,
-                   "steps": self.trainer.global_step,
-                   "test_accuracy": round(self.accuracy(self.trainer.datamodule.test_dataloader()), 4)}
+                   "steps": self.trainer.global_step, "test_accuracy": round(test["accuracy"], 4),
+                   "test": test, "test_before": self.test_before}
+        if self.test_before is not None:
+            metrics["gap_vs_before"] = {k: test[k] - self.test_before[k] for k in ("accuracy", "loss")}
         if self.hparams.save_model:
             self.model = self.export_model()
             self.model.save_pretrained(run_dir / "model")
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(run_dir / "model")
         write_json(run_dir / "metrics.json", metrics)
+        print_results("LN-tuning (sequence classification): results", result_rows(metrics))
         self.metrics = metrics
 
     def trainable(self) -> int:
         return trainable_parameters(self.model, self.mask)
 
     @torch.no_grad()
-    def accuracy(self, loader) -> float:
+    def evaluate(self, loader) -> dict:
+        """{"accuracy": share right, "loss": mean cross-entropy (nats/example), "examples": count} over `loader`."""
         was = self.model.training
         self.model.eval()
         right = total = 0
+        loss = 0.0
         for batch in loader:
-            right += int((self(batch).argmax(-1) == batch["labels"]).sum())
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            logits = self(batch)
+            right += int((logits.argmax(-1) == batch["labels"]).sum())
+            loss += torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum").item()
             total += batch["labels"].shape[0]
         self.model.train(was)
-        return right / total
+        return {"accuracy": right / total, "loss": loss / total, "examples": total}
+
+    def accuracy(self, loader) -> float:
+        return self.evaluate(loader)["accuracy"]
 
     def export_model(self):
         return export(self.model)
+
+
+def result_rows(metrics: dict) -> list[Row]:
+    """The rows of the end-of-run table and the model card of a classification run, from metrics.json: the
+    accuracy gap to the model before tuning first (percentage points; the new head starts near chance), test
+    accuracy and loss before and after, the test examples behind each, the trainable parameters."""
+    before, test = metrics.get("test_before") or {}, metrics.get("test") or {}
+    gap = (metrics.get("gap_vs_before") or {}).get("accuracy")
+    rows = gap_rows({"gap_vs_original": gap}, "tuned", "before tuning", unit="test accuracy, points",
+                    fmt=lambda v: f"{100 * v:+.1f}")
+    if "accuracy" in before:
+        rows.append(("test accuracy before tuning", f"{100 * before['accuracy']:.1f}%"))
+    rows.append((f"test accuracy ({metrics.get('method')})", f"{100 * metrics['test_accuracy']:.1f}%"))
+    if "loss" in before and "loss" in test:
+        rows.append(("test loss before tuning (nats/example)", num(before["loss"])))
+        rows.append(("test loss (nats/example)", num(test["loss"])))
+    rows += count_row({"before tuning": before.get("examples"), "after": test.get("examples")},
+                      what="test examples", of="each figure")
+    rows.append(("trainable parameters", num(metrics.get("trainable"))))
+    return rows

@@ -21,6 +21,7 @@ from surgery.ln_tune.mask import EntryMask
 from surgery.ln_tune.params import ln_parameters, norm_modules
 from surgery.ln_tune.tune import LNTuneConfig, export, ln_tune, trainable_parameters
 from surgery.training.lm import CausalLM
+from surgery.training.report import Row, count_row, gap_rows, num, print_results
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,32 @@ class LNTuneLM(CausalLM):
         return export(self.model)
 
     def run_metrics(self, exported, val: dict) -> dict:
+        """The LN-tuning part of metrics.json: the selection, the trainable entries, the validation loss before
+        tuning (`val_before`, with its token count) and `gap_vs_before` (loss after - before, nats/token; negative:
+        tuning helped); printed as the results table (`result_rows`) as well."""
         norms = sorted({type(m).__name__ for m in norm_modules(self.model).values()})
-        return {"ln_tune": {"selection": self.hparams.selection, "trainable": self.trainable, "norms": norms,
-                            "ln_entries": self.mask.total(), "val_before": self.val_before}}
+        before = self.val_before
+        out = {"ln_tune": {"selection": self.hparams.selection, "trainable": self.trainable, "norms": norms,
+                           "ln_entries": self.mask.total(), "val_before": before,
+                           "gap_vs_before": None if before is None else val["loss"] - before["loss"]}}
+        print_results("LN-tuning: results", result_rows({"val": val, **out}))
+        return out
+
+
+def result_rows(metrics: dict) -> list[Row]:
+    """The LN-tuning rows of the end-of-run table and the model card, from metrics.json: the gap to the model
+    before tuning first, the validation loss before and after with the tokens behind each, the trainable entries."""
+    tune, val = metrics["ln_tune"], metrics.get("val") or {}
+    before = tune.get("val_before") or {}
+    gap = tune.get("gap_vs_before")
+    if gap is None and "loss" in before and "loss" in val:  # an older run: the gap from its two losses
+        gap = val["loss"] - before["loss"]
+    rows = gap_rows({"gap_vs_original": gap}, "tuned", "before tuning")
+    if "loss" in before:
+        rows.append(("validation loss before tuning (nats/token)", num(before["loss"])))
+    if "loss" in val:
+        rows.append(("validation loss (nats/token)", num(val["loss"])))
+    rows += count_row({"before tuning": before.get("tokens"), "after": val.get("tokens")})
+    rows.append((f"trainable LayerNorm entries ({tune.get('selection')})",
+                 f"{num(tune.get('trainable'))} of {num(tune.get('ln_entries'))}"))
+    return rows

@@ -1,7 +1,8 @@
 """The model card (`README.md`) of a published run: Hub metadata, results tables from the run's own
 measurements (`metrics.json`, the verification report), the reload check, and loading snippets.
 
-Every number in the tables is read from the run's files; nothing is typed in by hand.
+Every number in the tables is read from the run's files; nothing is typed in by hand. The results table starts with
+the rows the run printed when it ended (each surgery's `result_rows`, see `surgery.training.report`).
 """
 
 from __future__ import annotations
@@ -13,21 +14,9 @@ import yaml
 
 from surgery.lens.convert import lens_supports
 from surgery.publish.source import PublishSource
+from surgery.training.report import num
 
 CORPUS_NAMES = {"stdlib"}  # data sources of surgery.data.Corpus that are not Hub datasets
-
-
-def _num(value) -> str:
-    """4 decimals for losses and ratios, scientific notation for small errors, thousands separators for counts."""
-    if isinstance(value, bool) or value is None:
-        return "-" if value is None else str(value).lower()
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if value == 0:
-            return "0"
-        return f"{value:.2e}" if abs(value) < 1e-3 else f"{value:.4f}"
-    return str(value)
 
 
 def is_hub_name(name, search_dirs: list[Path]) -> bool:
@@ -107,46 +96,41 @@ def metadata(source: PublishSource, ln_free: bool, license: str, base: str | Non
     return meta
 
 
+def surgery_rows(metrics: dict) -> list[tuple[str, str]]:
+    """The rows the run printed when it ended, built by its surgery from the same metrics.json: each leads with
+    the gap to the model it started from (removal: then the bracket gap and the gap to the control) and gives
+    the validation tokens behind each figure. Empty for a run of no surgery (e.g. pretraining)."""
+    if isinstance(metrics.get("val_loss"), dict):  # LayerNorm removal
+        from surgery.remove_ln.report import result_rows
+    elif isinstance(metrics.get("xatl"), dict):  # cross-architecture transfer
+        from surgery.xatl.training.report import result_rows
+    elif isinstance(metrics.get("ln_tune"), dict):  # LN-tuning of a language model
+        from surgery.ln_tune.lm import result_rows
+    elif "test_accuracy" in metrics:  # sequence classification
+        from surgery.ln_tune.classify import result_rows
+    else:
+        return []
+    return result_rows(metrics)
+
+
 def result_rows(metrics: dict, parent: dict) -> list[tuple[str, str]]:
     """(measurement, value) rows from a run's metrics.json (and a comparison's metrics.json one level up)."""
-    rows = []
-    val_loss = metrics.get("val_loss")
-    if isinstance(val_loss, dict):  # LayerNorm removal (surgery/remove_ln/report.py)
-        rows += [(f"validation loss, {name} (nats/token)", _num(v)) for name, v in val_loss.items()]
-        if "gap_vs_control" in metrics:
-            rows.append(("gap LN-free - control (nats/token)", f"{metrics['gap_vs_control']:+.4f}"))
-        if "export_logit_diff" in metrics:
-            d = metrics["export_logit_diff"]
-            rows.append(("max abs logit diff, trained (fake LN) vs export", f"{_num(d['max_abs'])} ({_num(d['relative'])} relative)"))
-        if metrics.get("removed"):
-            last = metrics["removed"][-1]
-            rows.append(("LayerNorms removed", f"{len(metrics['removed'])} (last: {last['point']} at step {last['step']})"))
-    elif isinstance(metrics.get("val"), dict):
-        rows.append(("validation loss (nats/token)", _num(metrics["val"]["loss"])))
-        rows.append(("validation perplexity", _num(metrics["val"]["perplexity"])))
-    tune = metrics.get("ln_tune")
-    if isinstance(tune, dict):  # LN-tuning of a language model (surgery/ln_tune/lm.py)
-        if "val_before" in tune:
-            rows.append(("validation loss before tuning (nats/token)", _num(tune["val_before"]["loss"])))
-        rows.append((f"trainable LayerNorm entries ({tune.get('selection')})", f"{_num(tune.get('trainable'))} of {_num(tune.get('ln_entries'))}"))
-    if "test_accuracy" in metrics:  # sequence classification (surgery/ln_tune/classify.py)
-        rows.append((f"test accuracy ({metrics.get('method')})", f"{100 * metrics['test_accuracy']:.1f}%"))
-        rows.append(("trainable parameters", _num(metrics.get("trainable"))))
-    xatl = metrics.get("xatl")
-    if isinstance(xatl, dict):  # cross-architecture transfer (surgery/xatl/training/module.py)
-        rows.append(("mixer / transferred components", f"{xatl.get('mixer')} / {', '.join(xatl.get('transfer', [])) or 'none'}"))
-        rows.append(("transferred parameters", _num(xatl.get("transferred_params"))))
-        rows.append(("transferred weights unfrozen at step", _num(xatl.get("unfrozen_at"))))
+    rows = surgery_rows(metrics)
+    val = metrics.get("val")
+    if isinstance(val, dict) and not isinstance(metrics.get("val_loss"), dict):
+        if not rows:
+            rows.append(("validation loss (nats/token)", num(val["loss"])))
+        rows.append(("validation perplexity", num(val["perplexity"])))
     if "steps_to_match_ratio" in parent:  # XATL vs scratch comparison (surgery/cli/commands/compare.py)
-        rows.append(("scratch final validation loss (nats/token)", _num(parent.get("scratch_final_val_loss"))))
-        rows.append(("XATL final validation loss (nats/token)", _num(parent.get("xatl_final_val_loss"))))
+        rows.append(("scratch final validation loss (nats/token)", num(parent.get("scratch_final_val_loss"))))
+        rows.append(("XATL final validation loss (nats/token)", num(parent.get("xatl_final_val_loss"))))
         match = parent.get("steps_to_match_scratch_final_loss")
         ratio = parent["steps_to_match_ratio"]
         rows.append(("XATL steps to reach scratch's final loss", "not reached" if match is None else
-                     f"{_num(match)} of {_num(parent.get('total_steps'))} (ratio {_num(ratio)})"))
+                     f"{num(match)} of {num(parent.get('total_steps'))} (ratio {num(ratio)})"))
     for key, label in (("steps", "optimizer steps"), ("tokens_seen", "training tokens")):
         if key in metrics:
-            rows.append((label, _num(metrics[key])))
+            rows.append((label, num(metrics[key])))
     if "train_time_s" in metrics:
         rows.append(("training time (s)", f"{metrics['train_time_s']:.0f}"))
     return rows
@@ -173,7 +157,7 @@ def verify_table(report: dict) -> list[str]:
         cells = []
         for r in results.values():
             try:
-                cells.append(_num(get(r)))
+                cells.append(num(get(r)))
             except (KeyError, TypeError):
                 cells.append("-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -226,13 +210,13 @@ def render(source: PublishSource, repo_id: str, meta: dict, checks: dict, files:
         lines += [""] + [f"![{Path(f).stem}]({f})" for f in plots] if plots else []
     if source.verify_dir is not None:
         report = json.loads((source.verify_dir / "report.json").read_text())
-        lines += ["", "## Verification in TransformerLens", "", f"`surgery verify` on {report.get('validation_blocks', '?')} "
-                  f"held-out blocks of {report.get('block_size', '?')} tokens (`verify/report.json`).", "", *verify_table(report)]
+        lines += ["", "## Verification in TransformerLens", "", f"`surgery verify` on {report.get('blocks', report.get('validation_blocks', '?'))} "
+                  f"blocks of {report.get('block_size', '?')} tokens ({scored_text(report)}; `verify/report.json`).", "", *verify_table(report)]
     lines += ["", "## Reload check", "", f"Before publishing, this folder was loaded {checks['loader']} and its logits "
               f"compared with the run's model on {checks['blocks']} blocks of {checks['block_size']} tokens: max abs "
-              f"difference {_num(checks['max_abs_logit_diff'])}."]
+              f"difference {num(checks['max_abs_logit_diff'])}."]
     if "lens_max_abs_logit_diff" in checks:
-        lines[-1] += f" Loaded with `surgery.lens.load_hooked`: max abs difference {_num(checks['lens_max_abs_logit_diff'])}."
+        lines[-1] += f" Loaded with `surgery.lens.load_hooked`: max abs difference {num(checks['lens_max_abs_logit_diff'])}."
     lines += ["", *snippets(repo_id, config.get("model_type", ""), auto_class, needs_surgery)]
     if source.recipe_path is not None:
         lines += ["", "## Reproduce", "", "`recipe.yaml` is the full Lightning CLI configuration of the run "
@@ -245,3 +229,9 @@ def render(source: PublishSource, repo_id: str, meta: dict, checks: dict, files:
                       "reproduce this run exactly (`metrics.json`: `resumed_with_changes`)."]
     lines += ["", "## Files", "", *[f"- `{f}`" for f in sorted(files) if f != "README.md"]]
     return "\n".join(lines) + "\n"
+
+
+def scored_text(report: dict) -> str:
+    """Which text a verify report scored: a split of its data, or all of it (reports before `split`: validation)."""
+    split = report.get("split", "validation")
+    return f"all of {report.get('data', 'its data')}" if split == "all" else f"the {split} split of {report.get('data', 'its data')}"

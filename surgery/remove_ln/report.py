@@ -1,15 +1,14 @@
-"""End-of-run results of a removal run: the losses table, the export check and the plots."""
+"""End-of-run results of a removal run: the results table (also the model card's), the export check and the plots."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
-
 from surgery.eval.loss import cross_entropy
 from surgery.remove_ln.points import token_context
+from surgery.training.report import Row, count_row, gap_rows, num, print_results
+from surgery.training.report import gaps as shared_gaps
 
 
 @torch.no_grad()
@@ -28,14 +27,18 @@ def max_logit_diff(trained, exported, blocks, eos_id: int | None, points=None, n
 
 
 def removal_report(module, exported, val: dict, run_dir: str) -> dict:
+    """The removal's part of metrics.json (losses of original / control / LN-free and the tokens behind each,
+    the gaps, the export check, the removed norms, the plots), printed as a table (`result_rows`) as well."""
     dm = module.trainer.datamodule
     blocks = dm.split("validation")
     rows = {"original": module.original_val["loss"]}
+    tokens = {"original": module.original_val.get("tokens")}
     if module.control is not None:
-        rows["control (LN kept)"] = cross_entropy(module.control, blocks, dm.batch_size)["loss"]
+        control = cross_entropy(module.control, blocks, dm.batch_size)
+        rows["control (LN kept)"], tokens["control (LN kept)"] = control["loss"], control["tokens"]
     label = "LN-free" if module.removal is not None else "fine-tuned (LN kept)"
-    rows[label] = val["loss"]
-    result = {"val_loss": rows, "losses": module.distill.describe()}
+    rows[label], tokens[label] = val["loss"], val.get("tokens")
+    result = {"val_loss": rows, "val_tokens": tokens, "losses": module.distill.describe()}
     result.update(gaps(rows))
     if module.removal is not None:
         result["export_logit_diff"] = max_logit_diff(module.model, exported, blocks, dm.tokenizer.eos_token_id, module.points)
@@ -43,7 +46,7 @@ def removal_report(module, exported, val: dict, run_dir: str) -> dict:
         from surgery.remove_ln.plots import plot_run
 
         result["plots"] = plot_run(module.removal.history, module.removal.removed, Path(run_dir))
-    print_table(result)
+    print_results("LayerNorm removal: results", result_rows(result), caption=f"training loss: {result['losses']}")
     return result
 
 
@@ -53,25 +56,28 @@ def gaps(rows: dict) -> dict:
     hides that cost). Only the gaps whose losses are in `rows`."""
     if "LN-free" not in rows:
         return {}
-    out = {"gap_vs_original": rows["LN-free"] - rows["original"]}
-    if "control (LN kept)" in rows:
-        out["gap_vs_control"] = rows["LN-free"] - rows["control (LN kept)"]
-    out["gap_vs_best"] = rows["LN-free"] - min(rows["original"], rows.get("control (LN kept)", rows["original"]))
-    return out
+    return shared_gaps(rows["LN-free"], rows["original"], rows.get("control (LN kept)"))
 
 
-def print_table(result: dict) -> None:
-    table = Table(title="LayerNorm removal: validation cross-entropy (nats/token)",
-                  caption=f"training loss: {result['losses']}" if "losses" in result else None)
-    table.add_column("model")
-    table.add_column("val loss", justify="right")
-    for name, loss in result["val_loss"].items():
-        table.add_row(name, f"{loss:.4f}")
-    for key, label in (("gap_vs_original", "original"), ("gap_vs_control", "control"),
-                       ("gap_vs_best", "min(original, control)")):
-        if key in result:
-            table.add_row(f"gap (LN-free - {label})", f"{result[key]:+.4f}")
-    if "export_logit_diff" in result:
-        d = result["export_logit_diff"]
-        table.add_row("max |logit diff| trained vs export", f"{d['max_abs']:.2e} ({d['relative']:.1e} rel.)")
-    Console().print(table)
+def result_rows(metrics: dict) -> list[Row]:
+    """The removal's rows of the end-of-run table and the model card, from metrics.json: the gaps first (to the
+    original, the bracket gap, then to the control), the losses and the validation tokens behind them, the export
+    check and the removed norms. Gaps an older metrics.json lacks are taken from its losses."""
+    losses = metrics["val_loss"]
+    rows = []
+    if "LN-free" in losses:
+        recorded = {k: metrics[k] for k in ("gap_vs_original", "gap_vs_control", "gap_vs_best") if k in metrics}
+        control = "control" if "control (LN kept)" in losses else None
+        rows += gap_rows({**gaps(losses), **recorded}, "LN-free", "original", control)
+    rows += [(f"validation loss, {name} (nats/token)", num(v)) for name, v in losses.items()]
+    tokens = metrics.get("val_tokens")
+    if tokens is None:  # an older run: only the final model's count is known (`val` is its loss)
+        tokens = {name: (metrics.get("val") or {}).get("tokens") if name == list(losses)[-1] else None for name in losses}
+    rows += count_row(tokens)
+    if "export_logit_diff" in metrics:
+        d = metrics["export_logit_diff"]
+        rows.append(("max abs logit diff, trained (fake LN) vs export", f"{num(d['max_abs'])} ({num(d['relative'])} relative)"))
+    if metrics.get("removed"):
+        last = metrics["removed"][-1]
+        rows.append(("LayerNorms removed", f"{len(metrics['removed'])} (last: {last['point']} at step {last['step']})"))
+    return rows

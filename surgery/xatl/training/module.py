@@ -27,6 +27,8 @@ import torch
 from surgery.training.distill import DistillConfig, Distiller, Teacher, as_config, next_token_ce
 from surgery.errors import SurgeryError
 from surgery.training.lm import LMModule, cosine_with_warmup, decays
+from surgery.training.report import print_results
+from surgery.xatl.training.report import result_rows
 from surgery.models.loading import load_causal_lm
 from surgery.xatl.training.align import AttentionAligner
 from surgery.xatl.training.auto_layers import check_criterion, choose_layers, rank_layers
@@ -299,21 +301,27 @@ class XatlLM(LMModule):
         self._set_transferred_trainable(self.unfrozen_at is not None)
 
     def run_metrics(self, exported=None, val=None) -> dict:
-        """The run's XATL settings, and the source's own loss on the same validation split with the gap to it
-        (`gap_vs_source` = this model's loss - the source's, nats/token)."""
+        """The run's XATL settings, and the source's own loss on the same validation split (and its token count)
+        with the gap to it (`gap_vs_source` = this model's loss - the source's, nats/token). Called by ExportRun
+        (with `val`), it prints the results table (`result_rows`) too."""
         source_val = None
         dm = self.trainer.datamodule if val is not None else None  # with `val`, called by ExportRun in a run
         if dm is not None and hasattr(dm, "split"):
             from surgery.eval.loss import cross_entropy
 
             src = self.source_model.model
-            source_val = cross_entropy(src.to(self.device).eval(), dm.split("validation"), dm.batch_size)["loss"]
-        gap = None if source_val is None else val["loss"] - source_val
-        return {"xatl": {"source_val_loss": source_val, "gap_vs_source": gap, "mixer": self.hparams.mixer,
-                         "transfer": list(self.hparams.transfer),
-                         "transferred_params": self.report.num_params, "frozen_tensors": len(self.transferred),
-                         "unfrozen_at": self.unfrozen_at, "align_steps": self.align.steps,
-                         "distill": self.distill.describe(), "lm_after": self.lm_after,
-                         "attn_layers": list(self.model.config.attn_layers or []),
-                         "attn_layer_ranking": self.ranking,
-                         "attn_layer_criterion": self.auto_attn.criterion if self.ranking is not None else None}}
+            source_val = cross_entropy(src.to(self.device).eval(), dm.split("validation"), dm.batch_size)
+        loss, tokens = (None, None) if source_val is None else (source_val["loss"], source_val["tokens"])
+        gap = None if loss is None else val["loss"] - loss
+        out = {"xatl": {"source_val_loss": loss, "gap_vs_source": gap, "source_val_tokens": tokens,
+                        "mixer": self.hparams.mixer,
+                        "transfer": list(self.hparams.transfer),
+                        "transferred_params": self.report.num_params, "frozen_tensors": len(self.transferred),
+                        "unfrozen_at": self.unfrozen_at, "align_steps": self.align.steps,
+                        "distill": self.distill.describe(), "lm_after": self.lm_after,
+                        "attn_layers": list(self.model.config.attn_layers or []),
+                        "attn_layer_ranking": self.ranking,
+                        "attn_layer_criterion": self.auto_attn.criterion if self.ranking is not None else None}}
+        if val is not None:
+            print_results("Cross-architecture transfer: results", result_rows({"val": val, **out}))
+        return out
