@@ -67,7 +67,8 @@ def test_export_of_a_run_stopped_mid_removal_is_refused(finished_run, tmp_path, 
 def test_max_steps_ending_before_the_schedule_is_refused(finished_run, capsys):
     root, _ = finished_run
     assert main(fit_args(root / "recipe.yaml", root / "too-short", "--trainer.max_steps", "12")) == 2
-    assert "trainer.max_steps=12 ends before the removal schedule does (its last event is at step 14)" in capsys.readouterr().err
+    assert ("trainer.max_steps=12 ends before the removal schedule does (its last event is at step 14): the run needs "
+            "trainer.max_steps >= 15; raise trainer.max_steps or shorten model.init_args.schedule") in capsys.readouterr().err
 
 
 def test_the_checkpoint_names_the_function_that_rebuilds_its_switchable_norms(finished_run, tmp_path, capsys):

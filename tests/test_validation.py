@@ -175,7 +175,8 @@ CASES = [
     Case("zero epochs", lambda r, t: ["--trainer.max_steps", "-1", "--trainer.max_epochs", "0"],
          ["trainer.max_epochs=0: a run needs at least one epoch"]),
     Case("steps end before the schedule", lambda r, t: ["--trainer.max_steps", "10"],
-         ["trainer.max_steps=10 ends before the removal schedule does (its last event is at step 14)"]),
+         ["trainer.max_steps=10 ends before the removal schedule does (its last event is at step 14): the run needs "
+          "trainer.max_steps >= 15"]),
     Case("negative checkpoint interval", lambda r, t: ["--checkpoint.every_n_train_steps", "-1"],
          ["checkpoint.every_n_train_steps=-1 is negative: use a positive number of steps, or 0"]),
     # -- optimizer and surgery settings -------------------------------------------------------------

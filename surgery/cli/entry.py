@@ -21,7 +21,8 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("surgery.cli.commands.eval", "cross-entropy and perplexity of a model on held-out data; "
              "standard benchmarks through lm-evaluation-harness (--tasks)"),
-    "export": ("surgery.cli.commands.export", "a run's checkpoint as a plain Hugging Face model (LN-free when removal finished)"),
+    "export": ("surgery.cli.commands.export", "a run's checkpoint as a plain Hugging Face model: LN-free after a finished "
+               "LayerNorm removal; a checkpoint taken mid-removal (some norms still real) is refused"),
     "verify": ("surgery.cli.commands.verify", "check an (LN-free) model in TransformerLens: logits, exact DLA, patching, sinks"),
     "publish": ("surgery.cli.commands.publish", "upload a run or model to the Hugging Face Hub with a card built from its measurements"),
     "compare": ("surgery.cli.commands.compare", "XATL vs from scratch: train a recipe both ways on the same data and steps, "

@@ -7,12 +7,13 @@ exported model (`model/`), `metrics.json` and plots.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -20,12 +21,31 @@ from surgery.training import run_lock
 from surgery.publish.callback import PublishRun
 from surgery.errors import SurgeryError
 from surgery.training.guard import DivergenceGuard
-from surgery.cli.parse_errors import SurgeryArgumentParser
-from surgery.training.progress import StepProgressBar
+from surgery.cli.parse_errors import RECIPE_USAGE, SurgeryArgumentParser
+from surgery.training.progress import ParamSummary, StepProgressBar
 from surgery.training.resume import (AtomicCheckpointIO, check_resume_config, choose_checkpoint, plain, read_training_checkpoint, rng_state,
                             set_rng_state)
 from surgery.training.run import ExportRun
-from surgery.training.validate import check_fit, check_trainer_config
+from surgery.training.validate import check_fit, check_trainer_config, warn_steps_beyond_run
+
+# The LightningModules and data modules of the recipes, imported when the CLI is built (not when `surgery` starts,
+# so `surgery --help` loads no torch): `surgery fit --help` lists them as the known subclasses of `--model` and
+# `--data`, and `--model LNRemoval` / `--model.help LNRemoval` find them by class name.
+RECIPE_MODULES = (
+    "surgery.training.lm",  # CausalLM: pretraining and plain fine-tuning
+    "surgery.remove_ln.module",  # LNRemoval
+    "surgery.xatl.training.module",  # XatlLM
+    "surgery.ln_tune.lm",  # LNTuneLM
+    "surgery.ln_tune.classify",  # SequenceClassifier
+)
+
+
+def import_recipe_modules() -> None:
+    for name in RECIPE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # a broken optional dependency: a recipe naming the class reports it when it is used
+            pass
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -110,6 +130,7 @@ def keep_earlier_log(log_dir: Path) -> Path | None:
 
 class SurgeryCLI(LightningCLI):
     def __init__(self, args=None):
+        import_recipe_modules()
         super().__init__(
             L.LightningModule,
             L.LightningDataModule,
@@ -117,19 +138,25 @@ class SurgeryCLI(LightningCLI):
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
             # A one-line usage: the full option list would bury an error message (`--help` prints it).
-            parser_kwargs={c: {"usage": f"surgery {c} --config RECIPE.yaml [--key value ...]"} for c in ("fit", "validate", "test", "predict")},
+            parser_kwargs={c: {"usage": RECIPE_USAGE.format(c)} for c in ("fit", "validate", "test", "predict")},
             args=None if args == sys.argv[1:] else args,  # Lightning warns when given the command line as args
             auto_configure_optimizers=False,
             parser_class=SurgeryArgumentParser,  # a refused recipe in one line, not jsonargparse's nested report
         )
 
     def instantiate_trainer(self, **kwargs):
-        """With the progress bar on and none configured, `StepProgressBar` (steps out of max_steps)."""
+        """With the progress bar on and none configured, `StepProgressBar` (steps out of max_steps; whole lines
+        when stdout is not a terminal); with the model summary on and none configured, `ParamSummary` (no FLOPs
+        column when they were not measured)."""
         config = (self.config_init[self.subcommand] if self.subcommand else self.config_init).get("trainer") or {}
         callbacks = config.get("callbacks") or []
-        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs["callbacks"] = [*callbacks, StepProgressBar()]
+            callbacks.append(StepProgressBar())
+        if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
+            callbacks.append(ParamSummary())
+            kwargs["enable_model_summary"] = False  # Lightning's own would be added beside it, with a notice saying so
+        kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
@@ -179,6 +206,8 @@ class SurgeryCLI(LightningCLI):
     def before_fit(self) -> None:
         """Check the configuration (`surgery.training.validate`), decide what the run starts from (`surgery.training.resume`), load checkpoints weights-only."""
         check_fit(self.trainer, self.model, self.datamodule)
+        if self.trainer.is_global_zero:
+            warn_steps_beyond_run(self.config["fit"].as_dict(), self.trainer.max_steps)
         config = self.config_init["fit"]
         ckpt = next(cb for cb in self.trainer.callbacks if isinstance(cb, RunCheckpoint))
         run_dir = Path(self.trainer.default_root_dir)

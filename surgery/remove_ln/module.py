@@ -103,7 +103,8 @@ class LNRemoval(CausalLM):
             if 0 < self.trainer.max_steps <= last:
                 raise SurgeryError(
                     f"trainer.max_steps={self.trainer.max_steps} ends before the removal schedule does (its last "
-                    f"event is at step {last}): raise trainer.max_steps or shorten model.init_args.schedule"
+                    f"event is at step {last}): the run needs trainer.max_steps >= {last + 1}; raise trainer.max_steps "
+                    f"or shorten model.init_args.schedule"
                 )
         dm = self.trainer.datamodule
         if self.original_val is None:

@@ -5,10 +5,14 @@ Checks made elsewhere, closer to their inputs: unknown config keys and wrong typ
 parser, exit status 2), the removal schedule (`RemovalSchedule.removal_steps`), unknown mixers
 (`surgery.xatl.mixers`), unsupported model families (`surgery.families.family_of`), model files
 (`surgery.models.loading`), the run directory and checkpoint to resume (`surgery.training.resume.choose_checkpoint`).
+
+Not an error but worth a line: model settings counted in steps that the run never reaches
+(`steps_beyond_run`, printed once at the start of fit by `warn_steps_beyond_run`).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import lightning as L
@@ -91,6 +95,47 @@ def check_model_and_data(module: L.LightningModule, datamodule: L.LightningDataM
     if isinstance(datamodule, TokenBlocks):  # raises, naming the fix, on a split with less than one block
         for split in ("train", "validation"):
             datamodule.split(split)
+
+
+def _counts_steps(key: str) -> bool:
+    return key == "step" or key.endswith("_steps")
+
+
+def steps_beyond_run(config: dict, max_steps: int) -> list[tuple[str, int]]:
+    """`(key, value)` of each setting under `model.init_args` counted in optimizer steps (named `step` or
+    `*_steps`, at any depth: `warmup_steps`, `unfreeze.step`, `unfreeze.warmup_steps`, ...) whose value exceeds
+    `max_steps`, in the order of the config. Knows no surgery: it reads names only. Nothing when steps do not
+    bound the run (`max_steps` -1)."""
+    if max_steps is None or max_steps <= 0:
+        return []
+    model = config.get("model")
+    init_args = model.get("init_args") if isinstance(model, dict) else None
+    found: list[tuple[str, int]] = []
+
+    def walk(prefix: str, node: Any) -> None:
+        if not isinstance(node, dict):
+            return
+        for key, value in node.items():
+            name = f"{prefix}.{key}"
+            if isinstance(value, dict):
+                walk(name, value)
+            elif _counts_steps(str(key)) and isinstance(value, int) and not isinstance(value, bool) and value > max_steps:
+                found.append((name, value))
+
+    walk("model.init_args", init_args)
+    return found
+
+
+def warn_steps_beyond_run(config: dict, max_steps: int, stream=None) -> list[tuple[str, int]]:
+    """One line on stderr naming each setting of `steps_beyond_run`; returns them."""
+    found = steps_beyond_run(config, max_steps)
+    if found:
+        settings = ", ".join(f"{key}={value}" for key, value in found)
+        one = len(found) == 1
+        print(f"surgery fit: warning: {settings} {'exceeds' if one else 'exceed'} trainer.max_steps={max_steps}: the run "
+              f"ends before {'it takes' if one else 'they take'} full effect; raise trainer.max_steps or lower "
+              f"{'it' if one else 'them'}", file=stream or sys.stderr, flush=True)
+    return found
 
 
 def check_fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule | None) -> None:

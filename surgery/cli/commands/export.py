@@ -1,8 +1,9 @@
 """`surgery export CHECKPOINT --out DIR`: a run's Lightning checkpoint as a plain Hugging Face model.
 
-A removal checkpoint whose LayerNorms are all fake is folded into an LN-free GPT-2; any other
-surgery checkpoint is saved as the model it holds. The tokenizer is copied from `--tokenizer`, or
-from the run's starting model when the checkpoint names one.
+A removal checkpoint whose LayerNorms are all fake is folded into an LN-free model of its own class; one taken
+mid-removal (some norms still real) is refused, naming them; any other surgery checkpoint is saved as the model
+it holds. The tokenizer is copied from `--tokenizer`, or from the run's starting model when the checkpoint
+names one.
 """
 
 from __future__ import annotations
