@@ -123,3 +123,19 @@ def test_benchmarks_are_not_a_command_of_the_installed_package(capsys):
     """The benchmarks live in the source checkout (`python -m benchmarks`), not in the wheel: no `surgery bench`."""
     assert main(["bench"]) == 2
     assert "unknown command 'bench'" in capsys.readouterr().err
+
+
+def test_a_loaded_gpt2_names_its_loss_so_transformers_does_not_warn():
+    """GPT2LMHeadModel's class name maps to no loss in transformers, which then warns `loss_type=None ... unrecognized`
+    and uses the next-token loss anyway; the loader names that loss, and the loss is unchanged."""
+    import torch
+    import torch.nn.functional as F
+
+    from surgery.models.loading import load_causal_lm
+
+    model = load_causal_lm("checkpoints/tiny-gpt2-stdlib")
+    assert model.loss_type == "ForCausalLM"
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    out = model(ids, labels=ids)
+    expected = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert torch.allclose(out.loss, expected, atol=1e-6)

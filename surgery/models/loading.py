@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from surgery.errors import SurgeryError
+from surgery.models.loss import causal_lm_loss
 from surgery.models.shipped import is_shipped_path, resolve_shipped
 
 
@@ -53,7 +54,7 @@ def load_causal_lm(name: str, dtype: torch.dtype = torch.float32) -> PreTrainedM
         if local:
             raise SurgeryError(f"could not load the model in {name!r}: {err}") from err
         raise _hub_error(name, err) from err
-    return check_finite(model, name)
+    return causal_lm_loss(check_finite(model, name))
 
 
 def check_finite(model: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -221,7 +222,7 @@ def load_lightning_checkpoint(path: str) -> PreTrainedModel:
             f"{path!r} does not match the model its config describes (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}): it was written by a different version or module"
         )
-    return check_finite(model, path).eval()
+    return causal_lm_loss(check_finite(model, path)).eval()
 
 
 def _tied_keys(model: PreTrainedModel) -> set[str]:

@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from surgery.errors import SurgeryError
 from surgery.models.loading import load_causal_lm
+from surgery.models.loss import causal_lm_loss
 
 
 def build_model(init: str | None, config: dict[str, Any] | None, tokenizer: Any = None) -> PreTrainedModel:
@@ -36,7 +37,7 @@ def build_model(init: str | None, config: dict[str, Any] | None, tokenizer: Any 
         cfg = AutoConfig.for_model(model_type, **{"vocab_size": vocab_size or 50257, **special, **fields})
     except ValueError as err:
         raise SurgeryError(f"model.config.model_type {model_type!r}: {err}") from None
-    return AutoModelForCausalLM.from_config(cfg)
+    return causal_lm_loss(AutoModelForCausalLM.from_config(cfg))
 
 
 def decays(p: torch.nn.Parameter) -> bool:

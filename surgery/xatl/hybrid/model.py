@@ -35,6 +35,7 @@ from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
 
 from surgery.errors import SurgeryError
 from surgery.families import FAMILIES, HYBRID_PREFIX, family_of, get_module, set_module
+from surgery.models.loss import causal_lm_loss
 from surgery.xatl.hybrid.cache import (CACHE_ARG, CACHE_NAMES, LAYER_CACHE_NAMES, HybridCache, as_hybrid_cache,
                                 cache_from_kwargs)
 from surgery.xatl.mixers import MIXERS, build_mixer
@@ -202,4 +203,4 @@ def hybrid_model(config) -> nn.Module:
     """A freshly initialized hybrid for a config made by `hybrid_config_from`."""
     if config.model_type not in HYBRID_MODELS:
         raise SurgeryError(f"{config.model_type!r} is not a hybrid model type (build one with hybrid_config_from)")
-    return HYBRID_MODELS[config.model_type](config)
+    return causal_lm_loss(HYBRID_MODELS[config.model_type](config))
