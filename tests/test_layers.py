@@ -142,7 +142,7 @@ def test_import_surgery_and_the_help_load_neither_torch_nor_transformers():
 SLOW = pytest.mark.slow  # a fresh process importing torch and transformers: seconds each
 
 
-@pytest.mark.parametrize("imports", ["import surgery; import transformers",
+@pytest.mark.parametrize("imports", [pytest.param("import surgery; import transformers", marks=SLOW),
                                      pytest.param("import surgery.xatl", marks=SLOW),
                                      pytest.param("import transformers; import surgery", marks=SLOW),
                                      pytest.param("import surgery.models.loading", marks=SLOW),

@@ -183,6 +183,7 @@ def test_ln_tuning_run_prints_the_loss_before_and_after_and_the_gap(tiny_lm_dir,
     assert [" | ".join(r) for r in card_rows[:4]] == rows[:4]
 
 
+@pytest.mark.slow
 def test_classification_run_prints_accuracy_before_and_after_and_the_gap(tmp_path, capsys):
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
