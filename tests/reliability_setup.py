@@ -64,7 +64,7 @@ def fit_subprocess(args: list[str], cache: Path, timeout: float = 120) -> subpro
     """`surgery <args>` in a fresh process (one CPU thread; this directory importable for test callbacks)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SURGERY_CACHE": str(cache), "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "surgery.cli.entry", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "surgery.cli", *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 class KillAt(L.Callback):

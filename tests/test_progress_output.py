@@ -20,7 +20,7 @@ NOISE = ["loss_type=None", "LeafSpec", "litlogger", "💡 Tip", "`weights_only` 
 def fit_merged(args: list[str], cache: Path) -> tuple[int, list[str]]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SURGERY_CACHE": str(cache), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-m", "surgery.cli.entry", *args], env=env, stdout=subprocess.PIPE,
+    run = subprocess.run([sys.executable, "-m", "surgery.cli", *args], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, timeout=300)
     return run.returncode, re.split(r"[\r\n]+", run.stdout)
 

@@ -83,7 +83,7 @@ def test_card_metadata_and_measurements(dry_run):
     for line in ("| validation loss, original (nats/token) | 4.5679 |", "| validation loss, control (LN kept) (nats/token) | 4.0123 |",
                  "| validation loss, LN-free (nats/token) | 4.0568 |", "| gap LN-free - control (nats/token) | +0.0444 |",
                  "| max abs logit diff, trained (fake LN) vs export | 5.72e-06 (3.99e-07 relative) |",
-                 "| LayerNorms removed | 2 (last: ln_f at step 100) |", "| training tokens | 245,760 |"):
+                 "| norm removal points made fake | 2 (last: ln_f at step 100) |", "| training tokens | 245,760 |"):
         assert line in text, line
     assert "| DLA relative error (exact DLA: ~0) | 1.21e-07 | 0.8875 |" in text  # from verify/report.json
     assert "| attribution vs activation patching correlation | 0.9877 |" in text

@@ -145,7 +145,7 @@ def test_a_second_fit_into_a_live_run_directory_is_refused(setup, capsys):
     run = root / "live"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
-    first = subprocess.Popen([sys.executable, "-m", "surgery.cli.entry", *fit_args(recipe, run, "--trainer.callbacks+=test_run_dir.SleepAt",
+    first = subprocess.Popen([sys.executable, "-m", "surgery.cli", *fit_args(recipe, run, "--trainer.callbacks+=test_run_dir.SleepAt",
                               "--trainer.callbacks.init_args.step", "6")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120

@@ -98,7 +98,7 @@ def test_installed_wheel_runs_the_quickstart_recipe_from_anywhere(installed, tmp
     assert module == str(installed / "surgery" / "__init__.py")
     assert recipe == str(installed / "surgery" / "_bundled" / "recipes" / "remove_ln" / "quickstart.yaml")
     assert (int(params), int(vocab)) == (1_350_400, 4096)
-    parsed = _installed(installed, tmp_path, "-m", "surgery.cli.entry", "fit", "--config", "recipes/remove_ln/quickstart.yaml", "--print_config")
+    parsed = _installed(installed, tmp_path, "-m", "surgery.cli", "fit", "--config", "recipes/remove_ln/quickstart.yaml", "--print_config")
     assert parsed.returncode == 0 and "init: checkpoints/tiny-gpt2-stdlib" in parsed.stdout, parsed.stderr[-2000:]
 
 
@@ -108,9 +108,9 @@ def test_installed_quickstart_gives_the_clone_numbers(installed, tmp_path):
     through the clone: the same validation losses, to the last digit (same code, weights, data and seed)."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    run = _installed(installed, elsewhere, "-m", "surgery.cli.entry", "fit", "--config", "recipes/remove_ln/quickstart.yaml", *QUICK, timeout=900)
+    run = _installed(installed, elsewhere, "-m", "surgery.cli", "fit", "--config", "recipes/remove_ln/quickstart.yaml", *QUICK, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
-    clone = subprocess.run([sys.executable, "-m", "surgery.cli.entry", "fit", "--config", "recipes/remove_ln/quickstart.yaml", *QUICK,
+    clone = subprocess.run([sys.executable, "-m", "surgery.cli", "fit", "--config", "recipes/remove_ln/quickstart.yaml", *QUICK,
                             "--trainer.default_root_dir", str(tmp_path / "clone")], cwd=ROOT, capture_output=True, text=True,
                            timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert clone.returncode == 0, clone.stderr[-2000:]

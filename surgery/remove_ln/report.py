@@ -79,5 +79,5 @@ def result_rows(metrics: dict) -> list[Row]:
         rows.append(("max abs logit diff, trained (fake LN) vs export", f"{num(d['max_abs'])} ({num(d['relative'])} relative)"))
     if metrics.get("removed"):
         last = metrics["removed"][-1]
-        rows.append(("LayerNorms removed", f"{len(metrics['removed'])} (last: {last['point']} at step {last['step']})"))
+        rows.append(("norm removal points made fake", f"{len(metrics['removed'])} (last: {last['point']} at step {last['step']})"))
     return rows

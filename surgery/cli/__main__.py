@@ -1,0 +1,7 @@
+"""`python -m surgery.cli`: the `surgery` command."""
+
+import sys
+
+from surgery.cli.entry import main
+
+sys.exit(main())
