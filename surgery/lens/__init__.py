@@ -6,6 +6,9 @@
   TransformerLens 3.x `HookedTransformer`;
 - `surgery.lens.checks`: HF-vs-TransformerLens logits, direct logit attribution, scale spread, attention sinks;
 - `surgery.lens.patching`: activation and attribution patching on induction prompts;
+- `surgery.lens.analyses`: the LN-removal papers' analyses (calibration, first-position norm, sinks, entropy neurons);
+- `surgery.lens.expressivity`: what a LayerNorm gives attention (Brody et al. 2023): unselectable keys, the
+  all-ones component of the attention input, attention entropy relative to uniform;
 - `surgery.lens.report`: every check of one model, and the report of `surgery verify`.
 """
 

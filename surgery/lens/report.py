@@ -12,6 +12,8 @@ import torch
 from surgery.lens import has_normalization
 from surgery.lens.analyses import N_BINS, SINK_THRESHOLD, paper_analyses
 from surgery.lens.checks import attention_sink_heads, attention_sink_mass, dla_check, hf_scale_spread, logit_agreement
+from surgery.lens.expressivity import DEFINITIONS as EXPRESSIVITY_DEFINITIONS
+from surgery.lens.expressivity import HULL_SEQUENCES, HULL_TOKENS, expressivity
 from surgery.lens.patching import induction_prompts, patching_effects
 
 
@@ -24,6 +26,8 @@ class VerifySettings:
     seg_len: int = 32  # tokens per segment of the induction prompts (prompt = 2 * seg_len tokens)
     n_prompts: int = 16
     seed: int = 0
+    hull_tokens: int = HULL_TOKENS  # keys per sequence in the unselectable-key LP (the first N tokens of a DLA block)
+    hull_sequences: int = HULL_SEQUENCES  # DLA blocks in the unselectable-key LP
 
 
 def verify_model(hf_model, hooked, blocks, settings: VerifySettings) -> dict:
@@ -41,6 +45,7 @@ def verify_model(hf_model, hooked, blocks, settings: VerifySettings) -> dict:
     result["patching"] = patching_effects(hooked, clean, corrupted)
     result["validation"] = cross_entropy(hf_model, blocks, settings.batch_size)
     result["analyses"] = paper_analyses(hf_model, sinks, blocks, tokens, settings.batch_size)
+    result["expressivity"] = expressivity(hf_model, hooked, tokens, settings.hull_tokens, settings.hull_sequences)
     return result
 
 
@@ -85,7 +90,24 @@ def table_rows(results: dict[str, dict]) -> list[list[str]]:
         row("entropy neurons mean-ablated: change of loss", lambda r: a(r)["entropy_neurons"]["delta_loss"]),
         row("entropy neurons mean-ablated: change of entropy", lambda r: a(r)["entropy_neurons"]["delta_entropy"]),
     ]
+    for name, key, field in EXPRESSIVITY_ROWS:
+        n_layers = max(len(r["expressivity"][key][field]) for r in results.values())
+        for layer in range(n_layers):
+            rows.append(row(f"{name} L{layer}", lambda r, i=layer, k=key, f=field: _at(r["expressivity"][k][f], i)))
     return rows
+
+
+# (row name, key under result["expressivity"], per-layer list): LayerNorm's roles in attention, Brody et al. 2023
+EXPRESSIVITY_ROWS = (
+    ("unselectable key share", "unselectable_keys", "per_layer"),
+    ("all-ones component, block input", "all_ones_component", "block_input"),
+    ("all-ones component, attention input", "all_ones_component", "attention_input"),
+    ("attention entropy / uniform", "attention_entropy", "per_layer"),
+)
+
+
+def _at(values: list, i: int):
+    return values[i] if i < len(values) else "-"
 
 
 def _neurons(ids: list[int], shown: int = 5) -> str:
@@ -155,9 +177,10 @@ def write_markdown(path: Path, results: dict[str, dict], title: str, settings: V
     lines = [f"# {title}", "", "| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(results)]
     data = data or f"validation blocks of {block_size} tokens"
-    lines += ["", f"Data: {data}; settings: `{asdict(settings)}`.", "", DEFINITIONS]
+    lines += ["", f"Data: {data}; settings: `{asdict(settings)}`.", "", DEFINITIONS, EXPRESSIVITY_DEFINITIONS]
     lines += ["Plots: `dla_error_per_layer.png`, `patching_scatter.png`, `calibration.png` (reliability diagram), "
-              "`first_position_norm.png`, `entropy_neurons.png` (final-layer neurons: norm vs null-space fraction).", ""]
+              "`first_position_norm.png`, `entropy_neurons.png` (final-layer neurons: norm vs null-space fraction), "
+              "`unselectable_keys.png`, `all_ones_component.png`, `attention_entropy.png` (per layer).", ""]
     path.write_text("\n".join(lines))
 
 
@@ -187,7 +210,8 @@ def plot(out: Path, results: dict[str, dict]) -> list[str]:
         ax.set_ylabel("attribution patching")
         ax.set_title(f"{name}: r = {_fmt(p['correlation'])}")
     _save(fig, out / "patching_scatter.png", plt)
-    return ["dla_error_per_layer.png", "patching_scatter.png", *plot_analyses(out, results, plt)]
+    return ["dla_error_per_layer.png", "patching_scatter.png", *plot_analyses(out, results, plt),
+            *plot_expressivity(out, results, plt)]
 
 
 def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path, plt, legend_size=None) -> None:
@@ -240,3 +264,35 @@ def plot_analyses(out: Path, results: dict[str, dict], plt) -> list[str]:
         ax.legend(fontsize=8)
     _save(fig, out / "entropy_neurons.png", plt)
     return ["calibration.png", "first_position_norm.png", "entropy_neurons.png"]
+
+
+# file: (title, y label, log scale, curves: (key under result["expressivity"], per-layer list, label suffix, style))
+EXPRESSIVITY_PLOTS = {
+    "unselectable_keys.png": ("Keys inside the convex hull of the others", "unselectable key share", False,
+                              (("unselectable_keys", "per_layer", "", "o-"),)),
+    "all_ones_component.png": ("All-ones component of the attention input", "|cos(x, all-ones)|, mean over tokens", True,
+                               (("all_ones_component", "block_input", ", block input", "o-"),
+                                ("all_ones_component", "attention_input", ", attention input (norm without affine)", "s--"))),
+    "attention_entropy.png": ("Attention entropy relative to uniform", "H(attention) / log(keys seen)", False,
+                              (("attention_entropy", "per_layer", "", "o-"),)),
+}
+
+
+def plot_expressivity(out: Path, results: dict[str, dict], plt) -> list[str]:
+    """Per-layer curves, one color per model, of the unselectable key share, the all-ones component (log scale: a
+    centered input sits at float precision, ~1e-8) and the relative attention entropy; returns file names."""
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for file, (title, ylabel, log, curves) in EXPRESSIVITY_PLOTS.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        n_layers = 0
+        for color, (name, r) in zip(colors, results.items()):
+            for key, field, what, style in curves:
+                values = r["expressivity"][key][field]
+                n_layers = max(n_layers, len(values))
+                ax.plot(range(len(values)), [max(v, 1e-12) for v in values] if log else values, style, color=color,
+                        label=name + what)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xticks(range(n_layers))
+        _finish(fig, ax, "layer", ylabel, title, out / file, plt, legend_size=8)
+    return list(EXPRESSIVITY_PLOTS)

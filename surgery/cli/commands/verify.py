@@ -9,7 +9,11 @@ Beside the checks it reports, for each model and its baseline, the analyses of t
 (`calibration.png`, a reliability diagram), the residual norm at position 0 against the other positions per
 layer (`first_position_norm.png`), the share of heads that are attention sinks, and the final layer's entropy
 neurons (large output weight in the unembedding's null space) with what mean-ablating them does to the loss and
-the entropy (`entropy_neurons.png`). report.md states every definition and selection rule.
+the entropy (`entropy_neurons.png`). It also measures, per layer, what a LayerNorm gives attention (Brody, Alon &
+Yahav 2023; `surgery.lens.expressivity`): the share of unselectable keys (inside the convex hull of the other keys
+of their sequence, decided by a linear program; `unselectable_keys.png`), the all-ones component of the attention
+input before and after the norm point (`all_ones_component.png`) and the attention entropy relative to uniform
+attention (`attention_entropy.png`). report.md states every definition and selection rule.
 A model is LN-free when every norm is neutralised, measured on held-out text (`surgery.models.ln_free`; our
 export, Baroni et al.'s and Heimersheim's published formats alike, no config key needed); a partly converted
 model is refused (exit 2) with the names of the norms that still normalize, and so is a numeric argument out of
