@@ -10,22 +10,10 @@ import pytest
 import yaml
 
 from surgery.cli.entry import main
-from surgery.data.tokenizer import get_tokenizer
 from surgery.errors import SurgeryError
-from surgery.ln_tune.lm import StdlibPartCorpus
 from surgery.publish.callback import PublishRun
-from ln_tune_models import tiny_gpt2
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "ln_tune" / "tiny-gpt2-email.yaml"
-
-
-@pytest.fixture(scope="module")
-def tiny_lm_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_lm")
-    tok = get_tokenizer("bpe-300", StdlibPartCorpus("stdlib:json", part="json"))
-    tiny_gpt2(vocab_size=len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.mark.slow

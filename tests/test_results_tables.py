@@ -13,11 +13,8 @@ from transformers import BertConfig, BertForSequenceClassification
 from publish_runs import REMOVAL_METRICS, make_run
 from reliability_setup import QUIET, ROOT, fit_args, write_setup
 from surgery.cli.entry import main
-from surgery.data.tokenizer import get_tokenizer
-from surgery.ln_tune.lm import StdlibPartCorpus
 from surgery.publish import card, find_source
 from surgery.training.report import count_row, gap_rows, gaps
-from ln_tune_models import tiny_gpt2
 
 # The user's removal run: the control fine-tune ended above the original, so the gap to the control (+0.0323)
 # hid most of the cost (+0.0499 to the original, which is also the bracket gap).
@@ -151,15 +148,6 @@ def test_xatl_card_rows_say_how_the_layers_were_chosen_and_when_nothing_was_froz
 
 
 RECIPES = ROOT / "recipes" / "ln_tune"
-
-
-@pytest.fixture(scope="module")
-def tiny_lm_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_lm")
-    tok = get_tokenizer("bpe-300", StdlibPartCorpus("stdlib:json", part="json"))
-    tiny_gpt2(vocab_size=len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def test_ln_tuning_run_prints_the_loss_before_and_after_and_the_gap(tiny_lm_dir, tmp_path, capsys):
