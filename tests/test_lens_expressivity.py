@@ -206,3 +206,22 @@ def test_verify_reports_the_three_rows_for_model_and_baseline(kind, corpus, tmp_
     assert "scipy.optimize.linprog" in md and "sum_i lambda_i k_i = k_j" in md and "hook_pattern" in md
     for name in PLOTS:
         assert (out / name).stat().st_size > 1000
+
+
+def test_the_query_certificate_agrees_with_the_linear_program_on_every_key():
+    """Keys proven selectable by a winning query skip the LP; on random keys plus convex mixtures of them (inside by
+    construction) the verdicts equal the LP's for every key."""
+    import numpy as np
+
+    from surgery.lens.expressivity import in_convex_hull, unselectable_keys
+
+    g = torch.Generator().manual_seed(3)
+    corners = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    weights = torch.rand(10, 40, generator=g, dtype=torch.float64)
+    keys = torch.cat([corners, (weights / weights.sum(1, keepdim=True)) @ corners])
+    inside, undecided = unselectable_keys(keys)
+    k = keys.numpy() - keys.numpy().mean(0)
+    k = k / np.linalg.norm(k, axis=1).max()
+    by_lp = [bool(in_convex_hull(k[j], np.delete(k, j, axis=0))) for j in range(len(k))]
+    assert inside.tolist() == by_lp and undecided == 0
+    assert inside[40:].all() and 0 < inside.sum() < len(keys)

@@ -51,17 +51,33 @@ def unselectable_keys(keys: torch.Tensor) -> tuple[torch.Tensor, int]:
     score; the number of keys HiGHS left undecided, counted False) for the keys (n, d_head) of one head and one
     sequence. The keys are first centered on their mean and divided by the largest norm (hull membership does not
     change under a translation and a common scale), so the LP's 1e-7 tolerance is relative to the keys' spread.
+    A key that some query scores strictly above every other key is selectable without a linear program (that query is
+    the proof; `_won_a_query` tries each key's own direction and fixed random ones); only the others are decided by
+    `in_convex_hull`.
     Note that n <= d_head + 1 keys in general position are all selectable: the test says something only for
     longer sequences."""
     k = keys.detach().double().cpu().numpy()
     k = k - k.mean(0)
     k = k / max(float(np.linalg.norm(k, axis=1).max()), 1e-300)
     inside, undecided = torch.zeros(len(k), dtype=torch.bool), 0
-    for j in range(len(k)):
+    for j in np.flatnonzero(~_won_a_query(k)):  # a key some query scores strictly highest is selectable; the rest: LP
         verdict = in_convex_hull(k[j], np.delete(k, j, axis=0))
         undecided += verdict is None
         inside[j] = bool(verdict)
     return inside, undecided
+
+
+def _won_a_query(k: np.ndarray, n_random: int = 4096) -> np.ndarray:
+    """bool (n,): key k_j scores strictly highest (margin 1e-9) for one of the queries tried: its own direction, or
+    one of `n_random` Gaussian directions (seeded: the same every call). True is a proof of selectability; False
+    decides nothing."""
+    queries = np.vstack([k, np.random.default_rng(0).standard_normal((n_random, k.shape[1]))])
+    scores = queries @ k.T  # (queries, keys)
+    top = scores.argmax(1)
+    margin = scores[np.arange(len(scores)), top] - np.partition(scores, -2, axis=1)[:, -2]
+    won = np.zeros(len(k), dtype=bool)
+    won[top[margin > 1e-9]] = True
+    return won
 
 
 @torch.no_grad()
