@@ -51,6 +51,7 @@ def test_profile_pair_finds_the_extra_op():
     assert prof["removal_total_ms"] > 0 and prof["plain_total_ms"] > 0
 
 
+@pytest.mark.slow
 def test_removal_phases_fake_counts_and_table(tmp_path):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64, eos_token_id=0))

@@ -129,6 +129,7 @@ def test_context_length_of_any_model():
     assert context_length_of(SimpleNamespace(model_type="t5")) is None
 
 
+@pytest.mark.slow
 def test_every_family_has_its_hybrid_without_importing_the_hybrid_model():
     """The hybrids are described in families.py itself: a hybrid config is recognised before surgery.xatl is imported."""
     code = ("import sys; from types import SimpleNamespace; from surgery.families import family_of; "

@@ -165,7 +165,7 @@ def _exported(kind: str):
     return export_ln_free(model)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "neox", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", pytest.param("neox", marks=pytest.mark.slow), pytest.param("llama", marks=pytest.mark.slow)])
 def test_verify_reports_the_three_rows_for_model_and_baseline(kind, corpus, tmp_path, monkeypatch, capsys):
     from surgery.cli.entry import main
 

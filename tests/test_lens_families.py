@@ -206,7 +206,7 @@ def _save(model, tokenizer, path):
     return str(path)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k == "neox_seq" else k for k in KINDS])
 def test_verify_passes_ln_free_gates_on_each_family(kind, corpus, tmp_path, monkeypatch, capsys):
     from surgery.cli.entry import main
 

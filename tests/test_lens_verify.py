@@ -81,6 +81,7 @@ def check_analyses(report: dict, md: str) -> None:
         assert len(a["entropy_neurons"]["norm"]) == 4 * 32
 
 
+@pytest.mark.slow
 def test_verify_another_shape_without_baseline(dirs, tmp_path):
     """Nothing depends on one shape: 3 layers, 6 heads, d_model 48, 100 positions."""
     from transformers import AutoTokenizer

@@ -148,7 +148,7 @@ def test_load_hooked_has_no_normalization_and_matches_hf(formats, tokens, fmt):
     assert verify_ln_free(formats[fmt], tokens)["dla_relative_error"] < 1e-5
 
 
-@pytest.mark.parametrize("fmt", ["baroni", "apollo"])
+@pytest.mark.parametrize("fmt", [pytest.param("baroni", marks=pytest.mark.slow), "apollo"])
 def test_verify_applies_the_ln_free_gates(saved, tmp_path, capsys, fmt):
     out = tmp_path / "out"
     argv = ["verify", saved[fmt], "--out", str(out), "--data", saved["corpus"], *ARGS]

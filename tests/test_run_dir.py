@@ -68,6 +68,7 @@ def test_ckpt_path_last_on_a_finished_run_does_not_train_again(finished):
         assert torch.equal(t, after["state_dict"][name]), name
 
 
+@pytest.mark.slow
 def test_a_finished_run_continued_from_its_final_checkpoint_reads_the_data_as_one_run(finished, setup):
     root, recipe = setup
     longer = ("--checkpoint.every_n_train_steps", "5", "--trainer.max_steps", "20")
