@@ -14,13 +14,10 @@ from transformers import PreTrainedModel
 
 from surgery.errors import SurgeryError
 from surgery.families import FAMILIES, Family, family_of, is_norm, norm_paths
+from surgery.models.ln_free import model_name
 
 # Top-level modules that hold a task head in Hugging Face *ForSequenceClassification models.
 HEAD_CANDIDATES = ("classifier", "score")
-
-
-def _model_name(model: nn.Module) -> str:
-    return getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
 
 
 def registry_family(model: nn.Module) -> Family | None:
@@ -42,7 +39,7 @@ def _family_norms(model: nn.Module, family: Family) -> dict[str, nn.Module]:
     extra = [n for n in _scan(model) if n not in described]
     if extra:
         raise SurgeryError(
-            f"model {_model_name(model)!r} has norms the {family.name} family does not describe: {extra[:3]} "
+            f"model {model_name(model)!r} has norms the {family.name} family does not describe: {extra[:3]} "
             f"({len(extra)} in all); describe them in surgery/families.py before LN-tuning this model"
         )
     return {n: m for n, m in described.items() if any(True for _ in m.parameters(recurse=False))}
@@ -60,7 +57,7 @@ def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
 
     if detect_ln_free(model):
         raise SurgeryError(
-            f"model {_model_name(model)!r} is LN-free (every norm's per-token scale is fixed by a huge epsilon): its "
+            f"model {model_name(model)!r} is LN-free (every norm's per-token scale is fixed by a huge epsilon): its "
             "LayerNorms are fixed affine maps folded into the next layers, so there is nothing to LN-tune. "
             "LN-tune the model before removing LayerNorm, or use LoRA/BitFit on the LN-free model"
         )
@@ -68,7 +65,7 @@ def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
     found = _family_norms(model, family) if family else _scan(model)
     if not found:
         raise SurgeryError(
-            f"model {_model_name(model)!r} has no LayerNorm (no nn.LayerNorm, *LayerNorm or *RMSNorm module with "
+            f"model {model_name(model)!r} has no LayerNorm (no nn.LayerNorm, *LayerNorm or *RMSNorm module with "
             "parameters): LN-tuning needs norm gains and biases to train"
         )
     return found
@@ -94,7 +91,7 @@ def ln_parameters(model: nn.Module, weights: bool = True, biases: bool = True) -
         if not (weights or biases):
             raise SurgeryError("weights=False and biases=False select no norm parameter: LN-tuning would train nothing")
         raise SurgeryError(
-            f"model {_model_name(model)!r} has norms without bias ({_kinds(model)}: gains only), so biases alone "
+            f"model {model_name(model)!r} has norms without bias ({_kinds(model)}: gains only), so biases alone "
             "(weights=False) select nothing to train; train the gains (weights=True)"
         )
     return out
@@ -114,7 +111,7 @@ def head_modules(model: nn.Module, head: str | list[str] | None = "auto") -> lis
     head = [head] if isinstance(head, str) else list(head)
     missing = [h for h in head if h not in names]
     if missing:
-        raise SurgeryError(f"head module(s) {missing} not found in {_model_name(model)!r}; top-level modules: "
+        raise SurgeryError(f"head module(s) {missing} not found in {model_name(model)!r}; top-level modules: "
                            f"{[n for n, _ in model.named_children()]}")
     return head
 

@@ -165,7 +165,7 @@ def _static_scan(model: nn.Module, norms: dict[str, nn.Module], scan: NormScan, 
     unjudged = [n for n, m in norms.items() if not getattr(m, "is_fake", False) and norm_eps(m) >= 1.0]
     if unjudged:
         raise SurgeryError(
-            f"could not run model {_name(model)!r} on token ids to measure its norms ({type(err).__name__}: {err}); "
+            f"could not run model {model_name(model)!r} on token ids to measure its norms ({type(err).__name__}: {err}); "
             f"norms with a large epsilon ({', '.join(unjudged[:4])}) cannot be judged without it"
         ) from err
     scan.scale_excess = {n: (_fake_excess(m) if getattr(m, "is_fake", False) else float("inf")) for n, m in norms.items()}
@@ -173,7 +173,8 @@ def _static_scan(model: nn.Module, norms: dict[str, nn.Module], scan: NormScan, 
     return scan
 
 
-def _name(model: nn.Module) -> str:
+def model_name(model: nn.Module) -> str:
+    """How messages name a model: the path or Hub name it was loaded from, else its class."""
     return getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
 
 
@@ -191,7 +192,7 @@ def check_consistent(model: nn.Module, scan: NormScan, allow_removal_in_progress
     removal in progress and that is allowed), or `config.surgery_ln_free` set while norms still normalize."""
     if scan.mixed and not (allow_removal_in_progress and scan.removal_in_progress):
         raise SurgeryError(
-            f"model {_name(model)!r} is only partly LN-free: {len(scan.fixed)} norm(s) are neutralised (per-token "
+            f"model {model_name(model)!r} is only partly LN-free: {len(scan.fixed)} norm(s) are neutralised (per-token "
             f"scale fixed by a huge epsilon) but {len(scan.normalizing)} still normalize per token: "
             f"{_listing(scan, scan.normalizing)}. Convert every norm the same way (weight x 1e6/sigma and eps 1e12 "
             "on each), or export the removal only once every LayerNorm is fake"
@@ -199,7 +200,7 @@ def check_consistent(model: nn.Module, scan: NormScan, allow_removal_in_progress
     claimed = getattr(getattr(model, "config", None), "surgery_ln_free", None) is not None
     if claimed and scan.normalizing and not scan.removal_in_progress:
         raise SurgeryError(
-            f"config.surgery_ln_free says model {_name(model)!r} is LN-free, but its norms still normalize per token "
+            f"config.surgery_ln_free says model {model_name(model)!r} is LN-free, but its norms still normalize per token "
             f"(an LN-free export uses eps 1e12): {_listing(scan, scan.normalizing)}"
         )
 
