@@ -46,21 +46,23 @@ def _mixer(name: str, **kw) -> torch.nn.Module:
     m = build_mixer(name, d_model=32, n_head=4, **kw)
     with torch.no_grad():  # weights of order 1 so that outputs are of order 1 (mamba's init gives ~1e-3)
         m.out_proj.weight.normal_(0, 32**-0.5)
-        if name == "mamba":
+        if name in ("mamba", "mamba2"):
             m.in_proj.weight.normal_(0, 32**-0.5)
+        if name == "mamba":
             m.x_proj.weight.normal_(0, 0.3)
     return m
 
 
 # every mixer, and the linear-attention mixers with a softmax window whose linear branch is switched on
-VARIANTS = [(name, {}) for name in sorted(MIXERS)] + [("gla", {"window": 5}), ("retention", {"window": 16})]
+VARIANTS = [(name, {}) for name in sorted(MIXERS)] + [("gla", {"window": 5}), ("retention", {"window": 16}),
+                                                      ("mamba2", {"window": 5})]
 
 
 def _variant(name: str, options: dict) -> torch.nn.Module:
     m = _mixer(name, **options)
     if options.get("window"):
         with torch.no_grad():
-            m.norm_weight.normal_(1.0, 0.3)
+            (m.norm.weight if name == "mamba2" else m.norm_weight).normal_(1.0, 0.3)
     return m
 
 
@@ -188,7 +190,7 @@ def test_mamba_identity_conv_passes_each_position_through():
 
 
 def test_unknown_mixer_and_bad_options():
-    with pytest.raises(SurgeryError, match="unknown mixer 'lstm'; choose one of: gla, mamba, retention"):
+    with pytest.raises(SurgeryError, match="unknown mixer 'lstm'; choose one of: gla, mamba, mamba2, retention"):
         build_mixer("lstm", 32, 4)
     with pytest.raises(SurgeryError, match="must both divide by n_head=5"):
         build_mixer("retention", 32, 5)

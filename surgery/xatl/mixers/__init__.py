@@ -10,8 +10,10 @@ from torch import nn
 from surgery.errors import SurgeryError
 from surgery.xatl.mixers.linear_attention import GLAMixer, RetentionMixer
 from surgery.xatl.mixers.mamba import MambaMixer
+from surgery.xatl.mixers.mamba2 import Mamba2Mixer
 
-MIXERS: dict[str, type[nn.Module]] = {"mamba": MambaMixer, "retention": RetentionMixer, "gla": GLAMixer}
+MIXERS: dict[str, type[nn.Module]] = {"mamba": MambaMixer, "mamba2": Mamba2Mixer, "retention": RetentionMixer,
+                                      "gla": GLAMixer}
 
 
 def mixer_options(cls: type[nn.Module]) -> list[str]:

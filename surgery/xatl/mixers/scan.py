@@ -156,6 +156,11 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pas
     full = torch.cat([past, x], -1)
     if x.shape[-1] == 1:  # one decoding step: a W-term dot product per channel (conv1d costs ~10x more here)
         y = torch.einsum("bew,ew->be", full, weight[:, 0])[..., None] + bias[:, None]
+    elif torch.is_grad_enabled():  # W shifted multiply-adds: forward + backward ~2x faster than conv1d's on CPU
+        T = x.shape[-1]
+        y = bias[:, None] + full[..., :T] * weight[:, :, 0]
+        for i in range(1, W):
+            y = y + full[..., i : i + T] * weight[:, :, i]
     else:
         y = F.conv1d(full, weight, bias, groups=x.shape[1])
     return y, full[..., full.shape[-1] - (W - 1) :]
