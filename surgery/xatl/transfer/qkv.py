@@ -6,7 +6,8 @@ the family's layout (`Family.qkv_layout`), for transfer into a mixer.
   Q = [q_0 .. q_H-1], K and V likewise;
 - separate (Llama-style): q, k, v projections; with grouped-query attention K and V have fewer heads than Q
   and each KV head is repeated for the query heads that share it (query head h reads KV head h // (H / H_kv),
-  as transformers' `repeat_kv` does), so every mixer head gets the key and value its query head attended with.
+  as transformers' `repeat_kv` does), so every mixer head gets the key and value its query head attended with;
+  a mixer that groups its key/value inputs like the source (mamba2's x and B) takes them unrepeated.
 
 Both fused layouts put each run of value rows (`Family.value_outputs`) right after a run of key rows of the same
 length, and that after the query rows: Q/K rows are found from the value rows by that shift, so this reads
@@ -41,9 +42,10 @@ def repeat_kv_rows(t: torch.Tensor | None, n_kv: int, groups: int) -> torch.Tens
     return t.reshape(n_kv, -1, *t.shape[1:]).repeat_interleave(groups, dim=0).reshape(-1, *t.shape[1:])
 
 
-def qkv_weights(block: nn.Module, family: Family, config, prefix: str) -> dict[str, tuple]:
-    """{"q", "k", "v": (weight (H * hd, d), bias or None, source name, note)} of one source block; `prefix` is
-    the block's path (for names). K and V are expanded to the H query heads under grouped-query attention."""
+def qkv_weights(block: nn.Module, family: Family, config, prefix: str, kv_heads: int | None = None) -> dict[str, tuple]:
+    """{"q": (weight (H * hd, d), bias or None, source name, note), "k", "v": the same with kv_heads * hd rows} of
+    one source block; `prefix` is the block's path (for names). `kv_heads`: the key/value heads the target takes
+    (default H, one per query head): the source's K/V heads are repeated to that many."""
     heads = config.num_attention_heads
     if family.qkv_layout == "separate":
         parts = {key: (*linear_parts(get_module(block, path)), f"{prefix}.{path}", "")
@@ -58,10 +60,14 @@ def qkv_weights(block: nn.Module, family: Family, config, prefix: str) -> dict[s
     if heads % n_kv or parts["v"][0].shape[0] != n_kv * head_dim:
         raise SurgeryError(f"{prefix}: {heads} query heads of width {head_dim} cannot share "
                            f"{parts['k'][0].shape[0]} key / {parts['v'][0].shape[0]} value rows")
-    groups = heads // n_kv
+    kv_heads = kv_heads or heads
+    if kv_heads % n_kv or heads % kv_heads:
+        raise SurgeryError(f"{prefix}: the target groups keys/values in {kv_heads} heads, the source has {n_kv} "
+                           f"K/V heads and {heads} query heads: give the mixer n_kv_head={n_kv} (or {heads})")
+    groups = kv_heads // n_kv
     for key in "kv":
         w, b, name, note = parts[key]
         if groups > 1:
-            note = f"{n_kv} KV heads repeated x{groups} for {heads} query heads"
+            note = f"{n_kv} KV heads repeated x{groups} for {kv_heads} heads"
         parts[key] = (repeat_kv_rows(w, n_kv, groups), repeat_kv_rows(b, n_kv, groups), name, note)
     return parts

@@ -1,7 +1,7 @@
 """Copy the components a source model (GPT-2, GPT-NeoX/Pythia, Llama-style) shares with its hybrid twin:
 embeddings, norms, MLPs (gated SwiGLU ones whole), LM head, whole attention layers the twin keeps, and
 optionally attention weights into the mixers (W_O -> output projection; Q/K/V -> mixer inputs, the
-Mamba-in-the-Llama mapping V -> x, K -> B, Q -> C for Mamba; GPT-NeoX's per-head interleaved projection
+Mamba-in-the-Llama mapping V -> x, K -> B, Q -> C for Mamba and Mamba-2; GPT-NeoX's per-head interleaved projection
 de-interleaved and grouped KV heads repeated to the query heads, see surgery.xatl.transfer.qkv).
 
 Module locations and projection layouts come from `surgery.families`; nothing here knows a family's attribute
@@ -144,7 +144,8 @@ def transfer_shared_weights(source: nn.Module, target: nn.Module,
             cp.rows(lin, rows, w, b, _name(mixer, lin, mpath), f"{sp}.{fs.attn_out}", hint)
         if "qkv" in components or "v" in components:
             keys = "qkv" if "qkv" in components else "v"
-            for key, (w, b, src_name, note) in qkv_weights(sb, fs, source.config, sp).items():
+            parts = qkv_weights(sb, fs, source.config, sp, kv_heads=getattr(mixer, "n_kv_head", None))
+            for key, (w, b, src_name, note) in parts.items():
                 if key not in keys:
                     continue
                 lin, rows = slots[key]
