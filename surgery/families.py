@@ -334,3 +334,55 @@ def in_out_weight(module: nn.Module) -> torch.Tensor:
     if type(module).__name__ == "Conv1D":
         return module.weight
     raise SurgeryError(f"cannot read a projection from a {type(module).__name__} (expected nn.Linear or Conv1D)")
+
+
+# ----------------------------------------------------------------------------------- encoders and block parts
+@dataclass(frozen=True)
+class EncoderLayout:
+    """What parameter-efficient tuning reads in a post-norm encoder (BERT and its distillations, e.g. MiniLM).
+    `blocks` is the tail of the dotted name of the ModuleList of layers (found at any depth, so BertModel and
+    every Bert*For* head class share the entry); the other paths are relative to one layer."""
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str
+    attn_norm: str  # the norm inside attention: LayerNorm(attention output + residual), post-norm
+    qkv: tuple[str, ...]  # q, k, v
+    attn_out: str
+    mlp_in: tuple[str, ...]
+    mlp_out: str
+
+
+BERT = EncoderLayout(name="bert", model_types=("bert",), blocks="encoder.layer", attn_norm="attention.output.LayerNorm",
+                     qkv=("attention.self.query", "attention.self.key", "attention.self.value"),
+                     attn_out="attention.output.dense", mlp_in=("intermediate.dense",), mlp_out="output.dense")
+ENCODERS: dict[str, EncoderLayout] = {BERT.name: BERT}
+BlockPart = Literal["attn_norm", "mlp_norm", "qkv", "attn_out", "mlp_in", "mlp_out"]
+
+
+def layout_of(model: nn.Module) -> tuple[Family | EncoderLayout, str]:
+    """(the family or encoder layout of a Hugging Face model, the dotted path of its layer list)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    encoder = next((e for e in ENCODERS.values() if model_type in e.model_types), None)
+    if encoder is None:
+        return family_of(model), family_of(model).blocks
+    found = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)
+             and (n == encoder.blocks or n.endswith("." + encoder.blocks))]
+    if len(found) != 1:
+        raise SurgeryError(f"expected one {encoder.blocks!r} layer list in this {model_type} model, found {found}")
+    return encoder, found[0]
+
+
+def block_part_paths(model: nn.Module, part: BlockPart) -> list[str]:
+    """Full dotted module paths of one part of every block, block by block (several per block for `qkv`, `mlp_in`).
+
+    attn_norm: the norm that feeds attention in a pre-norm decoder (GPT-2 `ln_1`, GPT-NeoX and Llama
+    `input_layernorm`), the norm inside attention in a post-norm encoder (BERT `attention.output.LayerNorm`).
+    mlp_norm: a decoder's norm before the MLP (an encoder has none in the table: refused by name)."""
+    layout, list_path = layout_of(model)
+    rel = getattr(layout, part, None)
+    if rel is None:
+        raise SurgeryError(f"{layout.name} layouts do not describe {part!r}; describe it in surgery/families.py")
+    rels = (rel,) if isinstance(rel, str) else rel
+    return [f"{list_path}.{i}.{r}" for i in range(len(model.get_submodule(list_path))) for r in rels]

@@ -154,7 +154,7 @@ def test_prepare_counts_trainable_entries_per_method():
     assert counts["head"] == n_head and counts["bitfit"] == n_bias + 32 * 2  # n_bias has the head's bias
     assert counts["ln"] == n_ln + n_head and counts["ln-random"] == 32 + n_head
     assert counts["lora"] == 2 * 2 * 8 * (32 + 32) + n_head  # 2 layers x (query, value) x r(32 in + 32 out)
-    with pytest.raises(SurgeryError, match="unknown fine-tuning method 'prefix'"):
-        prepare(tiny_bert(), "prefix")
+    with pytest.raises(SurgeryError, match="unknown fine-tuning method 'prefx'"):
+        prepare(tiny_bert(), "prefx")
     with pytest.raises(SurgeryError, match="'ln-fisher' needs Fisher scores"):
         prepare(tiny_bert(), "ln-fisher")

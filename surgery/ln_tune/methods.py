@@ -4,11 +4,13 @@
     head        the task head only (a linear probe on the frozen encoder)
     bitfit      every bias plus the head (Ben Zaken et al. 2022); an error for models without biases (Llama-style)
     ln          norm gains and biases (RMSNorm: gains) plus the head (LN-tuning, Qi et al. 2022)
+    ln-attn     only the norms that feed attention plus the head (Zhao et al. 2024; `surgery.families.block_part_paths`)
     ln-fisher   a Fisher-selected top share of LN entries plus the head (needs the Fisher scores)
     ln-random   a random share of LN entries plus the head (the control for ln-fisher)
-    lora        PEFT LoRA on the attention projections (query and value; a fused Q/K/V projection whole),
-                head trained fully
     ln-mask     LN entries of a saved mask (e.g. from another task) plus the head
+    lora, lora-mlp, prefix, ln+lora, ln+lora-mlp, ln+prefix
+                PEFT LoRA on the attention or the MLP projections, prefix-tuning, and each with every norm trained
+                (`surgery.ln_tune.combine`); head trained fully
 """
 
 from __future__ import annotations
@@ -19,29 +21,12 @@ import torch
 from torch import nn
 
 from surgery.errors import SurgeryError
+from surgery.ln_tune.combine import PEFT_METHODS, peft_method
 from surgery.ln_tune.mask import EntryMask
-from surgery.ln_tune.params import (bias_parameters, head_modules, head_parameters, ln_parameters, registry_family,
-                                    train_only)
+from surgery.ln_tune.params import bias_parameters, head_parameters, ln_parameters, train_only
 from surgery.ln_tune.tune import LNTuneConfig, ln_tune
 
-METHODS = ("full", "head", "bitfit", "ln", "ln-fisher", "ln-random", "lora", "ln-mask")
-# Attention projections LoRA adapts, by model type, for models outside `surgery.families` (whose own
-# Q/K/V description decides: `lora_targets`).
-LORA_TARGETS = {"bert": ["query", "value"]}
-
-
-def lora_targets(model: nn.Module) -> list[str]:
-    """Module names LoRA adapts: a family's fused Q/K/V projection (c_attn, query_key_value), or its separate
-    query and value projections (q_proj, v_proj), as in the LoRA paper; BERT's query and value."""
-    family = registry_family(model)
-    if family is not None:
-        names = [path.rsplit(".", 1)[-1] for path in family.qkv]
-        return [names[0], names[2]] if family.qkv_layout == "separate" else names
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in LORA_TARGETS:
-        raise SurgeryError(f"no LoRA target modules known for model type {model_type!r} "
-                           f"(known: {list(LORA_TARGETS)} and the families of surgery.families)")
-    return LORA_TARGETS[model_type]
+METHODS = ("full", "head", "bitfit", "ln", "ln-attn", "ln-fisher", "ln-random", "ln-mask") + PEFT_METHODS
 
 
 def prepare(
@@ -55,10 +40,14 @@ def prepare(
     seed: int = 0,
     lora_r: int = 8,
     lora_alpha: int = 16,
+    prefix_tokens: int = 8,
 ) -> tuple[nn.Module, EntryMask | None]:
-    """(model to train, mask to restore after each optimizer step or None). `fisher(model)` returns LN scores."""
+    """(model to train, mask to restore after each optimizer step or None). `fisher(model)` returns LN scores.
+    A PEFT method returns the `PeftModel` wrapping `model`; the others change `model` in place."""
     if method not in METHODS:
         raise SurgeryError(f"unknown fine-tuning method {method!r}; choose from {', '.join(METHODS)}")
+    if method in PEFT_METHODS:
+        return peft_method(model, method, head, lora_r=lora_r, lora_alpha=lora_alpha, prefix_tokens=prefix_tokens), None
     heads = head_parameters(model, head)
     if method == "full":
         train_only(model, {n for n, _ in model.named_parameters()})
@@ -73,8 +62,6 @@ def prepare(
                                "(Llama-style models have none): BitFit would train nothing but the head")
         train_only(model, set(biases) | set(heads))
         return model, None
-    if method == "lora":
-        return _lora(model, head, lora_r, lora_alpha), None
     if method == "ln-fisher":
         if fisher is None:
             raise SurgeryError("method 'ln-fisher' needs Fisher scores: pass fisher=<function of the model>")
@@ -83,12 +70,6 @@ def prepare(
         mask = EntryMask.random({n: p.shape for n, p in ln_parameters(model).items()}, fraction=fraction, seed=seed)
     elif method == "ln-mask" and mask is None:
         raise SurgeryError("method 'ln-mask' needs a mask file (masks.safetensors of an earlier run)")
-    return model, ln_tune(model, LNTuneConfig(head=head, mask=mask if method != "ln" else None))
-
-
-def _lora(model: nn.Module, head, r: int, alpha: int) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=lora_targets(model),
-                        modules_to_save=head_modules(model, head) or None)
-    return get_peft_model(model, config)
+    norms = "attn" if method == "ln-attn" else "all"
+    return model, ln_tune(model, LNTuneConfig(head=head, mask=mask if method not in ("ln", "ln-attn") else None,
+                                              norms=norms))

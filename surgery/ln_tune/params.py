@@ -13,11 +13,13 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from surgery.errors import SurgeryError
-from surgery.families import FAMILIES, Family, family_of, is_norm, norm_paths
+from surgery.families import FAMILIES, Family, block_part_paths, family_of, is_norm, norm_paths
 from surgery.models.ln_free import model_name
 
 # Top-level modules that hold a task head in Hugging Face *ForSequenceClassification models.
 HEAD_CANDIDATES = ("classifier", "score")
+# Which norms train: every norm, or only those that feed attention (Zhao et al. 2024; `block_part_paths`' attn_norm).
+NORM_SETS = ("all", "attn")
 
 
 def registry_family(model: nn.Module) -> Family | None:
@@ -45,9 +47,10 @@ def _family_norms(model: nn.Module, family: Family) -> dict[str, nn.Module]:
     return {n: m for n, m in described.items() if any(True for _ in m.parameters(recurse=False))}
 
 
-def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
+def norm_modules(model: nn.Module, norms: str = "all") -> dict[str, nn.Module]:
     """Every norm module with trainable affine parameters, by module name: a described family's norms in
     forward order (blocks' attention then MLP norms, then the final norm), otherwise in definition order.
+    `norms="attn"` keeps only the norms that feed attention, block by block (`surgery.families.block_part_paths`).
 
     Refuses an LN-free model (every norm neutralised by a huge epsilon, measured by `surgery.models.ln_free`: our
     export or a published LN-free GPT-2, with or without `config.surgery_ln_free`), a partly converted one
@@ -68,6 +71,10 @@ def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
             f"model {model_name(model)!r} has no LayerNorm (no nn.LayerNorm, *LayerNorm or *RMSNorm module with "
             "parameters): LN-tuning needs norm gains and biases to train"
         )
+    if norms not in NORM_SETS:
+        raise SurgeryError(f"norms must be one of {', '.join(NORM_SETS)}, got {norms!r}")
+    if norms == "attn":
+        found = {path: found[path] for path in block_part_paths(model, "attn_norm") if path in found}
     return found
 
 
@@ -76,14 +83,16 @@ def norm_has_bias(model: nn.Module) -> bool:
     return any(getattr(m, "bias", None) is not None for m in norm_modules(model).values())
 
 
-def ln_parameters(model: nn.Module, weights: bool = True, biases: bool = True) -> dict[str, nn.Parameter]:
-    """Norm gains (`weights`) and biases where the norms have them, by full parameter name.
+def ln_parameters(model: nn.Module, weights: bool = True, biases: bool = True, norms: str = "all"
+                  ) -> dict[str, nn.Parameter]:
+    """Norm gains (`weights`) and biases where the norms have them, by full parameter name, of the norms
+    `norms` selects ("all", or "attn": those feeding attention).
 
     `biases=True` on a model whose norms have no bias (RMSNorm) selects its gains only; a selection that
     is empty (`weights=False` there, or both False) is an error, not a silent no-op.
     """
     out: dict[str, nn.Parameter] = {}
-    for mod_name, module in norm_modules(model).items():
+    for mod_name, module in norm_modules(model, norms).items():
         for p_name, p in module.named_parameters(recurse=False):
             if (p_name == "bias" and biases) or (p_name != "bias" and weights):
                 out[f"{mod_name}.{p_name}" if mod_name else p_name] = p

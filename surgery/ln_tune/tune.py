@@ -30,12 +30,15 @@ class LNTuneConfig:
         RMSNorm model (Llama-style) trains its gains, so one config serves every family; selecting nothing
         (`weights=False` on an RMSNorm model) is an error.
     mask: an `EntryMask` or the path of a saved one; only its True entries train. It may name only the norm
-        parameters `weights`/`biases` select (a mask cannot unfreeze any other tensor)."""
+        parameters `weights`/`biases` select (a mask cannot unfreeze any other tensor).
+    norms: "all" norms, or "attn": only those feeding attention (Zhao et al. 2024; GPT-2 `ln_1`, GPT-NeoX and
+        Llama `input_layernorm`, BERT `attention.output.LayerNorm`)."""
 
     head: str | list[str] | None = "auto"
     weights: bool = True
     biases: bool = True
     mask: EntryMask | str | Path | None = None
+    norms: str = "all"
 
 
 def ln_tune(model: nn.Module, config: LNTuneConfig | None = None) -> EntryMask:
@@ -46,7 +49,7 @@ def ln_tune(model: nn.Module, config: LNTuneConfig | None = None) -> EntryMask:
     for a mask naming parameters outside the selection.
     """
     config = config or LNTuneConfig()
-    ln = ln_parameters(model, config.weights, config.biases)
+    ln = ln_parameters(model, config.weights, config.biases, config.norms)
     train_only(model, set(ln) | set(head_parameters(model, config.head)))
     mask = config.mask
     if mask is None:
@@ -60,7 +63,7 @@ def ln_tune(model: nn.Module, config: LNTuneConfig | None = None) -> EntryMask:
     if outside:
         raise SurgeryError(f"the mask names parameters LN-tuning does not train here: {outside[:3]} ({len(outside)} "
                            f"in all); it may name only the norm parameters selected (weights={config.weights}, "
-                           f"biases={config.biases})")
+                           f"biases={config.biases}, norms={config.norms!r})")
     return mask.apply(model)
 
 
@@ -82,12 +85,15 @@ def peft_ln_tuning(model: nn.Module, head: str | list[str] | None = "auto"):
 
 
 def export(model: nn.Module) -> nn.Module:
-    """A plain `transformers` model with the tuned values in place: merges a PEFT wrapper, drops nothing else."""
+    """A plain `transformers` model with the tuned values in place: merges a PEFT wrapper, drops nothing else.
+    Prefix-tuning adds keys and values no weight can hold: its `PeftModel` is returned as it is (it saves an adapter)."""
     try:
         from peft import PeftModel
     except ImportError:  # pragma: no cover - peft is a dependency
         PeftModel = ()
     if isinstance(model, PeftModel):
+        if model.peft_config[model.active_adapter].is_prompt_learning:
+            return model
         model = model.merge_and_unload()
     _unwrap_modules_to_save(model)
     for p in model.parameters():

@@ -1,0 +1,112 @@
+"""LN-tuning in attention (`ln-attn`) and LN-tuning combined with LoRA and prefix-tuning (PEFT): each method trains
+exactly its intended parameters, every other parameter stays bit-identical after optimizer steps with weight decay."""
+
+import re
+
+import pytest
+import torch
+
+from surgery.errors import SurgeryError
+from surgery.ln_tune import trainable_parameters
+from surgery.ln_tune.lm import LNTuneLM
+from surgery.ln_tune.methods import prepare
+from ln_tune_models import padded_batch, tiny_bert, tiny_gpt2
+from remove_ln_models import tiny_model
+
+D = 32  # width of every tiny model here
+# Written out here, not read from surgery.families: the norms feeding attention, by family.
+ATTN_NORM = {"gpt2": r"\.ln_1\.", "neox": r"\.input_layernorm\.", "llama": r"\.input_layernorm\.",
+             "bert": r"\.attention\.output\.LayerNorm\."}
+
+
+def model_of(kind: str):
+    if kind == "gpt2":
+        return tiny_gpt2()
+    return tiny_bert() if kind == "bert" else tiny_model(kind)
+
+
+def batch_of(kind: str) -> dict:
+    if kind == "bert":
+        return padded_batch()
+    ids = torch.randint(1, 64, (3, 16), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "labels": ids}
+
+
+def steps(model, batch: dict, n: int = 3) -> None:
+    """n AdamW steps (lr 1e-2, weight decay 0.5, so a frozen tensor that got into the optimizer would move)."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.5)
+    for _ in range(n):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+
+
+def moved(before: dict, model) -> set[str]:
+    after = model.state_dict()
+    return {n for n, v in before.items() if not torch.equal(v, after[n])}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "neox", "llama", "bert"])
+def test_ln_attn_trains_exactly_the_attention_norms(kind):
+    model = model_of(kind)
+    before = {n: v.clone() for n, v in model.state_dict().items()}
+    model, mask = prepare(model, "ln-attn")
+    steps(model, batch_of(kind))
+    head = {n for n in before if n.startswith("classifier.")}
+    expected = {n for n in before if re.search(ATTN_NORM[kind], n)} | head
+    assert len(expected - head) == 2 * (1 if kind == "llama" else 2)  # 2 layers x gain (+ bias)
+    assert moved(before, model) == expected
+    assert trainable_parameters(model, mask) == sum(before[n].numel() for n in expected)
+
+
+def lora_count(pairs: list[tuple[int, int]], r: int = 8, layers: int = 2) -> int:
+    """Entries of rank-r LoRA on projections (in, out), per layer."""
+    return layers * sum(r * (i + o) for i, o in pairs)
+
+
+@pytest.mark.parametrize("method", ["lora", "lora-mlp", "prefix", "ln+lora", "ln+lora-mlp", "ln+prefix"])
+def test_combinations_train_exactly_their_parameters(method):
+    """GPT-2 (2 layers, d 32, 2 heads, 5 LayerNorms): LoRA A/B only in the intended projections, the prefix encoder,
+    and for ln+ a trainable copy of every norm (PEFT modules_to_save); the base model's own tensors never move."""
+    model, _ = prepare(tiny_gpt2(), method, head=None)
+    before = {n: v.clone() for n, v in model.state_dict().items()}
+    steps(model, batch_of("gpt2"))
+    changed = moved(before, model)
+    side = {"lora": r"\.attn\.c_attn\.", "lora-mlp": r"\.mlp\.c_(fc|proj)\.", "prefix": r"^prompt_encoder\."}
+    base = method.removeprefix("ln+")
+    norms = {n for n in changed if "modules_to_save" in n}
+    assert changed - norms and all(re.search(side[base], n) for n in changed - norms), sorted(changed)
+    if base != "prefix":
+        assert all(re.search(r"\.lora_[AB]\.", n) for n in changed - norms)
+    assert len(norms) == (10 if method.startswith("ln+") else 0)  # 5 LayerNorms x (gain, bias)
+    assert all(re.search(r"(ln_\d|ln_f)\.modules_to_save\.default\.(weight|bias)$", n) for n in norms)
+    entries = {"lora": lora_count([(D, 3 * D)]), "lora-mlp": lora_count([(D, 4 * D), (4 * D, D)]),
+               "prefix": 8 * 2 * 2 * D}[base] + (5 * 2 * D if method.startswith("ln+") else 0)
+    assert trainable_parameters(model) == entries
+
+
+def test_ln_lora_on_bert_trains_its_head_and_norms():
+    model, _ = prepare(tiny_bert(), "ln+lora")
+    before = {n: v.clone() for n, v in model.state_dict().items()}
+    steps(model, padded_batch())
+    changed = moved(before, model)
+    assert {n for n in changed if "lora_" in n} and all(re.search(r"\.(query|value)\.lora_", n)
+                                                        for n in changed if "lora_" in n)
+    assert sum("LayerNorm.modules_to_save" in n for n in changed) == 5 * 2  # embeddings + 2 x 2 layers
+    assert {n for n in changed if "classifier" in n} == {f"base_model.model.classifier.modules_to_save.default.{p}"
+                                                         for p in ("weight", "bias")}
+
+
+def test_prefix_on_an_encoder_and_unknown_methods_are_refused_by_name():
+    for model, method, instead in ((tiny_bert(), "ln+prefix", "ln\\+lora"), (tiny_gpt2(), "prefix", "lora")):
+        with pytest.raises(SurgeryError, match=f"PEFT builds prefix-tuning here only for a causal LM .* is not one, "
+                                               f"so PEFT cannot build '{re.escape(method)}': use {instead} on it instead"):
+            prepare(model, method, head="lm_head" if method == "prefix" else "auto")
+    with pytest.raises(SurgeryError, match="unknown fine-tuning method 'ln-atn'; choose from full, head, .*ln-attn"):
+        prepare(tiny_bert(), "ln-atn")
+    with pytest.raises(SurgeryError, match="unknown method 'ln\\+bitfit' for a causal LM; choose from ln, ln-attn, full"):
+        LNTuneLM("unused", method="ln+bitfit")
+    with pytest.raises(SurgeryError, match="selection 'fisher' picks norm entries, but method 'lora' trains no norm "
+                                           "subset: use selection all, or method ln / ln-attn"):
+        LNTuneLM("unused", method="lora", selection="fisher")
