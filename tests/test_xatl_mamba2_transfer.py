@@ -60,7 +60,7 @@ def test_grouped_kv_repeated_when_the_mixer_has_a_group_per_head():
         w = ref[key][0]  # 2 heads: head h of the mixer gets source K/V head h // 2
         expected = torch.cat([w[(h // 2) * hd : (h // 2 + 1) * hd] for h in range(4)])
         assert torch.equal(m.in_proj.weight[rows[key]], expected)
-    assert any("2 KV heads repeated x2 for 4 heads" in c["note"] for c in report.copied)
+    assert any("2 KV heads repeated x2 for 4 query heads" in c["note"] for c in report.copied)
 
 
 def test_gpt2_hybrid_with_windowed_mamba2_starts_as_its_source():

@@ -68,6 +68,6 @@ def qkv_weights(block: nn.Module, family: Family, config, prefix: str, kv_heads:
     for key in "kv":
         w, b, name, note = parts[key]
         if groups > 1:
-            note = f"{n_kv} KV heads repeated x{groups} for {kv_heads} heads"
+            note = f"{n_kv} KV heads repeated x{groups} for {kv_heads} query heads"
         parts[key] = (repeat_kv_rows(w, n_kv, groups), repeat_kv_rows(b, n_kv, groups), name, note)
     return parts
