@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import torch
 
-from surgery.training.distill import DistillConfig, Distiller, as_config
+from surgery.training.distill import DistillConfig, Distiller, as_config, lm_cross_entropy
 from surgery.errors import SurgeryError
 from surgery.eval.loss import cross_entropy
 from surgery.families import blocks
@@ -107,6 +107,7 @@ class LNRemoval(CausalLM):
                     f"or shorten model.init_args.schedule"
                 )
         dm = self.trainer.datamodule
+        self.distiller.attach_cache(dm.split("train").tokens, dm.block_size)
         if self.original_val is None:
             original = self.control if self.control is not None else self.model
             self.original_val = cross_entropy(original, dm.split("validation"), dm.batch_size)
@@ -147,7 +148,7 @@ class LNRemoval(CausalLM):
             token_context(self.points).eot_mask = batch == self.tokenizer.eos_token_id
         super().validation_step(batch, batch_idx)
         if self.control is not None:
-            loss = self.control(batch, labels=batch).loss
+            loss = lm_cross_entropy(self.control, batch)
             self.log("val/control_loss", loss, batch_size=batch.shape[0], sync_dist=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):

@@ -25,16 +25,16 @@ student's device on first use.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from surgery.errors import SurgeryError
-from surgery.families import blocks
+from surgery.training.chunked_loss import DEFAULT_CHUNK, LiveTeacher, TopKTeacher, chunked_lm_losses
+from surgery.training.forward import ModelOutput, resolve_layers, run
 
 HIDDEN_LOSSES = ("mse", "normalized_mse", "cosine")
 
@@ -52,6 +52,11 @@ class DistillConfig:
         hidden_layers: blocks whose output residual stream is aligned (negative counts from the end);
             None: every block.
         teacher_dtype: dtype the teacher runs in ("bfloat16" halves its memory on a GPU); None: as loaded.
+        teacher_top_k: distil from the teacher's cached top-k next-token log-probabilities plus the remaining
+            mass (`surgery.data.teacher_cache`: computed once per teacher, corpus and block size, beside the
+            token cache) instead of running it on every batch; None: the live teacher. Temperature 1 only.
+        chunk_size: positions per chunk of the loss (`surgery.training.chunked_loss`: the full logits are never
+            built); 0: the plain full-logits computation.
     """
 
     lm_weight: float = 1.0
@@ -61,6 +66,8 @@ class DistillConfig:
     hidden_loss: Literal["mse", "normalized_mse", "cosine"] = "normalized_mse"
     hidden_layers: list[int] | None = None
     teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    teacher_top_k: int | None = None
+    chunk_size: int = DEFAULT_CHUNK
 
     def __post_init__(self) -> None:
         weights = {"lm_weight": self.lm_weight, "kl_weight": self.kl_weight, "hidden_weight": self.hidden_weight}
@@ -70,6 +77,14 @@ class DistillConfig:
             raise SurgeryError(f"distill.temperature={self.temperature!r}: must be > 0 (1.0 compares the plain distributions)")
         if self.hidden_loss not in HIDDEN_LOSSES:
             raise SurgeryError(f"distill.hidden_loss={self.hidden_loss!r}: choose one of {', '.join(HIDDEN_LOSSES)}")
+        if self.chunk_size < 0:
+            raise SurgeryError(f"distill.chunk_size={self.chunk_size}: must be >= 0 (positions per chunk; 0: full logits)")
+        if self.teacher_top_k is not None:
+            if self.teacher_top_k < 1:
+                raise SurgeryError(f"distill.teacher_top_k={self.teacher_top_k}: must be >= 1 (e.g. 32), or null for the live teacher")
+            if self.temperature != 1 or self.hidden_weight > 0 or self.kl_weight == 0:
+                raise SurgeryError("distill.teacher_top_k caches the teacher's next-token log-probabilities at temperature 1 for "
+                                   "the KL alone: set kl_weight > 0, temperature 1 and hidden_weight 0, or teacher_top_k null")
 
     @property
     def needs_teacher(self) -> bool:
@@ -81,7 +96,8 @@ class DistillConfig:
         if self.lm_weight:
             terms.append(f"{self.lm_weight:g} x CE")
         if self.kl_weight:
-            terms.append(f"{self.kl_weight:g} x KL(T={self.temperature:g})")
+            cached = f", cached top-{self.teacher_top_k}" if self.teacher_top_k else ""
+            terms.append(f"{self.kl_weight:g} x KL(T={self.temperature:g}{cached})")
         if self.hidden_weight:
             layers = "all" if self.hidden_layers is None else ",".join(map(str, self.hidden_layers))
             terms.append(f"{self.hidden_weight:g} x {self.hidden_loss}(blocks {layers})")
@@ -145,45 +161,12 @@ def hidden_alignment(student: list[torch.Tensor], teacher: list[torch.Tensor], k
     return torch.stack(losses).mean()
 
 
-# -- running models --------------------------------------------------------------------------------------
-def resolve_layers(model: nn.Module, layers: list[int] | None) -> list[int]:
-    n = len(blocks(model))
-    chosen = list(range(n)) if layers is None else [i + n if i < 0 else i for i in layers]
-    bad = [i for i in chosen if not 0 <= i < n]
-    if bad:
-        raise SurgeryError(f"distill.hidden_layers={layers}: the model has blocks 0..{n - 1}")
-    return chosen
-
-
-@contextmanager
-def block_outputs(model: nn.Module, layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Within the context, each forward of `model` fills {block index: its output residual stream (B, T, d)}."""
-    found: dict[int, torch.Tensor] = {}
-    handles = []
-    for i in layers:
-        def keep(module, args, output, i=i):
-            found[i] = output[0] if isinstance(output, tuple) else output
-        handles.append(blocks(model)[i].register_forward_hook(keep))
-    try:
-        yield found
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@dataclass
-class ModelOutput:
-    logits: torch.Tensor  # (B, T, V)
-    hidden: list[torch.Tensor] = field(default_factory=list)  # residual stream after each aligned block
-
-
-def run(model: nn.Module, ids: torch.Tensor, layers: list[int] | None) -> ModelOutput:
-    """Forward `model` on ids (B, T); with `layers`, also the output of those blocks."""
-    if not layers:
-        return ModelOutput(model(ids).logits)
-    with block_outputs(model, layers) as found:
-        logits = model(ids).logits
-    return ModelOutput(logits, [found[i] for i in layers])
+def lm_cross_entropy(model: nn.Module, ids: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats/token) of `model` on ids (B, T), by the chunked loss when it applies."""
+    out = run(model, ids, None, chunked=chunk_size > 0)
+    if out.final is None:
+        return next_token_ce(out.logits, ids)
+    return chunked_lm_losses(out.final, out.head, ids, chunk_size=chunk_size)[0]
 
 
 class Teacher:
@@ -192,7 +175,8 @@ class Teacher:
     Not an nn.Module on purpose (see the module docstring). `dtype` casts its weights once.
     """
 
-    def __init__(self, model: nn.Module, dtype: str | torch.dtype | None = None):
+    def __init__(self, model: nn.Module, dtype: str | torch.dtype | None = None, chunked: bool = True):
+        self.chunked = chunked
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         self.model = model.to(dtype) if dtype is not None else model
@@ -205,7 +189,7 @@ class Teacher:
         if param.device != ids.device:
             self.model.to(ids.device)
         self.model.eval()  # whoever holds it may have called .train() on everything it found
-        return run(self.model, ids, layers)
+        return run(self.model, ids, layers, self.chunked)
 
 
 @dataclass
@@ -217,32 +201,72 @@ class DistillOutput:
 
 
 class Distiller:
-    """Computes a student's training loss on a batch from `config`'s weights, against `teacher`."""
+    """Computes a student's training loss on a batch from `config`'s weights, against `teacher` (live) or, with
+    `config.teacher_top_k`, against the cache that `attach_cache` opens (the teacher then fills blocks it lacks)."""
 
     def __init__(self, config: DistillConfig | dict | None = None, teacher: Teacher | nn.Module | None = None):
         self.config = as_config(config)
+        chunked = self.config.chunk_size > 0
         if isinstance(teacher, nn.Module):
-            teacher = Teacher(teacher, self.config.teacher_dtype)
+            teacher = Teacher(teacher, self.config.teacher_dtype, chunked)
         if self.config.needs_teacher and teacher is None:
             raise SurgeryError(f"distillation with {self.config.describe()} needs a teacher (the original model)")
         self.teacher = teacher if self.config.needs_teacher else None
+        self.cache = None  # a surgery.data.teacher_cache.TeacherCache, opened by attach_cache
         self.layers: list[int] | None = None
         if self.config.hidden_weight > 0:
             self.layers = resolve_layers(self.teacher.model, self.config.hidden_layers)
 
+    def attach_cache(self, tokens, block_size: int) -> None:
+        """With `teacher_top_k`, open (creating if needed) the teacher's cache for the blocks of `tokens` (a 1-D
+        int array: the training split) of `block_size`; a no-op otherwise."""
+        if self.config.teacher_top_k is None or self.cache is not None:
+            return
+        from surgery.data.teacher_cache import TeacherCache, model_key
+
+        model = self.teacher.model
+        self.cache = TeacherCache(tokens, block_size, self.config.teacher_top_k, model_key(model), model.config.vocab_size)
+
+    def teacher_output(self, ids: torch.Tensor) -> ModelOutput:
+        if self.config.teacher_top_k is None:
+            return self.teacher(ids, self.layers)
+        if self.cache is None:
+            raise SurgeryError("distill.teacher_top_k is set but no teacher cache is open: the training module calls "
+                               "Distiller.attach_cache(train tokens, block size) when fitting starts; call it yourself outside one")
+        return ModelOutput(topk=TopKTeacher(*self.cache.targets(ids, self._teacher_log_probs)))
+
+    def _teacher_log_probs(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.teacher(ids).logits.float(), dim=-1)
+
     def __call__(self, student: nn.Module, ids: torch.Tensor, teacher_out: ModelOutput | None = None) -> DistillOutput:
         c = self.config
-        out = run(student, ids, self.layers)
+        out = run(student, ids, self.layers, chunked=c.chunk_size > 0)
         if self.teacher is not None and teacher_out is None:
-            teacher_out = self.teacher(ids, self.layers)
-        log_probs = F.log_softmax(out.logits.float(), dim=-1)  # shared by the CE and a KL at T = 1
-        ce = next_token_ce(out.logits, ids, log_probs)
-        parts, loss = {"ce": ce}, c.lm_weight * ce if c.lm_weight else 0.0
+            teacher_out = self.teacher_output(ids)
+        target = None
         if c.kl_weight:
-            at_t = log_probs if c.temperature == 1 else None
-            parts["kl"] = kl_to_teacher(out.logits, teacher_out.logits, c.temperature, at_t)
-            loss = loss + c.kl_weight * parts["kl"]
+            target = teacher_out.topk or (LiveTeacher(teacher_out.final, teacher_out.head) if teacher_out.final is not None else None)
+        if out.final is not None and (not c.kl_weight or target is not None):
+            loss, ce, kl = chunked_lm_losses(out.final, out.head, ids, target, c.lm_weight, c.kl_weight, c.temperature,
+                                             c.chunk_size)
+            parts = {"ce": ce, "kl": kl} if c.kl_weight else {"ce": ce}
+        else:  # the full logits: a head the chunked loss cannot take, or chunk_size 0
+            loss, parts = self._full_logit_losses(out, ids, teacher_out)
         if c.hidden_weight:
             parts["hidden"] = hidden_alignment(out.hidden, teacher_out.hidden, c.hidden_loss)
             loss = loss + c.hidden_weight * parts["hidden"]
-        return DistillOutput(loss, {k: v.detach() for k, v in parts.items()}, ce.detach(), teacher_out)
+        return DistillOutput(loss, {k: v.detach() for k, v in parts.items()}, parts["ce"].detach(), teacher_out)
+
+    def _full_logit_losses(self, out: ModelOutput, ids: torch.Tensor, teacher_out: ModelOutput | None):
+        c = self.config
+        logits = out.logits
+        log_probs = F.log_softmax(logits.float(), dim=-1)  # shared by the CE and a KL at T = 1
+        ce = next_token_ce(logits, ids, log_probs)
+        parts, loss = {"ce": ce}, c.lm_weight * ce
+        if c.kl_weight:
+            if teacher_out.topk is not None:
+                raise SurgeryError("a cached top-k teacher needs the chunked loss: set distill.chunk_size > 0")
+            at_t = log_probs if c.temperature == 1 else None
+            parts["kl"] = kl_to_teacher(logits, teacher_out.logits, c.temperature, at_t)
+            loss = loss + c.kl_weight * parts["kl"]
+        return loss, parts

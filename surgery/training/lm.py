@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from surgery.errors import SurgeryError
 from surgery.models.loading import load_causal_lm
 from surgery.models.loss import causal_lm_loss
+from surgery.training.distill import lm_cross_entropy
 
 
 def build_model(init: str | None, config: dict[str, Any] | None, tokenizer: Any = None) -> PreTrainedModel:
@@ -64,7 +65,8 @@ class LMModule(L.LightningModule):
         return self.model(input_ids).logits
 
     def lm_loss(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model(batch, labels=batch).loss
+        """Mean next-token cross-entropy (nats/token) on batch (B, T), without building the full logits."""
+        return lm_cross_entropy(self.model, batch)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.lm_loss(batch)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from surgery.training.distill import DistillConfig, Distiller, Teacher, as_config, next_token_ce
+from surgery.training.distill import DistillConfig, Distiller, Teacher, as_config, lm_cross_entropy
 from surgery.errors import SurgeryError
 from surgery.training.lm import LMModule, cosine_with_warmup, decays
 from surgery.training.report import print_results
@@ -217,6 +217,14 @@ class XatlLM(LMModule):
               + ", ".join(f"{i}: {e:.4f}" for i, e in self.ranking) + ")")
         self._build(chosen)
 
+    def on_fit_start(self) -> None:
+        dm = self.trainer.datamodule
+        if self.distill.teacher_top_k is not None:
+            if dm is None or not hasattr(dm, "split"):
+                raise SurgeryError("distill.teacher_top_k caches the teacher on the data module's training split; use a "
+                                   "surgery.data data module, or set teacher_top_k null")
+            self.distiller.attach_cache(dm.split("train").tokens, dm.block_size)
+
     def stage(self, step: int) -> str:
         """"align", "distill" or "lm": what trains at optimizer step `step`."""
         if step < self.align.steps:
@@ -268,7 +276,7 @@ class XatlLM(LMModule):
         if stage == "align":
             loss, per_layer = self.aligner(self.model, batch)
             with torch.no_grad():
-                ce = next_token_ce(self.model(batch).logits, batch)
+                ce = lm_cross_entropy(self.model, batch)
             for i, v in per_layer.items():
                 self.log(f"align/layer{i}", v)
             self.log("align/loss", loss, prog_bar=True)
