@@ -32,14 +32,17 @@ def batch_of(kind: str) -> dict:
     return {"input_ids": ids, "labels": ids}
 
 
-def steps(model, batch: dict, n: int = 3) -> None:
-    """n AdamW steps (lr 1e-2, weight decay 0.5, so a frozen tensor that got into the optimizer would move)."""
+def steps(model, batch: dict, n: int = 3, mask=None) -> None:
+    """n AdamW steps (lr 1e-2, weight decay 0.5, so a frozen tensor that got into the optimizer would move), each
+    followed by `mask.restore` where a mask is given (as the training modules do)."""
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.5)
     for _ in range(n):
         opt.zero_grad()
         model(**batch).loss.backward()
         opt.step()
+        if mask is not None:
+            mask.restore(model)
 
 
 def moved(before: dict, model) -> set[str]:
@@ -52,7 +55,7 @@ def test_ln_attn_trains_exactly_the_attention_norms(kind):
     model = model_of(kind)
     before = {n: v.clone() for n, v in model.state_dict().items()}
     model, mask = prepare(model, "ln-attn")
-    steps(model, batch_of(kind))
+    steps(model, batch_of(kind), mask=mask)
     head = {n for n in before if n.startswith("classifier.")}
     expected = {n for n in before if re.search(ATTN_NORM[kind], n)} | head
     assert len(expected - head) == 2 * (1 if kind == "llama" else 2)  # 2 layers x gain (+ bias)

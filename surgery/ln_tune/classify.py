@@ -5,7 +5,7 @@ module's `fisher_batches`) and saved to `<run_dir>/masks.safetensors` (Fisher sc
 `fisher.safetensors`). At the end of fit the merged plain model goes to `<run_dir>/model` and
 test accuracy and loss before and after tuning, trainable entries and times to `<run_dir>/metrics.json`
 (the generic LM export is off in these recipes: `export.enabled: false`), and the same numbers are printed as
-a table.
+a table; the run as a PEFT adapter goes to `<run_dir>/adapter`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForSequenceClassification
 
+from surgery.ln_tune.adapter import save_adapter
 from surgery.ln_tune.classify_data import resolve_model_dir
 from surgery.ln_tune.fisher import fisher_scores, label_log_likelihood
 from surgery.ln_tune.mask import EntryMask
@@ -37,18 +38,22 @@ def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
 class SequenceClassifier(L.LightningModule):
     """Args:
         init: model directory ("minilm": all-MiniLM-L6-v2 from PyPI); a classification head is added.
-        num_labels: classes. method: full | head | bitfit | ln | ln-fisher | ln-random | lora | ln-mask.
+        num_labels: classes. method: one of `surgery.ln_tune.methods.METHODS` (full, head, bitfit, ln, ln-attn,
+            ln-fisher, ln-random, ln-mask, lora, lora-mlp, prefix, ln+lora, ln+lora-mlp, ln+prefix; prefix-tuning
+            needs a decoder, so BERT/MiniLM refuse it).
         fraction: share of LN entries for ln-fisher / ln-random. mask: masks.safetensors for ln-mask.
         fisher_samples: sentences the empirical Fisher averages over. seed: random mask / head init.
         lr: peak learning rate (LN-tuning needs 1e-3..1e-2). weight_decay: AdamW decay on all trainable
             entries (masked-out entries never move). warmup_ratio: share of steps warming up.
-        lora_r, lora_alpha: LoRA rank and scale. save_model: write the merged model at the end of fit.
+        lora_r, lora_alpha: LoRA rank and scale. prefix_tokens: prefix-tuning's virtual tokens per layer.
+        save_model: write the merged model at the end of fit. save_adapter: also write the run as a PEFT adapter
+            to `<run_dir>/adapter` (`surgery.ln_tune.adapter`; not for full fine-tuning or the head alone).
     """
 
     def __init__(self, init: str = "minilm", num_labels: int = 2, method: str = "ln", fraction: float = 0.1,
                  mask: str | None = None, fisher_samples: int = 256, seed: int = 0, lr: float = 5e-3,
                  weight_decay: float = 0.0, warmup_ratio: float = 0.1, lora_r: int = 8, lora_alpha: int = 16,
-                 save_model: bool = True, tokenizer: Any = None):
+                 prefix_tokens: int = 8, save_model: bool = True, save_adapter: bool = True, tokenizer: Any = None):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
@@ -74,7 +79,8 @@ class SequenceClassifier(L.LightningModule):
 
         self._run_dir().mkdir(parents=True, exist_ok=True)
         self.model, self.mask = prepare(self.model, hp.method, fraction=hp.fraction, fisher=fisher, mask=hp.mask,
-                                        seed=hp.seed, lora_r=hp.lora_r, lora_alpha=hp.lora_alpha)
+                                        seed=hp.seed, lora_r=hp.lora_r, lora_alpha=hp.lora_alpha,
+                                        prefix_tokens=hp.prefix_tokens)
         if self.mask is not None:
             self.mask.metadata.update({"method": hp.method, "model": str(hp.init)})
             self.mask.save(self._run_dir() / "masks.safetensors")
@@ -135,6 +141,11 @@ class SequenceClassifier(L.LightningModule):
                    "test": test, "test_before": self.test_before}
         if self.test_before is not None:
             metrics["gap_vs_before"] = {k: test[k] - self.test_before[k] for k in ("accuracy", "loss")}
+        if self.hparams.save_adapter and self.hparams.method not in ("full", "head"):
+            if self.mask is not None:
+                self.mask.remove_hooks()
+            save_adapter(self.model, run_dir / "adapter", norms="attn" if self.hparams.method == "ln-attn" else "all",
+                         mask=self.mask)
         if self.hparams.save_model:
             self.model = self.export_model()
             self.model.save_pretrained(run_dir / "model")
