@@ -1,9 +1,10 @@
 """surgery: architecture surgery for transformer language models.
 
-`import surgery` is cheap (no torch, no transformers). The hybrid model types (`hybrid_gpt2`, `hybrid_gpt_neox`,
-`hybrid_llama`, ...) are registered with transformers' Auto classes as soon as transformers itself is imported
-(at once, if it already is), so `AutoModelForCausalLM.from_pretrained` loads a saved hybrid after a plain
-`import surgery`, and no one who never touches transformers pays for the hybrid classes.
+`import surgery` is cheap (no torch, no transformers). The model types surgeries make (XATL hybrids `hybrid_gpt2`,
+`hybrid_gpt_neox`, `hybrid_llama`, ...; shared-depth twins `shared_gpt2`, ...) are registered with transformers' Auto
+classes as soon as transformers itself is imported (at once, if it already is), so
+`AutoModelForCausalLM.from_pretrained` loads a saved one after a plain `import surgery`, and no one who never touches
+transformers pays for these classes.
 """
 
 from __future__ import annotations
@@ -16,11 +17,16 @@ import warnings
 __version__ = "0.1.0"
 
 HYBRIDS_MODULE = "surgery.xatl.hybrid.model"  # importing it registers the hybrid types with the Auto classes
+# Each module that registers model types when imported, under the surgery package it belongs to.
+REGISTERING_MODULES = {"surgery.xatl": HYBRIDS_MODULE, "surgery.share": "surgery.share.model"}
 
 
-def register_hybrids() -> None:
-    """Register the hybrid model types with transformers' Auto classes (idempotent; imports torch and transformers)."""
-    importlib.import_module(HYBRIDS_MODULE)
+def register_hybrids(skip_packages: tuple[str, ...] = ()) -> None:
+    """Register the hybrid and shared-depth model types with transformers' Auto classes (idempotent; imports torch
+    and transformers). `skip_packages`: surgery packages being imported right now, which register their own."""
+    for package, module in REGISTERING_MODULES.items():
+        if package not in skip_packages:
+            importlib.import_module(module)
 
 
 class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
@@ -37,10 +43,10 @@ class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
 
         def exec_then_register(module):
             exec_module(module)
-            if any(name.startswith("surgery.xatl") for name in sys.modules):
-                return  # transformers was imported on the way to the hybrids' module, which registers them itself
+            # transformers imported on the way to a registering module: that module registers its own types
+            importing = tuple(p for p in REGISTERING_MODULES if p in sys.modules)
             try:
-                register_hybrids()
+                register_hybrids(importing)
             except Exception as err:  # a broken optional piece must not break `import transformers`
                 warnings.warn(f"surgery could not register its hybrid model types with transformers: {err!r}",
                               stacklevel=2)

@@ -67,6 +67,7 @@ class Family:
     activation_key: str  # the config field naming the MLP activation (transformers' name, e.g. "gelu_new")
     parallel_residual_key: str | None = None  # config field; None: attention and MLP always in sequence
     hybrid: bool = False  # an XATL hybrid of the family: mixers in place of attention in some layers
+    shared: bool = False  # a shared-depth twin of the family: layers reading one block's weights (surgery.share)
     # Rotary families: the config fields transformers 4.x kept the rotated fraction and the base in (5.x keeps
     # both in `config.rope_parameters`, read first); None for a family with learned positions.
     rotary_fraction_key: str | None = None
@@ -77,6 +78,11 @@ class Family:
     # The argument under which a decoder layer hands the cache to its attention module; None: the name transformers
     # uses for the model's own cache argument (`cache` from 5.24, `past_key_values` before).
     layer_cache_arg: str | None = None
+
+    @property
+    def is_source(self) -> bool:
+        """A family transformers itself defines (not a hybrid or shared-depth twin made from one)."""
+        return not (self.hybrid or self.shared)
 
     def parallel_residual(self, config) -> bool:
         """Whether the MLP reads the block's input (as attention does) instead of the stream after attention."""
@@ -224,8 +230,20 @@ def hybrid_of(family: Family) -> Family:
                    model_types=tuple(HYBRID_PREFIX + t for t in family.model_types))
 
 
+SHARED_PREFIX = "shared_"
+
+
+def shared_of(family: Family) -> Family:
+    """The shared-depth twin of a family (`surgery.share`): the same module layout under `shared_<model type>`, with
+    each block's projections wrapped so that several layers read one weight (norms stay where the family keeps them)."""
+    return replace(family, name=SHARED_PREFIX + family.name, shared=True,
+                   model_types=tuple(SHARED_PREFIX + t for t in family.model_types))
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, GPT_NEOX, LLAMA)}
-FAMILIES.update({hybrid_of(f).name: hybrid_of(f) for f in list(FAMILIES.values())})
+_SOURCES = list(FAMILIES.values())
+FAMILIES.update({hybrid_of(f).name: hybrid_of(f) for f in _SOURCES})
+FAMILIES.update({shared_of(f).name: shared_of(f) for f in _SOURCES})
 
 # Model types that look like a supported family but are not, with what stands in the way.
 UNSUPPORTED = {
@@ -246,10 +264,10 @@ def family_of(model: nn.Module) -> Family:
     if family is not None:
         return family
     model_type = getattr(config, "model_type", None)
-    known = sorted(t for f in FAMILIES.values() for t in f.model_types if not f.hybrid)
+    known = sorted(t for f in FAMILIES.values() for t in f.model_types if f.is_source)
     why = f": {UNSUPPORTED[model_type]}" if model_type in UNSUPPORTED else ""
     raise SurgeryError(
-        f"model type {model_type!r} is not supported{why} (supported: {', '.join(known)} and their XATL hybrids); "
+        f"model type {model_type!r} is not supported{why} (supported: {', '.join(known)}, their XATL hybrids and shared-depth twins); "
         "add a Family entry in surgery/families.py to support another family"
     )
 

@@ -1,7 +1,7 @@
 """The package's layering: imports run one way, from the surgeries down to the foundations.
 
 Every `import` and `from ... import` in surgery/ (at module level or inside a function) is read from the source;
-a module may import its own layer or a lower one, never a higher one, and the three surgeries never import each
+a module may import its own layer or a lower one, never a higher one, and the surgeries never import each
 other. Nothing in the package changes `sys.path` or imports the `benchmarks` folder.
 """
 
@@ -25,7 +25,7 @@ LAYERS = [
     ["surgery.eval"],
     ["surgery.training"],
     ["surgery.lens"],
-    ["surgery.remove_ln", "surgery.xatl", "surgery.ln_tune"],
+    ["surgery.remove_ln", "surgery.xatl", "surgery.ln_tune", "surgery.share"],
     ["surgery.publish"],
     ["surgery.cli"],
 ]

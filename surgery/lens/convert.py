@@ -33,12 +33,15 @@ ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": 
 
 def lens_family(model_or_config) -> Family:
     """The family of a model the lens converts: one whose models transformers' own class builds (SurgeryError for
-    other families: XATL hybrids, whose blocks are not all attention + MLP)."""
+    other families: XATL hybrids, whose blocks are not all attention + MLP; shared-depth twins, whose layers read
+    one block's weights: convert their vanilla expansion, `surgery.share.expand`)."""
     fam = family_of(model_or_config)
-    if fam.hybrid:
-        supported = [f.name for f in FAMILIES.values() if not f.hybrid]
+    if not fam.is_source:
+        supported = [f.name for f in FAMILIES.values() if f.is_source]
+        why = ("its blocks are not all attention + MLP" if fam.hybrid else
+               "its layers share weights; convert its vanilla expansion, surgery.share.expand(model)")
         raise SurgeryError(f"TransformerLens conversion supports the {', '.join(supported)} families, not {fam.name} "
-                           "(its blocks are not all attention + MLP)")
+                           f"({why})")
     return fam
 
 

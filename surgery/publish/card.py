@@ -106,6 +106,8 @@ def surgery_rows(metrics: dict) -> list[tuple[str, str]]:
         from surgery.xatl.training.report import result_rows
     elif isinstance(metrics.get("ln_tune"), dict):  # LN-tuning of a language model
         from surgery.ln_tune.lm import result_rows
+    elif isinstance(metrics.get("share"), dict):  # shared depth
+        from surgery.share.report import result_rows
     elif "test_accuracy" in metrics:  # sequence classification
         from surgery.ln_tune.classify import result_rows
     else:
