@@ -141,7 +141,8 @@ def test_every_family_has_its_hybrid_without_importing_the_hybrid_model():
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_layer_cache_arg_is_what_the_layer_and_its_attention_take(name):
-    from surgery.xatl.hybrid.cache import CACHE_ARG, LAYER_CACHE_NAMES
+    from surgery.xatl.hybrid.cache import CACHE_ARG
+    from surgery.xatl.hybrid.model import LAYER_CACHE_NAMES
 
     model = tiny(name)
     fam = family_of(model)

@@ -144,16 +144,6 @@ def test_load_causal_lm_finds_the_hybrid_in_a_fresh_process(tmp_path):
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1] == "HybridGPT2LMHeadModel"
-
-
-def test_a_saved_hybrid_says_in_its_config_what_to_import(tmp_path):
-    """Without `import surgery`, transformers suggests upgrading itself; the saved config.json says what to do."""
-    import json
-
-    tiny("gla", [1]).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == "hybrid_gpt2"
-    assert config["how_to_load"].startswith("`pip install lm-surgery`, then `import surgery` before AutoModelForCausalLM")
     # a fresh process may pick other CPU kernels (thread count, attention backend): equal to float rounding
     torch.testing.assert_close(torch.load(tmp_path / "out.pt").detach(), ref, rtol=0, atol=1e-6)
 
@@ -172,11 +162,14 @@ def test_plain_import_surgery_is_enough_to_load_a_saved_hybrid(tmp_path):
     assert res.stdout.strip().splitlines()[-1] == "HybridGPT2LMHeadModel"
 
 
-def test_a_saved_hybrid_says_in_its_config_what_to_import(tmp_path):
-    """Without `import surgery`, transformers suggests upgrading itself; the saved config.json says what to do."""
+def test_a_saved_hybrid_says_in_its_config_how_to_load_it(tmp_path):
+    """Without `import surgery` or trust_remote_code, transformers suggests upgrading itself; the saved
+    config.json says what to do instead, and names the code saved beside the weights."""
     import json
 
     tiny("gla", [1]).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "hybrid_gpt2"
-    assert config["how_to_load"].startswith("`pip install lm-surgery`, then `import surgery` before AutoModelForCausalLM")
+    assert config["how_to_load"].startswith("AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True) runs the code")
+    assert "`pip install lm-surgery`, then `import surgery` before from_pretrained" in config["how_to_load"]
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_hybrid.HybridGPT2LMHeadModel"

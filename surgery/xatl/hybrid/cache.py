@@ -19,13 +19,9 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from surgery.errors import SurgeryError
-from surgery.families import FAMILIES
 
 CACHE_ARG = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 CACHE_NAMES = ("cache", "past_key_values")
-# Names under which a decoder layer hands the cache to its attention module: transformers' own, and each family's
-# `Family.layer_cache_arg` where it has another (GPT-NeoX's `layer_past`).
-LAYER_CACHE_NAMES = tuple(dict.fromkeys((*CACHE_NAMES, *(f.layer_cache_arg for f in FAMILIES.values() if f.layer_cache_arg))))
 
 
 class HybridCache(DynamicCache):
