@@ -1,10 +1,12 @@
-"""Mixers: training tokens/s and peak memory of attention vs mamba vs retention vs GLA against sequence
-length, the Hugging Face `MambaForCausalLM` peer, and generation latency per token.
+"""Mixers: training tokens/s and peak memory of attention vs mamba vs mamba2 vs retention vs GLA against sequence
+length, the Hugging Face `MambaForCausalLM` and `Mamba2ForCausalLM` peers, and generation latency per token.
 
 Every model has the same width, depth, heads and vocabulary, batch 1, random weights. Our models are
 GPT-2 blocks (mixer + MLP); `hf-mamba` is `transformers.MambaForCausalLM` (mixer only, no MLP: fewer
 parameters) with the same width, depth, state size (16), expansion (2) and conv width (4). On CPU it takes
-its torch path: a sequential loop over time steps (no mamba-ssm, no mambapy). Our mamba trains with the
+its torch path: a sequential loop over time steps (no mamba-ssm, no mambapy). `hf-mamba2` is
+`transformers.Mamba2ForCausalLM` (mixer only) of our mamba2's shape (expand 1, 32-wide heads, state 32, one B/C
+group per head, chunk 64) on its torch path (`mamba2_chunk_scan`, chunked, vectorised over chunks). Our mamba trains with the
 chunked selective scan (surgery.xatl.mixers.scan.selective_scan_chunked); linear mixers with chunked GLA;
 `gla-w64` adds a 64-token softmax window to each GLA mixer (surgery.xatl.mixers.scan.window_attention).
 flash-linear-attention's naive torch references join when `fla` imports (on CPU it needs triton too:
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 from benchmarks.measure import interleaved, paired_ratio
 from benchmarks.report import progress_line
@@ -28,7 +30,8 @@ from surgery.xatl.hybrid.model import HybridGPT2LMHeadModel, hybrid_config_from
 from surgery.xatl.mixers.scan import gla_chunked
 
 SEQS = (256, 512, 1024, 2048, 4096)
-MODELS = ("attention", "mamba", "retention", "gla", "gla-w64", "hf-mamba")
+MODELS = ("attention", "mamba", "mamba2", "retention", "gla", "gla-w64", "hf-mamba2", "hf-mamba")
+PEERS = {"mamba": "hf-mamba", "mamba2": "hf-mamba2"}  # our mixer -> transformers' model of the same mixer
 VARIANTS = {"gla-w64": ("gla", {"window": 64})}  # GLA with exact softmax attention over its last 64 tokens
 
 
@@ -50,6 +53,11 @@ def build(names=MODELS, width: int = 128, depth: int = 2, heads: int = 4, vocab:
         torch.manual_seed(seed)
         if name == "attention":
             models[name] = GPT2LMHeadModel(cfg)
+        elif name == "hf-mamba2":
+            models[name] = Mamba2ForCausalLM(Mamba2Config(
+                vocab_size=vocab, hidden_size=width, num_heads=heads, head_dim=width // heads, expand=1,
+                state_size=width // heads, n_groups=heads, num_hidden_layers=depth, conv_kernel=4, chunk_size=64,
+                use_bias=True, bos_token_id=0, eos_token_id=0, pad_token_id=0))
         elif name == "hf-mamba":
             models[name] = MambaForCausalLM(MambaConfig(vocab_size=vocab, hidden_size=width, state_size=16,
                                                         num_hidden_layers=depth, expand=2, conv_kernel=4,
@@ -89,8 +97,8 @@ def train_rows(models: dict, seqs=SEQS, repeats: int = 3, warmup: int = 1, max_s
             row = {"model": name, "seq": seq, "step_s": t[name]["median_s"], "tok_s": seq / t[name]["median_s"],
                    "ratio_to_attention": paired_ratio(t, name, "attention") if "attention" in t else None,
                    "peak_mib": t[name]["peak_mib"], "params": sum(p.numel() for p in m.parameters())}
-            if "mamba" in t and "hf-mamba" in t and name == "mamba":
-                row["speedup_vs_hf"] = paired_ratio(t, "hf-mamba", "mamba")
+            if name in PEERS and PEERS[name] in t:
+                row["speedup_vs_hf"] = paired_ratio(t, PEERS[name], name)
             rows.append(row)
             if verbose:
                 print(progress_line(row), flush=True)
@@ -102,19 +110,19 @@ def train_rows(models: dict, seqs=SEQS, repeats: int = 3, warmup: int = 1, max_s
 def generation_rows(models: dict, contexts=SEQS, new_tokens: int = 32, warmup: int = 2,
                     verbose: bool = False) -> list[dict]:
     """One row per (model, context): {"model", "context", "ms_per_token" (median step), "ms_fastest",
-    "ratio_to_attention" (paired median)}, plus "hf_over_ours" on mamba's row. The models decode in turn,
+    "ratio_to_attention" (paired median)}, plus "hf_over_ours" on the rows of mixers with a transformers peer. The models decode in turn,
     one token each per round (order alternating), so a ratio compares steps taken moments apart."""
     rows = []
     for context in contexts:
-        steps = {name: Decoder(model.eval(), context, cache_key=HF_MAMBA_CACHE if name == "hf-mamba" else CACHE_ARG)
+        steps = {name: Decoder(model.eval(), context, cache_key=HF_MAMBA_CACHE if name.startswith("hf-") else CACHE_ARG)
                  for name, model in models.items()}
         t = interleaved(steps, new_tokens, warmup, memory=False)
         for name in models:
             row = {"model": name, "context": context, "ms_per_token": 1e3 * t[name]["median_s"],
                    "ms_fastest": 1e3 * min(t[name]["times"]),
                    "ratio_to_attention": paired_ratio(t, name, "attention") if "attention" in t else None}
-            if name == "mamba" and "hf-mamba" in t:
-                row["hf_over_ours"] = paired_ratio(t, "hf-mamba", "mamba")
+            if name in PEERS and PEERS[name] in t:
+                row["hf_over_ours"] = paired_ratio(t, PEERS[name], name)
             rows.append(row)
             if verbose:
                 print(progress_line(row), flush=True)

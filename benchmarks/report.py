@@ -53,17 +53,17 @@ def mixer_tables(train: list[dict], generation: list[dict]) -> str:
              _grid(train, "seq", lambda r: f"{r['tok_s']:.0f} ({_f(r['ratio_to_attention'], '.2f')}x)"),
              "", "Peak memory added by one training step (MiB):", "",
              _grid(train, "seq", lambda r: _f(r["peak_mib"], ".0f"))]
-    speed = [r for r in train if "speedup_vs_hf" in r]
-    if speed:
-        parts += ["", "Our mamba vs hf-mamba, training tokens/s (target >= 3x): " +
+    for name in dict.fromkeys(r["model"] for r in train if "speedup_vs_hf" in r):
+        speed = [r for r in train if r["model"] == name and "speedup_vs_hf" in r]
+        parts += ["", f"Our {name} vs hf-{name}, training tokens/s (target >= 3x): " +
                   ", ".join(f"L={r['seq']}: {r['speedup_vs_hf']:.1f}x" for r in speed)]
     if generation:
         parts += ["", "Generation, ms per token after an L-token prompt (median step; step time / attention's, paired):",
                   "", _grid(generation, "context",
                             lambda r: f"{r['ms_per_token']:.2f} ({_f(r['ratio_to_attention'], '.2f')}x)")]
-        gen = [r for r in generation if "hf_over_ours" in r]
-        if gen:
-            parts += ["", "hf-mamba / our mamba, decoding step time (target >= 1): " +
+        for name in dict.fromkeys(r["model"] for r in generation if "hf_over_ours" in r):
+            gen = [r for r in generation if r["model"] == name and "hf_over_ours" in r]
+            parts += ["", f"hf-{name} / our {name}, decoding step time (target >= 1): " +
                       ", ".join(f"L={r['context']}: {r['hf_over_ours']:.2f}" for r in gen)]
     return "\n".join(parts)
 

@@ -90,10 +90,13 @@ def test_mixer_rows_grid_and_plot(tmp_path):
     gen = mixer_cost.generation_rows(models, contexts=[8], new_tokens=2)
     assert [r["model"] for r in gen] == list(mixer_cost.MODELS)
     assert all(0 < r["ms_fastest"] <= r["ms_per_token"] for r in gen) and gen[0]["ratio_to_attention"] == 1.0
-    assert [r["model"] for r in gen if "hf_over_ours" in r] == ["mamba"]
+    assert [r["model"] for r in gen if "hf_over_ours" in r] == ["mamba", "mamba2"]
+    assert "speedup_vs_hf" in by[("mamba2", 8)] and "speedup_vs_hf" in by[("mamba2", 32)]  # hf-mamba2 uncapped
     md = report.mixer_tables(train, gen)
     assert "| model | L=8 | L=32 |" in md and "| hf-mamba |" in md and md.count("| hf-mamba |") == 3
     assert f"hf-mamba / our mamba, decoding step time (target >= 1): L=8: {gen[1]['hf_over_ours']:.2f}" in md
+    assert f"hf-mamba2 / our mamba2, decoding step time (target >= 1): L=8: {gen[2]['hf_over_ours']:.2f}" in md
+    assert "Our mamba2 vs hf-mamba2, training tokens/s (target >= 3x): L=8: " in md
     report.plot(train, gen, tmp_path / "m.png")
     assert (tmp_path / "m.png").stat().st_size > 1000
     assert mixer_cost.fla_status() == "available" or mixer_cost.fla_status().startswith("not available on CPU")
