@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "LayerNorm removal; a checkpoint taken mid-removal (some norms still real) is refused"),
     "verify": ("surgery.cli.commands.verify", "check an (LN-free) model in TransformerLens: logits, exact DLA, patching, sinks"),
     "publish": ("surgery.cli.commands.publish", "upload a run or model to the Hugging Face Hub with a card built from its measurements"),
+    "continual": ("surgery.cli.commands.continual", "continual learning with task-keyed norm sets vs sequential and "
+                  "joint fine-tuning over a task sequence (resumable; metrics.json and the CL matrix plot)"),
     "compare": ("surgery.cli.commands.compare", "XATL vs from scratch: train a recipe both ways on the same data and steps, "
                 "plot both validation curves, report steps-to-match (resumable; LightningCLI overrides after --)"),
 }
