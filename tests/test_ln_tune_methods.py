@@ -1,10 +1,13 @@
 """LN-tuning in attention (`ln-attn`) and LN-tuning combined with LoRA and prefix-tuning (PEFT): each method trains
 exactly its intended parameters, every other parameter stays bit-identical after optimizer steps with weight decay."""
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from surgery.errors import SurgeryError
 from surgery.ln_tune import trainable_parameters
@@ -113,3 +116,43 @@ def test_prefix_on_an_encoder_and_unknown_methods_are_refused_by_name():
     with pytest.raises(SurgeryError, match="selection 'fisher' picks norm entries, but method 'lora' trains no norm "
                                            "subset: use selection all, or method ln / ln-attn"):
         LNTuneLM("unused", method="lora", selection="fisher")
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "ln_tune"
+
+
+@pytest.mark.parametrize("recipe, method", [("minilm-ln-attn.yaml", "ln-attn"), ("minilm-ln-lora.yaml", "ln+lora"),
+                                            ("tiny-gpt2-ln-attn.yaml", "ln-attn"),
+                                            ("tiny-gpt2-ln-prefix.yaml", "ln+prefix")])
+def test_method_recipes_show_their_method(recipe, method, capsys):
+    from surgery.cli.lightning_cli import SurgeryCLI
+
+    with pytest.raises(SystemExit) as exit_info:
+        SurgeryCLI(args=["fit", "--config", str(RECIPES / recipe), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["init_args"]["method"] == method and "save_adapter" in config["model"]["init_args"]
+    assert config["trainer"]["default_root_dir"] == f"runs/ln_tune/{recipe.removesuffix('.yaml')}"
+
+
+def prefix_run(run_dir, model_dir, block_size: int) -> list[str]:
+    return ["fit", "--config", str(RECIPES / "tiny-gpt2-ln-prefix.yaml"), "--trainer.default_root_dir", str(run_dir),
+            "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+            "--model.init_args.init", str(model_dir), "--model.init_args.warmup_steps", "1",
+            "--data.init_args.tokenizer", str(model_dir), "--data.init_args.part", "json",
+            "--data.init_args.block_size", str(block_size), "--data.init_args.batch_size", "2",
+            "--trainer.enable_progress_bar", "false"]
+
+
+@pytest.mark.slow
+def test_prefix_recipe_runs_and_a_block_without_room_for_the_prefix_is_refused(tiny_lm_dir, tmp_path, capsys):
+    """The tiny GPT-2 here has 64 positions: blocks of 56 + 8 prefix tokens fit, 60 + 8 do not."""
+    from surgery.cli.entry import main
+
+    assert main(prefix_run(tmp_path / "bad", tiny_lm_dir, 60)) != 0
+    assert ("prefix-tuning adds 8 positions: blocks of 60 tokens would need 68, the model has 64; set "
+            "data.init_args.block_size to 56 or less") in capsys.readouterr().err
+    assert main(prefix_run(tmp_path / "run", tiny_lm_dir, 56)) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["ln_tune"]["method"] == "ln+prefix" and metrics["ln_tune"]["trainable"] == 8 * 2 * 2 * D + 5 * 2 * D
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()

@@ -23,7 +23,7 @@ from surgery.ln_tune.adapter import save_adapter
 from surgery.ln_tune.classify_data import resolve_model_dir
 from surgery.ln_tune.fisher import fisher_scores, label_log_likelihood
 from surgery.ln_tune.mask import EntryMask
-from surgery.ln_tune.methods import prepare
+from surgery.ln_tune.methods import optimizer_groups, prepare
 from surgery.ln_tune.tune import export, trainable_parameters
 from surgery.training.report import Row, count_row, gap_rows, num, print_results
 
@@ -46,6 +46,7 @@ class SequenceClassifier(L.LightningModule):
         lr: peak learning rate (LN-tuning needs 1e-3..1e-2). weight_decay: AdamW decay on all trainable
             entries (masked-out entries never move). warmup_ratio: share of steps warming up.
         lora_r, lora_alpha: LoRA rank and scale. prefix_tokens: prefix-tuning's virtual tokens per layer.
+        norm_lr: peak learning rate of the norms where it differs from `lr` (an ln+ combination); None: `lr`.
         save_model: write the merged model at the end of fit. save_adapter: also write the run as a PEFT adapter
             to `<run_dir>/adapter` (`surgery.ln_tune.adapter`; not for full fine-tuning or the head alone).
     """
@@ -53,7 +54,8 @@ class SequenceClassifier(L.LightningModule):
     def __init__(self, init: str = "minilm", num_labels: int = 2, method: str = "ln", fraction: float = 0.1,
                  mask: str | None = None, fisher_samples: int = 256, seed: int = 0, lr: float = 5e-3,
                  weight_decay: float = 0.0, warmup_ratio: float = 0.1, lora_r: int = 8, lora_alpha: int = 16,
-                 prefix_tokens: int = 8, save_model: bool = True, save_adapter: bool = True, tokenizer: Any = None):
+                 prefix_tokens: int = 8, norm_lr: float | None = None, save_model: bool = True,
+                 save_adapter: bool = True, tokenizer: Any = None):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
@@ -111,8 +113,7 @@ class SequenceClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        opt = torch.optim.AdamW(optimizer_groups(self.model, hp.lr, hp.norm_lr), lr=hp.lr, weight_decay=hp.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = max(1, int(hp.warmup_ratio * total))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup_decay(s, warmup, total))

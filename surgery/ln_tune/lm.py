@@ -16,10 +16,11 @@ from surgery.data.corpus import Corpus
 from surgery.data.datamodule import TokenBlocks
 from surgery.errors import SurgeryError
 from surgery.eval.loss import cross_entropy
+from surgery.families import context_length_of
 from surgery.ln_tune.fisher import fisher_scores, next_token_log_likelihood
 from surgery.ln_tune.adapter import save_adapter
 from surgery.ln_tune.mask import EntryMask
-from surgery.ln_tune.methods import prepare
+from surgery.ln_tune.methods import optimizer_groups, prepare
 from surgery.ln_tune.params import ln_parameters, norm_modules
 from surgery.ln_tune.tune import LNTuneConfig, export, ln_tune, trainable_parameters
 from surgery.training.lm import CausalLM
@@ -71,6 +72,7 @@ class LNTuneLM(CausalLM):
         selection: for ln / ln-attn, "all" their entries, "fisher" (top `fraction` by empirical Fisher on
             `fisher_samples` training blocks), "random" (`fraction` drawn with `seed`) or "mask" (the file `mask`).
         lora_r, lora_alpha: LoRA rank and scale. prefix_tokens: prefix-tuning's virtual tokens per layer.
+        norm_lr: peak learning rate of the norms where it differs from `lr` (an ln+ combination); None: `lr`.
         save_adapter: also write the run as a PEFT adapter to `<run_dir>/adapter` (`surgery.ln_tune.adapter`);
             the merged plain model goes to `<run_dir>/model` as ever (prefix-tuning: the adapter there too).
         weight_decay: AdamW decay on every trainable entry (entries outside the mask never move).
@@ -82,7 +84,8 @@ class LNTuneLM(CausalLM):
                  mask: str | None = None, fisher_samples: int = 32, seed: int = 0, lr: float = 3e-3,
                  min_lr_ratio: float = 0.1, warmup_steps: int = 20, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), lora_r: int = 8, lora_alpha: int = 16,
-                 prefix_tokens: int = 8, save_adapter: bool = True, tokenizer: Any = None):
+                 prefix_tokens: int = 8, norm_lr: float | None = None, save_adapter: bool = True,
+                 tokenizer: Any = None):
         if method not in LN_METHODS + LM_BASELINES:
             raise SurgeryError(f"unknown method {method!r} for a causal LM; choose from "
                                f"{', '.join(LN_METHODS + LM_BASELINES)}")
@@ -112,6 +115,11 @@ class LNTuneLM(CausalLM):
             return
         self._prepared = True
         hp, dm = self.hparams, self.trainer.datamodule
+        context = context_length_of(self.model.config)
+        if hp.method.endswith("prefix") and context and dm.block_size + hp.prefix_tokens > context:
+            raise SurgeryError(f"prefix-tuning adds {hp.prefix_tokens} positions: blocks of {dm.block_size} tokens "
+                               f"would need {dm.block_size + hp.prefix_tokens}, the model has {context}; set "
+                               f"data.init_args.block_size to {context - hp.prefix_tokens} or less")
         if self.mask is not None:
             own = ln_parameters(self.model, norms=self.norms)
             if hp.selection == "fisher":
@@ -130,10 +138,19 @@ class LNTuneLM(CausalLM):
             self.trainable = trainable_parameters(self.model, self.mask)
         self.val_before = cross_entropy(self.model, dm.split("validation"), dm.batch_size)
 
+    def lm_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """A PEFT method runs through its wrapper's forward (the prefix and the LoRA paths live there), with the model's
+        own next-token loss (mean cross-entropy, nats/token); every other method as `CausalLM` does."""
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            return self.model(input_ids=batch, labels=batch).loss
+        return super().lm_loss(batch)
+
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=hp.lr,
-                                betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        opt = torch.optim.AdamW(optimizer_groups(self.model, hp.lr, hp.norm_lr), lr=hp.lr, betas=tuple(hp.betas),
+                                weight_decay=hp.weight_decay)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         from surgery.training.lm import cosine_with_warmup
 

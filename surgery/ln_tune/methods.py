@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from surgery.errors import SurgeryError
+from surgery.families import is_norm
 from surgery.ln_tune.combine import PEFT_METHODS, peft_method
 from surgery.ln_tune.mask import EntryMask
 from surgery.ln_tune.params import bias_parameters, head_parameters, ln_parameters, train_only
@@ -73,3 +74,14 @@ def prepare(
     norms = "attn" if method == "ln-attn" else "all"
     return model, ln_tune(model, LNTuneConfig(head=head, mask=mask if method not in ("ln", "ln-attn") else None,
                                               norms=norms))
+
+
+def optimizer_groups(model: nn.Module, lr: float, norm_lr: float | None = None) -> list[dict]:
+    """AdamW parameter groups of the trainable parameters: the norms' (PEFT copies included) at `norm_lr`, the rest
+    at `lr`, so a combination can give LN-tuning its own rate (it wants 1e-3..1e-2); norm_lr None: one rate."""
+    norm_ids = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters(recurse=False)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    norms = [p for p in trainable if id(p) in norm_ids]
+    others = [p for p in trainable if id(p) not in norm_ids]
+    rate = lr if norm_lr is None else norm_lr
+    return [g for g in ({"params": others, "lr": lr}, {"params": norms, "lr": rate}) if g["params"]]
