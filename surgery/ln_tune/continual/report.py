@@ -1,7 +1,7 @@
 """Continual-learning measures from a CL matrix, the end-of-run table and the matrix plot.
 
 With `matrix[i][j]` the score on task j after the i-th task of the sequence (T tasks):
-    final       mean over j of matrix[T-1][j]: average final accuracy (LM: average final loss, nats/token)
+    final       mean over j of `matrix[T-1][j]`: average final accuracy (LM: average final loss, nats/token)
     forgetting  mean over j < T-1 of (best score on j before the last task - final score on j), oriented so that
                 positive means worse now (accuracy: points lost; LM: nats/token gained); the usual definition
                 (Chaudhry et al. 2018) with "best" = max accuracy or min loss
