@@ -74,7 +74,7 @@ def _make_hybrid(source_type: str) -> None:
     AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
 
 
-for _type in [t for f in FAMILIES.values() if not f.hybrid for t in f.model_types]:
+for _type in [t for f in FAMILIES.values() if f.is_source for t in f.model_types]:
     _make_hybrid(_type)
 
 HybridGPT2Config = HYBRID_CONFIGS["hybrid_gpt2"]
