@@ -156,3 +156,21 @@ def test_prefix_recipe_runs_and_a_block_without_room_for_the_prefix_is_refused(t
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["ln_tune"]["method"] == "ln+prefix" and metrics["ln_tune"]["trainable"] == 8 * 2 * 2 * D + 5 * 2 * D
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "neox", "llama"])
+def test_a_prefix_started_from_tokens_reads_like_those_tokens(kind):
+    """transformers' own computation as the reference: after `init_prefix(ids)`, the prefix-tuned model on `rest`
+    gives the base model's logits of `rest` read after `ids` (1e-5: the same attention, split across two calls)."""
+    from surgery.ln_tune.combine import init_prefix
+
+    base = model_of(kind)
+    ids, rest = torch.arange(3, 11), torch.randint(1, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = base(input_ids=torch.cat([ids[None], rest], dim=1)).logits[:, 8:]
+    model, _ = prepare(base, "prefix", head=None)
+    init_prefix(model, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=rest).logits, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(SurgeryError, match="pass as many ids as num_virtual_tokens"):
+        init_prefix(model, ids[:5])

@@ -12,6 +12,7 @@ PEFT. The task head (if any) trains fully in every method. One PEFT config per m
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from surgery.errors import SurgeryError
@@ -64,3 +65,21 @@ def peft_method(model: nn.Module, method: str, head: str | list[str] | None = "a
         config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, modules_to_save=saved or None,
                             target_modules=lora_targets(model, "mlp" if base == "lora-mlp" else "attn"))
     return get_peft_model(model, config)
+
+
+@torch.no_grad()
+def init_prefix(model: nn.Module, ids: torch.Tensor) -> None:
+    """Start prefix-tuning from the model's own keys and values of real tokens (Li & Liang 2021 found this better than
+    random): `ids` (num_virtual_tokens,) run through the base model, and each layer's cached keys and values
+    (after rotary, with grouped KV heads as stored) become PEFT's prefix, so the adapted model starts as the base
+    model reading `ids` first. PEFT's own start, N(0, 1) entries, raises the tiny LMs' held-out loss by ~0.5 nats/token
+    before any step. `model`: a PEFT prefix-tuning model."""
+    out = model.get_base_model()(input_ids=ids[None], use_cache=True)
+    cache = out.get("cache") or out.get("past_key_values")
+    parts = [kv[0].transpose(0, 1).reshape(len(ids), -1) for layer in cache.layers for kv in (layer.keys, layer.values)]
+    prefix = model.prompt_encoder[model.active_adapter].embedding.weight
+    flat = torch.cat(parts, dim=-1)
+    if flat.shape != prefix.shape:
+        raise SurgeryError(f"the cached keys and values of {len(ids)} tokens have shape {tuple(flat.shape)}, PEFT's prefix "
+                           f"{tuple(prefix.shape)}: pass as many ids as num_virtual_tokens")
+    prefix.copy_(flat.to(prefix.dtype))

@@ -19,6 +19,7 @@ from surgery.eval.loss import cross_entropy
 from surgery.families import context_length_of
 from surgery.ln_tune.fisher import fisher_scores, next_token_log_likelihood
 from surgery.ln_tune.adapter import save_adapter
+from surgery.ln_tune.combine import init_prefix
 from surgery.ln_tune.mask import EntryMask
 from surgery.ln_tune.methods import optimizer_groups, prepare
 from surgery.ln_tune.params import ln_parameters, norm_modules
@@ -120,6 +121,8 @@ class LNTuneLM(CausalLM):
             raise SurgeryError(f"prefix-tuning adds {hp.prefix_tokens} positions: blocks of {dm.block_size} tokens "
                                f"would need {dm.block_size + hp.prefix_tokens}, the model has {context}; set "
                                f"data.init_args.block_size to {context - hp.prefix_tokens} or less")
+        if hp.method.endswith("prefix"):  # the prefix starts as the first tokens of the first training block
+            init_prefix(self.model, dm.split("train")[0][: hp.prefix_tokens].to(self.device))
         if self.mask is not None:
             own = ln_parameters(self.model, norms=self.norms)
             if hp.selection == "fisher":
