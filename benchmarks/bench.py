@@ -29,6 +29,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=12, help="interleaved rounds for small models")
     parser.add_argument("--large-repeats", type=int, default=3, help="interleaved rounds for models > 50M params")
     parser.add_argument("--mixer-seqs", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    parser.add_argument("--mixer-models", nargs="+", default=None,
+                        help="mixers section: only these models (default: all of benchmarks.mixer_cost.MODELS)")
     parser.add_argument("--mixer-width", type=int, default=128)
     parser.add_argument("--mixer-depth", type=int, default=2)
     parser.add_argument("--mixer-repeats", type=int, default=2, help="rounds up to 1024 tokens (1 above)")
@@ -93,7 +95,11 @@ def run(args) -> int:
         print(md[-1], flush=True)
     removal_model = None
     if "mixers" in args.sections:
-        models = mixer_cost.build(width=args.mixer_width, depth=args.mixer_depth, max_seq=max(args.mixer_seqs))
+        names = args.mixer_models or mixer_cost.MODELS
+        unknown = sorted(set(names) - set(mixer_cost.MODELS))
+        if unknown:
+            raise SurgeryError(f"--mixer-models {' '.join(unknown)}: unknown; choose from {' '.join(mixer_cost.MODELS)}")
+        models = mixer_cost.build(names, width=args.mixer_width, depth=args.mixer_depth, max_seq=max(args.mixer_seqs))
         train = mixer_cost.train_rows(models, args.mixer_seqs, args.mixer_repeats,
                                        max_seq={"hf-mamba": args.hf_max_seq}, verbose=True)
         gen = mixer_cost.generation_rows(models, args.mixer_seqs, args.new_tokens, verbose=True)

@@ -124,9 +124,11 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
     assert "load average at start" in (out / "bench.md").read_text()
 
 
-def test_cli_refuses_bad_sizes(capsys):
+def test_cli_refuses_bad_sizes(capsys, tmp_path):
     with pytest.raises(SurgeryError, match="--batch must be >= 1 and --seq / --mixer-seqs >= 2 tokens"):
         run_bench(["--seq", "1"])
+    with pytest.raises(SurgeryError, match=r"^--mixer-models mamba3: unknown; choose from attention mamba mamba2 "):
+        run_bench(["--sections", "mixers", "--mixer-models", "mamba3", "--out", str(tmp_path)])
 
 
 def test_progress_lines_are_key_value_pairs_without_timing_lists():
