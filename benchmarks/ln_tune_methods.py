@@ -153,7 +153,7 @@ def table(task: str, rows: list[dict], costs: dict | None) -> str:
         mem = f"{c['peak_mib'] + c['adam_mib']:.0f} ({c['peak_mib']:.0f} + {c['adam_mib']:.1f})" if c and c["peak_mib"] is not None else "-"
         lines.append(f"| {r['method']} | {value} | {r['trainable']:,} | {c['step_ratio']:.2f}x | {mem} |" if c else
                      f"| {r['method']} | {value} | {r['trainable']:,} | - | - |")
-    before = rows[0]["before"] if rows else None
+    before = next((r["before"] for r in rows if r["method"] == "ln"), None)  # a prefix run starts elsewhere
     if before is not None:
         lines.append(f"| (before tuning) | {100 * before:.1f} |  |  |  |" if acc else f"| (before tuning) | {before:.4f} |  |  |  |")
     return "\n".join(lines)
@@ -188,15 +188,21 @@ def main() -> None:
         if not cost_path.exists():
             cost_path.write_text(json.dumps(cost(args.task, args.repeats), indent=1) + "\n")
     results = {"machine": machine_info(), "tasks": {}}
+    text = [f"{results['machine']['cpu']}, {results['machine']['torch_threads']} thread(s), torch "
+            f"{results['machine']['torch']}, transformers {results['machine']['transformers']}, "
+            f"{results['machine']['date']}"]
     for task in ["sentiment", *LM_TASKS]:
         rows = summary(task, root)
         if not rows:
             continue
         costs = json.loads((root / task / "cost.json").read_text()) if (root / task / "cost.json").exists() else None
         results["tasks"][task] = {"rows": rows, "cost": costs}
-        print(f"\n{task}\n{table(task, rows, costs)}")
+        seeds = sorted({s for r in rows for s in r["seeds"]})
+        text.append(f"\n### {task} (seeds {', '.join(map(str, seeds))}; mean ± sd)\n\n{table(task, rows, costs)}")
+    print("\n".join(text))
     if args.report:
         (root / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        (root / "results.md").write_text("\n".join(text) + "\n")
 
 
 if __name__ == "__main__":
