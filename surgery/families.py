@@ -4,7 +4,10 @@ A `Family` says where a model keeps its blocks, norms, attention and MLP project
 how the attention input projection(s) are laid out; which kind of norm it uses; whether attention and MLP
 read the same residual stream (parallel residual); which config fields hold the norms' epsilon, the context
 length, the MLP width, the activation and the rotary settings; its transformers class; and the name under which
-its decoder layer hands the cache to attention. Every surgery (LN removal, its export, the TransformerLens
+its decoder layer hands the cache to attention; and every norm a block holds, by role (`Family.block_norms`: the
+pre-norms before attention and MLP, post-sublayer norms on their outputs, QK-norms on the query and key
+projections, per head or over the whole projection), with the `(offset + weight)` gain and the embedding scale of
+families that have them. Every surgery (LN removal, its export, the TransformerLens
 conversion, XATL transfer, LN-tuning) reads these facts from here, so adding a family is one more `Family`
 entry, not an edit to each surgery.
 
@@ -28,6 +31,13 @@ QKVLayout = Literal["fused", "fused_per_head", "separate"]
 # fused_per_head: one projection, output per head [q, k, v] x heads (GPT-NeoX's query_key_value)
 # separate:       q, k and v projections, k and v with n_kv_heads (grouped-query attention; Llama)
 NormKind = Literal["layernorm", "rmsnorm"]  # layernorm centers and has a bias; rmsnorm neither
+QKNorm = Literal["per_head", "whole"]
+# per_head: an RMSNorm over each head's query / key features (width d_head), one gain shared by the heads (Qwen3, Gemma 3)
+# whole:    an RMSNorm over the whole query / key projection output (width heads * d_head; OLMo 2)
+NormRole = Literal["attn_in", "q", "k", "attn_out", "mlp_in", "mlp_out"]
+# attn_in / mlp_in: pre-norms, read by the attention input / MLP input projections
+# q / k:            QK-norms on the query / key projection outputs (before RoPE)
+# attn_out / mlp_out: post-sublayer norms on attention's / the MLP's output, before the residual add
 
 
 class Rotary(NamedTuple):
@@ -46,8 +56,8 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     blocks: str  # the ModuleList of transformer blocks
-    attn_norm: str  # block: the norm before attention
-    mlp_norm: str  # block: the norm before the MLP
+    attn_norm: str | None  # block: the norm before attention (None: no pre-norm, OLMo 2)
+    mlp_norm: str | None  # block: the norm before the MLP
     final_norm: str
     attn: str  # block
     mlp: str  # block
@@ -78,6 +88,35 @@ class Family:
     # The argument under which a decoder layer hands the cache to its attention module; None: the name transformers
     # uses for the model's own cache argument (`cache` from 5.24, `past_key_values` before).
     layer_cache_arg: str | None = None
+    # Norms beyond the pre-norms. Post-sublayer norms (block paths) on attention's and the MLP's output before the
+    # residual add: a fixed scale folds into attn_out / mlp_out. QK-norms (`qk_norm_paths`, block paths) on the query
+    # and key projections: a fixed scale folds into the rows of qkv[0] / qkv[1] (per head for "per_head").
+    attn_out_norm: str | None = None
+    mlp_out_norm: str | None = None
+    qk_norm: QKNorm | None = None
+    qk_norm_paths: tuple[str, str] = ("self_attn.q_norm", "self_attn.k_norm")
+    qk_head_axis: int = -2  # per-head QK-norm: the head axis of its input, (B, T, H, d_head): -2; (B, H, T, d_head): -3
+    norm_gain_offset: float = 0.0  # RMSNorm gain is (offset + weight): Gemma's is (1 + weight), its weight starts at 0
+    embed_scale_sqrt_width: bool = False  # token embeddings are multiplied by sqrt(hidden_size) (Gemma)
+    query_scale_key: str | None = None  # config field q: attention scores scaled by q**-0.5 instead of d_head**-0.5
+    softcap_keys: tuple[str, ...] = ()  # config fields that, when set, put a tanh soft cap on scores or logits
+    # Why XATL hybrids and shared-depth twins do not take this family; None where they do.
+    twin_refusal: str | None = None
+
+    def block_norms(self) -> dict[NormRole, str]:
+        """Every norm a block holds, by role, in forward order: {role: block-relative path}."""
+        q, k = self.qk_norm_paths if self.qk_norm else (None, None)
+        roles = {"attn_in": self.attn_norm, "q": q, "k": k, "attn_out": self.attn_out_norm, "mlp_in": self.mlp_norm,
+                 "mlp_out": self.mlp_out_norm}
+        return {role: path for role, path in roles.items() if path is not None}
+
+    def embed_scale(self, config) -> float:
+        """The factor the token embeddings are multiplied by before the first block (sqrt(d) for Gemma, else 1)."""
+        return float(config.hidden_size) ** 0.5 if self.embed_scale_sqrt_width else 1.0
+
+    def softcaps(self, config) -> dict[str, float]:
+        """The soft caps a model of this family sets ({config field: cap}); empty for plain scores and logits."""
+        return {key: getattr(config, key) for key in self.softcap_keys if getattr(config, key, None) is not None}
 
     @property
     def is_source(self) -> bool:
@@ -118,6 +157,7 @@ class Family:
             return getattr(config, key, default) if key else default
 
         params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+        params = dict(params.get("full_attention", params))  # Gemma 3: per layer type; the full-attention layers' here
         kind = params.get("rope_type", params.get("type", "default"))
         base = params.get("rope_theta", field(self.rotary_base_key, 10000.0))
         fraction = params.get("partial_rotary_factor", field(self.rotary_fraction_key, 1.0))
@@ -220,6 +260,25 @@ LLAMA = Family(
     sliding_window_key="sliding_window",  # mistral, qwen2
 )
 
+_QK_TWIN = ("its attention normalizes queries and keys (q_norm, k_norm){}: hybrid and shared-depth twins are "
+            "built for the gpt2, gpt_neox and llama blocks and have no place for those norms (not built)")
+
+QWEN3 = replace(LLAMA, name="qwen3", model_types=("qwen3",), hf_architecture="Qwen3ForCausalLM", qk_norm="per_head",
+                twin_refusal=_QK_TWIN.format(""))
+
+GEMMA3 = replace(
+    LLAMA, name="gemma3", model_types=("gemma3_text",), hf_architecture="Gemma3ForCausalLM",
+    mlp_norm="pre_feedforward_layernorm", attn_out_norm="post_attention_layernorm",
+    mlp_out_norm="post_feedforward_layernorm", qk_norm="per_head", qk_head_axis=-3, norm_gain_offset=1.0,
+    embed_scale_sqrt_width=True, query_scale_key="query_pre_attn_scalar", activation_key="hidden_activation",
+    softcap_keys=("attn_logit_softcapping", "final_logit_softcapping"),
+    twin_refusal=_QK_TWIN.format(" and every sublayer's output"))
+
+OLMO2 = replace(
+    LLAMA, name="olmo2", model_types=("olmo2",), hf_architecture="Olmo2ForCausalLM", attn_norm=None, mlp_norm=None,
+    attn_out_norm="post_attention_layernorm", mlp_out_norm="post_feedforward_layernorm", qk_norm="whole",
+    sliding_window_key=None, twin_refusal=_QK_TWIN.format(" and it normalizes sublayer outputs, not inputs"))
+
 HYBRID_PREFIX = "hybrid_"
 
 
@@ -244,12 +303,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, GPT_NEOX, LLAMA)}
 _SOURCES = list(FAMILIES.values())
 FAMILIES.update({hybrid_of(f).name: hybrid_of(f) for f in _SOURCES})
 FAMILIES.update({shared_of(f).name: shared_of(f) for f in _SOURCES})
-
-# Model types that look like a supported family but are not, with what stands in the way.
-UNSUPPORTED = {
-    "qwen3": "Qwen3 also normalizes each head's queries and keys (q_norm, k_norm RMSNorms inside attention), "
-    "which the llama family does not describe",
-}
+FAMILIES.update({f.name: f for f in (QWEN3, GEMMA3, OLMO2)})  # no hybrid or shared twins: `Family.twin_refusal`
 
 
 def _described_family(config) -> Family | None:
@@ -265,9 +319,8 @@ def family_of(model: nn.Module) -> Family:
         return family
     model_type = getattr(config, "model_type", None)
     known = sorted(t for f in FAMILIES.values() for t in f.model_types if f.is_source)
-    why = f": {UNSUPPORTED[model_type]}" if model_type in UNSUPPORTED else ""
     raise SurgeryError(
-        f"model type {model_type!r} is not supported{why} (supported: {', '.join(known)}, their XATL hybrids and shared-depth twins); "
+        f"model type {model_type!r} is not supported (supported: {', '.join(known)}, their XATL hybrids and shared-depth twins); "
         "add a Family entry in surgery/families.py to support another family"
     )
 
@@ -338,9 +391,9 @@ def blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def norm_paths(model: nn.Module) -> list[str]:
-    """Dotted paths of every norm, in forward order: block by block, then the final norm."""
+    """Dotted paths of every norm, in forward order: block by block (`Family.block_norms`), then the final norm."""
     fam = family_of(model)
-    paths = [f"{fam.blocks}.{i}.{n}" for i in range(len(blocks(model))) for n in (fam.attn_norm, fam.mlp_norm)]
+    paths = [f"{fam.blocks}.{i}.{n}" for i in range(len(blocks(model))) for n in fam.block_norms().values()]
     return paths + [fam.final_norm]
 
 

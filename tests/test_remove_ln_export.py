@@ -65,7 +65,7 @@ def test_export_refuses_real_or_special_norms():
 
 
 def test_export_of_an_unprepared_model_is_refused():
-    with pytest.raises(SurgeryError, match=r"not prepared for norm removal \(transformer.h.0.ln_1 is not split\)"):
+    with pytest.raises(SurgeryError, match=r"not prepared for norm removal \(transformer.h.0.ln_1 is a LayerNorm\); call prepare_for_removal first"):
         export_ln_free(tiny_gpt2())
 
 

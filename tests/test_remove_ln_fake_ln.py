@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from surgery.errors import SurgeryError
 from surgery.families import GPT2, GPT_NEOX
@@ -123,11 +122,11 @@ def test_preparing_twice_names_the_prepared_module():
         prepare_for_removal(model)
 
 
-def test_qwen3_is_refused_naming_its_per_head_qk_norms():
-    qwen3 = Qwen3ForCausalLM(Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, head_dim=16,
-                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
-    with pytest.raises(SurgeryError, match="model type 'qwen3' is not supported: .*q_norm, k_norm.*supported: gpt2, gpt_neox, .*llama, mistral, qwen2"):
-        prepare_for_removal(qwen3)
+def test_an_undescribed_model_type_is_refused_naming_the_supported_ones():
+    model = tiny_gpt2()
+    model.config.model_type = "bloom"
+    with pytest.raises(SurgeryError, match="model type 'bloom' is not supported .*gemma3_text, .*olmo2, .*qwen3.*add a Family entry"):
+        prepare_for_removal(model)
 
 
 def test_all_points_share_one_token_context():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import matplotlib.figure
 
 from surgery.remove_ln.plots import plot_run
-from surgery.remove_ln.points import KINDS, point_names
+from surgery.remove_ln.points import BASE_KINDS as KINDS, point_names
 
 
 def test_sigma_plot_labels_every_line(tmp_path, monkeypatch):

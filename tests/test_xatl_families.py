@@ -141,5 +141,5 @@ def test_errors():
     with pytest.raises(SurgeryError, match="model type 'hybrid_llama' has no hybrid"):
         hybrid_config_from(model.config, "gla")
     src.config.model_type = "qwen3"
-    with pytest.raises(SurgeryError, match="'qwen3' is not supported: Qwen3 also normalizes"):
+    with pytest.raises(SurgeryError, match="'qwen3' has no hybrid: its attention normalizes queries and keys"):
         hybrid_config_from(src.config, "gla")

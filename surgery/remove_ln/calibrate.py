@@ -12,7 +12,8 @@ from surgery.remove_ln.points import token_context
 
 @torch.no_grad()
 def calibrate(model, points: dict[str, SwitchableLayerNorm], batches, n_batches: int, eos_id: int | None) -> dict[str, float]:
-    """Run `n_batches` batches with every LN real; return {point: mean std} and freeze the averages.
+    """Run `n_batches` batches with every LN real; return {point: mean std (a list per head for a per-head norm)}
+    and freeze the averages.
 
     The per-point averages (including the first-position and end-of-text ones) become plain means
     over the batches, and stop updating during training.
@@ -30,4 +31,4 @@ def calibrate(model, points: dict[str, SwitchableLayerNorm], batches, n_batches:
     model.train(was_training)
     for ln in points.values():
         ln.track = False
-    return {name: float(ln.avg_std) for name, ln in points.items()}
+    return {name: ln.avg_std.tolist() for name, ln in points.items()}  # a float, or one per head

@@ -73,19 +73,24 @@ class TokenContext:
 
 def _fold(batch: list) -> None:
     """avg <- mean where avg is still 0, else momentum * avg + (1 - momentum) * mean; groups with no token
-    this batch keep their average. All LNs in `batch` are distinct."""
+    this batch keep their average. All LNs in `batch` are distinct. Each entry's sums are (3, k): k scale slots
+    (1 for a norm with one sigma, the heads of a `SwitchableHeadNorm`), for [other; first; EOT] tokens."""
     lns = [b[0] for b in batch]
-    stats = torch.cat([torch.stack([b[1] for b in batch]), torch.stack([b[2] for b in batch])], 1)  # (P, 6)
+    sizes = [b[1].numel() for b in batch]
+    sums = torch.cat([b[1].reshape(-1) for b in batch])
+    counts = torch.cat([b[2].reshape(3, 1).expand(3, n // 3).reshape(-1) for b, n in zip(batch, sizes)])
+    stats = torch.cat([sums, counts])
     # sums and counts, all-reduced across ranks so every rank removes with the same sigma
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(stats)
-    sums, counts = stats[:, :3], stats[:, 3:]
+    sums, counts = stats.split(len(sums))
     mean = sums / counts.clamp_min(1.0)
     bufs = [t for ln in lns for t in (ln.avg_std, ln.avg_std_first, ln.avg_std_eot)]
-    old = torch.stack(bufs).view(-1, 3)
-    m = torch.tensor([b[3] for b in batch], device=old.device).unsqueeze(1)
+    old = torch.cat([t.reshape(-1) for t in bufs])
+    m = torch.repeat_interleave(torch.tensor([b[3] for b in batch], device=old.device), torch.tensor(sizes, device=old.device))
     new = torch.where(old == 0, mean, old * m + (1 - m) * mean)
-    torch._foreach_copy_(bufs, list(torch.where(counts > 0, new, old).view(-1).unbind()))
+    new = torch.where(counts > 0, new, old)
+    torch._foreach_copy_(bufs, [v.view_as(t) for v, t in zip(new.split([t.numel() for t in bufs]), bufs)])
     torch._foreach_add_([ln.avg_count for ln in lns], 1.0)
 
 
@@ -104,8 +109,9 @@ def _rms_standardize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.T
 class SwitchableLayerNorm(nn.Module):
     """Drop-in for an `nn.LayerNorm` or an RMSNorm (same weight, and bias where it has one) that can be made fake.
 
-    `center` is False for an RMSNorm: it neither subtracts the mean nor has a bias (`bias` is None).
-    Buffers (all scalars): `fake` (0/1), `sigma`, `sigma_first`, `sigma_eot`, `special_first` and
+    `center` is False for an RMSNorm: it neither subtracts the mean nor has a bias (`bias` is None). `weight` is the
+    gain the norm multiplies by: the source norm's weight plus `gain_offset` (1 for Gemma's `(1 + weight)`).
+    Buffers (scalars; shape (n_scales,) where a subclass keeps several sigmas, `SwitchableHeadNorm`): `fake` (0/1), `sigma`, `sigma_first`, `sigma_eot`, `special_first` and
     `special_eot` (0/1: whether the first position / EOT tokens still use their own sigma), and the moving
     averages `avg_std`, `avg_std_first`, `avg_std_eot` with `avg_count` (number of updates; 0 = not yet
     measured), current once `context.flush()` has run. The forward pass branches on Python copies of the
@@ -113,10 +119,12 @@ class SwitchableLayerNorm(nn.Module):
     device-to-host copy.
     """
 
-    def __init__(self, ln: nn.Module, context: TokenContext | None = None, momentum: float = 0.9):
+    def __init__(self, ln: nn.Module, context: TokenContext | None = None, momentum: float = 0.9,
+                 gain_offset: float = 0.0, n_scales: int | None = None):
         super().__init__()
         self.center = norm_kind(ln) != "rmsnorm"
-        self.weight = nn.Parameter(ln.weight.detach().clone())
+        self.gain_offset = gain_offset  # the norm multiplies by (gain_offset + its weight); `weight` here is that sum
+        self.weight = nn.Parameter(ln.weight.detach().clone() + gain_offset)
         bias = getattr(ln, "bias", None) if self.center else None
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.eps = norm_eps(ln)
@@ -124,7 +132,9 @@ class SwitchableLayerNorm(nn.Module):
         self.context = context or TokenContext()
         self.track = True  # update the moving averages on training forwards while real
         for name in ("fake", "sigma", "sigma_first", "sigma_eot", "special_first", "special_eot", "avg_std", "avg_std_first", "avg_std_eot", "avg_count"):
-            self.register_buffer(name, torch.zeros((), dtype=torch.float32))
+            scaled = n_scales is not None and name.startswith(("sigma", "avg_std"))
+            shape = (n_scales,) if scaled else ()
+            self.register_buffer(name, torch.zeros(shape, dtype=torch.float32))
         self._sync_flags()
 
     @property
@@ -149,16 +159,14 @@ class SwitchableLayerNorm(nn.Module):
         self.context.pending.append((self, sums, counts, self.momentum))
 
     def go_fake(self, sigma: float | None = None, special_first: bool = False, special_eot: bool = False) -> None:
-        """Freeze `sigma` (default: the moving average) and switch to the fake LN."""
+        """Freeze `sigma` (default: the moving average; a float, or one per scale slot) and switch to the fake LN."""
         self.context.flush()
         if self.avg_count == 0 and sigma is None:
             raise RuntimeError("no std measured yet: a norm measures its input's scale only on forward passes in "
                                "training mode; call model.train() and run a few batches (or calibrate), or pass sigma")
-        self.sigma.fill_(float(sigma) if sigma is not None else float(self.avg_std))
-        first = float(self.avg_std_first) if self.avg_std_first > 0 else float(self.sigma)
-        eot = float(self.avg_std_eot) if self.avg_std_eot > 0 else float(self.sigma)
-        self.sigma_first.fill_(first)
-        self.sigma_eot.fill_(eot)
+        self.sigma.copy_(self.avg_std if sigma is None else torch.as_tensor(sigma, dtype=torch.float32).expand_as(self.sigma))
+        self.sigma_first.copy_(torch.where(self.avg_std_first > 0, self.avg_std_first, self.sigma))
+        self.sigma_eot.copy_(torch.where(self.avg_std_eot > 0, self.avg_std_eot, self.sigma))
         self.special_first.fill_(float(special_first))
         self.special_eot.fill_(float(special_eot))
         self.fake.fill_(1.0)
@@ -229,5 +237,5 @@ class SwitchableLayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "LayerNorm" if self.center else "RMSNorm"
-        state = f"fake, sigma={float(self.sigma):.4g}" if self.is_fake else f"real, avg_std={float(self.avg_std):.4g}"
+        state = f"fake, sigma={self.sigma.tolist()}" if self.is_fake else f"real, avg_std={self.avg_std.tolist()}"
         return f"{kind} {self.weight.shape[0]}, {state}"

@@ -99,7 +99,7 @@ def _make_shared(source_type: str) -> None:
     AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
 
 
-for _type in [t for f in FAMILIES.values() if f.is_source for t in f.model_types]:
+for _type in [t for f in FAMILIES.values() if f.is_source and not f.twin_refusal for t in f.model_types]:
     _make_shared(_type)
 
 

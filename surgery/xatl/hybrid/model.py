@@ -74,7 +74,7 @@ def _make_hybrid(source_type: str) -> None:
     AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
 
 
-for _type in [t for f in FAMILIES.values() if f.is_source for t in f.model_types]:
+for _type in [t for f in FAMILIES.values() if f.is_source and not f.twin_refusal for t in f.model_types]:
     _make_hybrid(_type)
 
 HybridGPT2Config = HYBRID_CONFIGS["hybrid_gpt2"]
@@ -90,7 +90,9 @@ def hybrid_config_from(source_config, mixer: str, mixer_config: dict | None = No
         raise SurgeryError(f"unknown mixer {mixer!r}; choose one of: {', '.join(sorted(MIXERS))}")
     source_type = getattr(source_config, "model_type", None)
     if source_type not in CONFIG_MAPPING or PREFIX + source_type not in HYBRID_CONFIGS:
-        family_of(source_config)  # names what is supported, or why not
+        fam = family_of(source_config)  # names what is supported, or why not
+        if fam.twin_refusal:
+            raise SurgeryError(f"model type {source_type!r} has no hybrid: {fam.twin_refusal}")
         raise SurgeryError(f"model type {source_type!r} has no hybrid (is it already one?)")
     config_cls = HYBRID_CONFIGS[PREFIX + source_type]
     drop = {"model_type", "architectures", "transformers_version", "auto_map"}

@@ -115,6 +115,9 @@ def transfer_shared_weights(source: nn.Module, target: nn.Module,
     if unknown:
         raise SurgeryError(f"unknown transfer components {unknown}; choose from: {', '.join(COMPONENTS)}")
     fs, ft = family_of(source), family_of(target)
+    if fs.twin_refusal:
+        raise SurgeryError(f"cannot transfer from a {fs.name} model: {fs.twin_refusal}; transfer from a gpt2, "
+                           "gpt_neox or llama model")
     _check_compatible(source, target, fs, ft)
     cp = _Copier(target)
     pairs = [(fs.tok_emb, ft.tok_emb)] + ([(fs.pos_emb, ft.pos_emb)] if fs.pos_emb and ft.pos_emb else [])
