@@ -16,7 +16,7 @@ from surgery.training.lm import CausalLM
 from surgery.remove_ln.calibrate import calibrate
 from surgery.remove_ln.export import export_ln_free
 from surgery.remove_ln.fake_ln import per_token_std
-from surgery.remove_ln.points import prepare_for_removal, token_context
+from surgery.remove_ln.points import point_kinds, prepare_for_removal, token_context
 from surgery.remove_ln.schedule import RemovalCallback, RemovalSchedule
 
 
@@ -80,7 +80,7 @@ class LNRemoval(CausalLM):
         self.points = {} if keep_ln else prepare_for_removal(self.model, momentum)
         self.removal = None
         if not keep_ln:
-            self.schedule.removal_steps(len(self.points) // 3)  # refuse a bad schedule before training
+            self.schedule.removal_steps(self.n_blocks(), point_kinds(self.points))  # refuse a bad schedule before training
             self.removal = RemovalCallback(self.schedule, self.points)
         self.original_val: dict | None = None
         self._ln_f_input: torch.Tensor | None = None
@@ -99,7 +99,7 @@ class LNRemoval(CausalLM):
     # -- training ------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         if self.removal is not None:
-            last = self.schedule.last_step(self.n_blocks())
+            last = self.schedule.last_step(self.n_blocks(), point_kinds(self.points))
             if 0 < self.trainer.max_steps <= last:
                 raise SurgeryError(
                     f"trainer.max_steps={self.trainer.max_steps} ends before the removal schedule does (its last "
