@@ -72,9 +72,9 @@ def test_training_a_task_changes_only_its_set_and_key():
     blocks = torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(3))
     tasks = LMTasks()
     queries = torch.cat([keyed.query(blocks)])
-    train_stage(keyed, key_loss(keyed, "b"), [keyed.sets.keys["b"]], DataLoader(queries, batch_size=4), 3, 0.05)
-    train_stage(keyed, norm_set_loss(keyed, tasks, "b"), keyed.sets.trainable("b"), DataLoader(blocks, batch_size=4),
-                3, 0.05)
+    train_stage(keyed, key_loss(keyed, "b"), [([keyed.sets.keys["b"]], 0.05)], DataLoader(queries, batch_size=4), 3)
+    train_stage(keyed, norm_set_loss(keyed, tasks, "b"), [(list(keyed.sets.values["b"]), 0.05)],
+                DataLoader(blocks, batch_size=4), 3)
     after = keyed.state_dict()
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     b_entries = {n for n in before if n.startswith("sets.values.b.")} | {"sets.keys.b"}

@@ -36,8 +36,8 @@ METHODS = ("keyed", "full", "ln-shared", "joint")
 class ContinualConfig:
     """setting: "sentiment" or "lm". tasks: the sequence, in order (two or more). data: the setting's arguments
     (`SentimentTasks`, `LMTasks`). steps: optimizer steps per task and stage. head_steps: stage-2 steps (classifiers).
-    ln_lr: lr of norm sets, keys and the LN baseline's norms (LN-tuning wants 1e-3..1e-2). full_lr: lr of full
-    fine-tuning. head_lr: lr of the head in stage 2. key_steps, key_lr: steps and lr fitting each key to the queries
+    ln_lr: lr of norm sets and the LN baseline's norms (LN-tuning wants 1e-3..1e-2). full_lr: lr of full
+    fine-tuning. head_lr: lr of the head wherever only norms and the head train (stages 1 and 2, ln-shared). key_steps, key_lr: steps and lr fitting each key to the queries
     of the first key_batches training batches of its task (batches of 64 queries).
     seed: model head, data subsets, order of batches and initial keys."""
 
@@ -101,8 +101,8 @@ def run_method(config: ContinualConfig, method: str) -> dict:
     out: dict = {"method": method, "tasks": list(config.tasks), "metric": tasks.metric, "matrix": []}
     if method == "joint":
         steps = config.steps * len(config.tasks)
-        train_stage(model, plain_loss(model, tasks), list(model.parameters()),
-                    RoundRobin([d.train for d in data.values()]), steps, config.full_lr)
+        train_stage(model, plain_loss(model, tasks), [(list(model.parameters()), config.full_lr)],
+                    RoundRobin([d.train for d in data.values()]), steps)
         out["matrix"].append([plain_score(model, tasks, d.test) for d in data.values()])
         out["train_s"] = time.perf_counter() - start
         return out
@@ -115,21 +115,20 @@ def run_method(config: ContinualConfig, method: str) -> dict:
         if keyed:
             keyed.add_task(name, seed=config.seed * 100 + i)
             queries = torch.cat([keyed.query(**tasks.inputs(b)) for b in limited(train, config.key_batches)])
-            train_stage(keyed, key_loss(keyed, name), [keyed.sets.keys[name]],
-                        DataLoader(queries, batch_size=64, shuffle=True), config.key_steps, config.key_lr)
+            train_stage(keyed, key_loss(keyed, name), [([keyed.sets.keys[name]], config.key_lr)],
+                        DataLoader(queries, batch_size=64, shuffle=True), config.key_steps)
             train_stage(keyed, norm_set_loss(keyed, tasks, name),
-                        keyed.sets.trainable(name) + heads, train, config.steps, config.ln_lr)
+                        [(list(keyed.sets.values[name]), config.ln_lr), (heads, config.head_lr)], train, config.steps)
             if heads and config.head_steps:
-                train_stage(keyed, selected_loss(keyed, tasks), heads, train, config.head_steps, config.head_lr)
+                train_stage(keyed, selected_loss(keyed, tasks), [(heads, config.head_lr)], train, config.head_steps)
             rows = [keyed_scores(keyed, tasks, n, d.test, cache(n, d.test)) for n, d in data.items()]
             out["matrix"].append([r["selected"] for r in rows])
             out["oracle_matrix"].append([r["oracle"] for r in rows])
             out["selection_matrix"].append([r["selection"] for r in rows])
         else:
-            params = (list(model.parameters()) if method == "full"
-                      else list(ln_parameters(model).values()) + heads)
-            lr = config.full_lr if method == "full" else config.ln_lr
-            train_stage(model, plain_loss(model, tasks), params, train, config.steps, lr)
+            groups = ([(list(model.parameters()), config.full_lr)] if method == "full"
+                      else [(list(ln_parameters(model).values()), config.ln_lr), (heads, config.head_lr)])
+            train_stage(model, plain_loss(model, tasks), groups, train, config.steps)
             out["matrix"].append([plain_score(model, tasks, d.test) for d in data.values()])
     out["train_s"] = time.perf_counter() - start
     if keyed:

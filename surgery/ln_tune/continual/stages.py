@@ -1,8 +1,9 @@
 """The training stages, each one Lightning fit over a task's loader for a fixed number of optimizer steps.
 
-`train_stage(net, loss_fn, params, loader, steps, lr)` freezes every parameter of `net`, unfreezes `params`, and
-minimises `loss_fn(batch)` with AdamW (no weight decay, so nothing outside `params` and nothing frozen moves) under a
-linear warm-up (10% of the steps) and linear decay to 0. The loss functions of the methods:
+`train_stage(net, loss_fn, groups, loader, steps)` freezes every parameter of `net`, unfreezes those of `groups`
+(a list of (parameters, lr): a new 2-way head needs a smaller lr than norm entries, or Adam's first steps flip its
+prediction from one class to the other), and minimises `loss_fn(batch)` with AdamW (no weight decay, so nothing
+outside the groups moves) under a linear warm-up (10% of the steps) and linear decay to 0. The loss functions of the methods:
 
 - `key_loss` (task-keyed, before stage 1, as the reference code's split training): 1 - cos(query, key of the task)
   over the frozen model's queries of the task's training data (computed once), which pulls the key toward them.
@@ -25,11 +26,11 @@ from surgery.ln_tune.continual.keyed import KeyedNorms
 
 
 class Stage(L.LightningModule):
-    """Minimise `loss_fn(batch)` over `params` (parameters of `net`); AdamW, warm-up then linear decay to 0."""
+    """Minimise `loss_fn(batch)` over `groups` [(parameters of `net`, lr)]; AdamW, warm-up then linear decay to 0."""
 
-    def __init__(self, net: nn.Module, loss_fn: Callable, params: list[nn.Parameter], lr: float, steps: int):
+    def __init__(self, net: nn.Module, loss_fn: Callable, groups: list[tuple[list[nn.Parameter], float]], steps: int):
         super().__init__()
-        self.net, self.loss_fn, self.stage_params, self.lr, self.steps = net, loss_fn, params, lr, steps
+        self.net, self.loss_fn, self.groups, self.steps = net, loss_fn, groups, steps
 
     def training_step(self, batch, batch_idx):
         loss = self.loss_fn(batch)
@@ -37,23 +38,25 @@ class Stage(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.stage_params, lr=self.lr, weight_decay=0.0)
+        opt = torch.optim.AdamW([{"params": p, "lr": lr} for p, lr in self.groups if p], weight_decay=0.0)
         warmup = max(1, self.steps // 10)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup_decay(s, warmup, self.steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def train_stage(net: nn.Module, loss_fn: Callable, params: list[nn.Parameter], loader, steps: int, lr: float) -> None:
-    """One stage of `steps` optimizer steps; only `params` have `requires_grad` during it (and after it)."""
+def train_stage(net: nn.Module, loss_fn: Callable, groups: list[tuple[list[nn.Parameter], float]], loader,
+                steps: int) -> None:
+    """One stage of `steps` optimizer steps; only the groups' parameters have `requires_grad` during it (and after)."""
     for p in net.parameters():
         p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    for params, _ in groups:
+        for p in params:
+            p.requires_grad_(True)
     net.train()
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0)
-    trainer.fit(Stage(net, loss_fn, params, lr, steps), train_dataloaders=loader)
+    trainer.fit(Stage(net, loss_fn, groups, steps), train_dataloaders=loader)
     net.eval()
 
 
