@@ -153,15 +153,17 @@ def test_unsupported_family_is_refused():
 
     config = Qwen3Config(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                          intermediate_size=48, vocab_size=64, head_dim=8)
-    with pytest.raises(SurgeryError, match="model type 'qwen3' is not supported: Qwen3 also normalizes each head"):
-        load_hooked(Qwen3ForCausalLM(config))
+    model = Qwen3ForCausalLM(config)
+    model.config.model_type = "qwen3_moe"  # a model type no family describes
+    with pytest.raises(SurgeryError, match="model type 'qwen3_moe' is not supported .*qwen3.*add a Family entry"):
+        load_hooked(model)
 
 
 def test_hybrid_model_is_refused():
     from surgery.xatl import hybrid_config_from, hybrid_model
 
     hybrid = hybrid_model(hybrid_config_from(tiny_model("llama").config, "retention", attn_layers=[0]))
-    with pytest.raises(SurgeryError, match="supports the gpt2, gpt_neox, llama families, not hybrid_llama"):
+    with pytest.raises(SurgeryError, match="supports the gpt2, gpt_neox, llama, qwen3, gemma3, olmo2 families, not hybrid_llama"):
         load_hooked(hybrid)
 
 

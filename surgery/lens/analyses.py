@@ -98,7 +98,7 @@ def first_position_norms(hf_model, tokens: torch.Tensor) -> dict:
 def null_space_scores(hf_model) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(norm (d_mlp,), null-space fraction (d_mlp,), chance) of each final-layer MLP neuron's output weight w_out.
 
-    Effective unembedding (vocab, d): W_U * w_f (the final norm's weight folded in), centered over the vocabulary
+    Effective unembedding (vocab, d): W_U * w_f (the final norm's gain folded in), centered over the vocabulary
     (softmax ignores a shift common to every logit). For a LayerNorm, w_out and the unembedding are restricted to
     the centered subspace (the norm removes the mean). The null space is spanned by the k = max(1, round(0.05 d))
     right singular vectors with the smallest singular values (d: the dimension of the subspace);
@@ -106,7 +106,8 @@ def null_space_scores(hf_model) -> tuple[torch.Tensor, torch.Tensor, float]:
     """
     fam = family_of(hf_model)
     w_out = in_out_weight(_mlp_out(hf_model)).detach().double()  # (d_mlp, d)
-    w_u = get_module(hf_model, fam.lm_head).weight.detach().double() * get_module(hf_model, fam.final_norm).weight.detach().double()
+    gain = get_module(hf_model, fam.final_norm).weight.detach().double() + fam.norm_gain_offset  # Gemma: (1 + weight)
+    w_u = get_module(hf_model, fam.lm_head).weight.detach().double() * gain
     w_u = w_u - w_u.mean(0)
     d = w_u.shape[1]
     basis = torch.eye(d, dtype=torch.float64)

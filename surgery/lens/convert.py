@@ -12,6 +12,13 @@ Llama-style models (llama, qwen2, mistral) share it:
   has a bias). The final norm is folded into an untied W_U and b_U, so `logits = resid_final @ W_U + b_U` and
   direct logit attribution is exact.
 - a model with norms keeps them: `normalization_type` "LN" (LayerNorm families) or "RMS" (RMSNorm), weights copied.
+  (Families with QK-norms or post-sublayer norms, Qwen3, Gemma 3 and OLMo 2, have norms TransformerLens' native
+  blocks cannot hold; `surgery.lens.load` wraps such a model with norms in TransformerLens' own adapter instead.)
+
+The norms beyond pre-norms fold the same way once neutralised (`surgery.families.Family.block_norms`): a QK-norm's
+gain into W_Q / W_K and b_Q / b_K (each head's features by the shared d_head gain, or the whole projection's by its
+own), a post-sublayer norm's into W_O and b_O / W_out and b_out; Gemma's `(1 + weight)` gain is read as such, its
+sqrt(d) embedding scale is folded into W_E and its `query_pre_attn_scalar` becomes `attn_scale`.
 
 Weights come out in TransformerLens' property format (`blocks.0.attn.W_Q` (n_heads, d_model, d_head), ...), with
 rotary features in Hugging Face's rotate-half order (feature i pairs with i + rotary_dim/2, as TransformerLens
@@ -84,7 +91,13 @@ def module_eps(norm: nn.Module) -> float:
 
 
 def _norms(model, fam: Family) -> list[nn.Module]:
-    return [get_module(b, p) for b in blocks(model) for p in (fam.attn_norm, fam.mlp_norm)] + [get_module(model, fam.final_norm)]
+    return [get_module(b, p) for b in blocks(model) for p in fam.block_norms().values()] + [get_module(model, fam.final_norm)]
+
+
+def has_inner_norms(fam: Family) -> bool:
+    """Whether the family normalizes inside attention or on sublayer outputs (QK-norms, post-norms): norms that
+    TransformerLens' native blocks have no place for (only an LN-free model of such a family converts natively)."""
+    return bool(set(fam.block_norms()) - {"attn_in", "mlp_in"})
 
 
 def norm_eps(model) -> float:
@@ -104,14 +117,33 @@ def _act_fn(config, fam: Family) -> str:
 
 
 def _rope(config, fam: Family, d_head: int) -> tuple[int, float]:
-    """(rotary_dim, rotary_base) of a rotary family's config (`Family.rotary`)."""
+    """(rotary_dim, rotary_base) of a rotary family's config (`Family.rotary`; Gemma 3's full-attention layers)."""
     rotary = fam.rotary(config)
     if rotary.kind != "default":
         raise SurgeryError(f"rope type {rotary.kind!r} is not supported by the lens conversion (only the default rotary embedding)")
     return int(d_head * rotary.fraction), rotary.base
 
 
+def layer_rotary_bases(config) -> list[float] | None:
+    """The rotary base of each layer where the config sets them by layer type (Gemma 3: `rope_parameters` by layer
+    type, `layer_types` naming each layer's), else None."""
+    by_type = getattr(config, "rope_parameters", None) or {}
+    types = getattr(config, "layer_types", None)
+    if not types or not all(t in by_type for t in set(types)):
+        return None
+    for t in set(types):
+        kind = by_type[t].get("rope_type", "default")
+        if kind != "default":
+            raise SurgeryError(f"rope type {kind!r} ({t} layers) is not supported by the lens conversion "
+                               "(only the default rotary embedding)")
+    return [float(by_type[t]["rope_theta"]) for t in types]
+
+
 def _check_supported(config, fam: Family) -> None:
+    caps = fam.softcaps(config)
+    if caps:
+        raise SurgeryError(f"{fam.name} soft caps {caps} put a tanh on attention scores or logits, which the lens "
+                           "conversion does not carry (direct logit attribution would not be exact); set them to None")
     if not fam.standard_attn_scale(config):
         flags = ", ".join(f"{key}={getattr(config, key, keep)}" for key, keep in fam.attn_scale_flags)
         raise SurgeryError(f"{fam.name} attention scaling other than 1/sqrt(d_head) ({flags}) is not supported by the "
@@ -151,21 +183,34 @@ def tl_config(config, ln_free: bool, eps: float | None = None) -> dict:
         "tokenizer_prepends_bos": False,
         "init_weights": False,
     }
+    if fam.query_scale_key:  # scores scaled by query_pre_attn_scalar**-0.5; TransformerLens divides by attn_scale
+        cfg["attn_scale"] = float(getattr(config, fam.query_scale_key)) ** 0.5
     if not fam.pos_emb:
         cfg["rotary_dim"], cfg["rotary_base"] = _rope(config, fam, d_head)
         cfg["rotary_adjacent_pairs"] = False  # HF's rotate-half: feature i rotates with i + rotary_dim / 2
+        bases = layer_rotary_bases(config)
+        if bases:
+            cfg["rotary_base"] = bases[0]
+        if bases and len(set(bases)) > 1:  # not a TransformerLens field: `surgery.lens.load` builds these rotaries
+            cfg["layer_rotary_bases"] = bases
     return cfg
 
 
-def fold_norm(norm: nn.Module, kind: str, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def norm_gain(norm: nn.Module, offset: float = 0.0) -> torch.Tensor:
+    """g = (offset + w) / sqrt(eps) (d,), float64: what a neutralised norm multiplies its input by."""
+    return (norm.weight.double() + offset) / module_eps(norm) ** 0.5
+
+
+def fold_norm(norm: nn.Module, kind: str, weight: torch.Tensor, bias: torch.Tensor, offset: float = 0.0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold a neutralised norm into the affine map `x @ weight + bias` that reads it, in float64.
 
-    The norm computes `c(x) * g + b` with g = w / sqrt(eps) (its input's second moment << eps) and c the centering
-    of a LayerNorm (the identity for an RMSNorm, which has no b). `weight` is (d_model, ...) in `x @ weight`
+    The norm computes `c(x) * g + b` with g = (offset + w) / sqrt(eps) (its input's second moment << eps) and c the
+    centering of a LayerNorm (the identity for an RMSNorm, which has no b). `weight` is (d_model, ...) in `x @ weight`
     orientation, `bias` (...). Returns (C diag(g) weight, bias + b @ weight); C is left out for an RMSNorm.
     """
     w = weight.double()
-    folded = torch.einsum("d,d...->d...", norm.weight.double() / module_eps(norm) ** 0.5, w)
+    folded = torch.einsum("d,d...->d...", norm_gain(norm, offset), w)
     if kind == "layernorm":
         folded = folded - folded.mean(dim=0, keepdim=True)  # C @ M: subtract the mean over the input dimension
     norm_bias = getattr(norm, "bias", None)
@@ -205,32 +250,52 @@ def tl_state_dict(model, ln_free: bool | None = None) -> dict[str, torch.Tensor]
     """
     fam = family_of(model)
     ln_free = measured_ln_free(model) if ln_free is None else ln_free
+    if not ln_free and has_inner_norms(fam):
+        raise SurgeryError(f"{fam.name} normalizes queries/keys or sublayer outputs, which TransformerLens' native "
+                           "blocks cannot hold; load it with surgery.lens.load_hooked (TransformerLens' own adapter)")
     cfg = tl_config(model.config, ln_free=True)  # shapes only
     h, dh = cfg["n_heads"], cfg["d_head"]
+    offset = fam.norm_gain_offset
 
-    def read(norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor):
-        return fold_norm(norm, fam.norm_kind, weight, bias) if ln_free else (weight, bias)
+    def read(role: str, block, weight: torch.Tensor, bias: torch.Tensor):
+        path = fam.block_norms().get(role)
+        if not ln_free or path is None:
+            return weight, bias
+        return fold_norm(get_module(block, path), fam.norm_kind, weight, bias, offset)
 
-    sd = {"embed.W_E": model.get_input_embeddings().weight}  # HF's own accessors: head names move between versions
+    def after(role: str, block, weight: torch.Tensor, bias: torch.Tensor, heads: int | None = None):
+        """Fold a neutralised norm on the output of `x @ weight + bias` (output features last)."""
+        path = fam.block_norms().get(role)
+        if path is None:
+            return weight, bias
+        g = norm_gain(get_module(block, path), offset)
+        if heads is not None and fam.qk_norm == "whole":
+            g = g.reshape(heads, dh)
+        return weight.double() * g, bias.double() * g
+
+    emb = model.get_input_embeddings().weight  # HF's own accessors: head names move between versions
+    sd = {"embed.W_E": emb.double() * fam.embed_scale(model.config)}
     if fam.pos_emb:
         sd["pos_embed.W_pos"] = get_module(model, fam.pos_emb).weight
     for i, block in enumerate(blocks(model)):
-        p, attn_norm, mlp_norm = f"blocks.{i}", get_module(block, fam.attn_norm), get_module(block, fam.mlp_norm)
+        p = f"blocks.{i}"
         for name, (w, b) in _qkv(block, fam, cfg).items():
-            w, b = read(attn_norm, w, b)
+            w, b = read("attn_in", block, w, b)
+            if name in "QK" and ln_free:
+                w, b = after(name.lower(), block, w, b, heads=w.shape[1])
             sd[f"{p}.attn.W_{name}"], sd[f"{p}.attn.b_{name}"] = w.permute(1, 0, 2), b
-        w_o, sd[f"{p}.attn.b_O"] = _affine(get_module(block, fam.attn_out))
-        sd[f"{p}.attn.W_O"] = w_o.reshape(h, dh, -1)
+        w_o, b_o = after("attn_out", block, *_affine(get_module(block, fam.attn_out)))
+        sd[f"{p}.attn.W_O"], sd[f"{p}.attn.b_O"] = w_o.reshape(h, dh, -1), b_o
         for name, path in zip(("in",) if len(fam.mlp_in) == 1 else ("gate", "in"), fam.mlp_in):
-            sd[f"{p}.mlp.W_{name}"], sd[f"{p}.mlp.b_{name}"] = read(mlp_norm, *_affine(get_module(block, path)))
-        sd[f"{p}.mlp.W_out"], sd[f"{p}.mlp.b_out"] = _affine(get_module(block, fam.mlp_out))
+            sd[f"{p}.mlp.W_{name}"], sd[f"{p}.mlp.b_{name}"] = read("mlp_in", block, *_affine(get_module(block, path)))
+        sd[f"{p}.mlp.W_out"], sd[f"{p}.mlp.b_out"] = after("mlp_out", block, *_affine(get_module(block, fam.mlp_out)))
         if not ln_free:
-            for key, norm in (("ln1", attn_norm), ("ln2", mlp_norm)):
-                sd.update(_norm_params(f"{p}.{key}", norm))
+            for key, role in (("ln1", "attn_in"), ("ln2", "mlp_in")):
+                sd.update(_norm_params(f"{p}.{key}", get_module(block, fam.block_norms()[role])))
     w_u, b_u = _affine(model.get_output_embeddings())  # (d, vocab); a tied head is copied, so W_U is untied
     final = get_module(model, fam.final_norm)
     if ln_free:
-        w_u, b_u = fold_norm(final, fam.norm_kind, w_u, b_u)
+        w_u, b_u = fold_norm(final, fam.norm_kind, w_u, b_u, offset)
     else:
         sd.update(_norm_params("ln_final", final))
     sd["unembed.W_U"], sd["unembed.b_U"] = w_u, b_u

@@ -125,24 +125,42 @@ def _without_affine(norm: torch.nn.Module) -> dict[str, torch.Tensor]:
 def all_ones_components(hf_model, tokens: torch.Tensor) -> dict:
     """Per layer, `all_ones_component` averaged over every token of `tokens` (batch, pos), at two points:
     `block_input`: the attention norm's input (the family's `attn_norm`), which in every supported family is the
-    residual stream entering the block; `attention_input`: that norm's output before its affine, the norm module's
+    residual stream entering the block (attention's own input where there is no pre-norm, OLMo 2: then
+    `attention_input` is the same); `attention_input`: that norm's output before its affine, the norm module's
     own forward with gain 1 and bias 0 (`torch.func.functional_call`): LayerNorm (x - mean) / sqrt(var + eps),
     RMSNorm x / sqrt(mean(x^2) + eps), with the norm's own eps (an LN-free export's 1e12 included), so for an LN-free
     export the fixed centering (LayerNorm families) or nothing (RMSNorm) that remains of the norm."""
     fam = family_of(hf_model)
+    if fam.attn_norm is None:  # no pre-norm (OLMo 2): attention reads the residual stream itself
+        attns = [get_module(block, fam.attn) for block in model_blocks(hf_model)]
+        inputs = _pre_inputs(hf_model, attns, tokens)
+        block_input = [all_ones_component(inputs[i]).mean().item() for i in range(len(attns))]
+        return {"block_input": block_input, "attention_input": list(block_input)}
     norms = [get_module(block, fam.attn_norm) for block in model_blocks(hf_model)]
+    inputs = _pre_inputs(hf_model, norms, tokens)
+    block_input = [all_ones_component(inputs[i]).mean().item() for i in range(len(norms))]
+    attention_input = [all_ones_component(functional_call(norm, _without_affine(norm), (inputs[i],))).mean().item()
+                       for i, norm in enumerate(norms)]
+    return {"block_input": block_input, "attention_input": attention_input}
+
+
+def _pre_inputs(hf_model, modules: list, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
+    """{i: the input (first positional argument, else `hidden_states`) of modules[i] in one forward of `tokens`}."""
     inputs: dict[int, torch.Tensor] = {}
-    handles = [norm.register_forward_pre_hook(lambda m, args, i=i: inputs.setdefault(i, args[0]))
-               for i, norm in enumerate(norms)]
+
+    def hook(i):
+        def record(module, args, kwargs) -> None:
+            inputs.setdefault(i, args[0] if args else kwargs["hidden_states"])
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in enumerate(modules)]
     try:
         hf_model(tokens)
     finally:
         for h in handles:
             h.remove()
-    block_input = [all_ones_component(inputs[i]).mean().item() for i in range(len(norms))]
-    attention_input = [all_ones_component(functional_call(norm, _without_affine(norm), (inputs[i],))).mean().item()
-                       for i, norm in enumerate(norms)]
-    return {"block_input": block_input, "attention_input": attention_input}
+    return inputs
 
 
 def relative_attention_entropy(pattern: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,10 @@ def hooked_state(cfg: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 def hooked_transformer_config(cfg: dict, device: str | torch.device = "cpu"):
     """A `HookedTransformerConfig` from a `tl_config` dict; SurgeryError if this TransformerLens lacks a field."""
+    if "layer_rotary_bases" in cfg:
+        raise SurgeryError("this model's layers rotate with different bases (Gemma 3's sliding and full-attention "
+                           "layers); HookedTransformer has one rotary base: load it with TransformerLens 4 "
+                           "(surgery.lens.load_hooked)")
     from transformer_lens import HookedTransformerConfig
 
     unknown = sorted(set(cfg) - set(HookedTransformerConfig.__dataclass_fields__))

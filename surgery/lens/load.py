@@ -9,7 +9,14 @@ expresses LayerNorm / RMSNorm / no normalization, rotary embeddings, grouped-que
   `use_parallel_residual` we build the same native model with parallel blocks and wrap it with the public
   `build_bridge_from_module`, using TransformerLens' own `ParallelBlockBridge` (no `hook_resid_mid`, as
   HookedTransformer had none for parallel blocks);
-- its gated MLP has no biases: a Llama-style model with `mlp_bias` is refused.
+- its gated MLP has no biases: a Llama-style model with `mlp_bias` is refused;
+- it has one rotary embedding for every layer: for Gemma 3, whose sliding-window and full-attention layers rotate
+  with different bases, each layer's attention gets a rotary table of its own base (`layer_rotary_bases`).
+Qwen3, Gemma 3 and OLMo 2 with their norms: TransformerLens' native blocks have no QK-norm and no post-sublayer
+norm, so such a model is wrapped by TransformerLens' own adapter for its architecture
+(`TransformerBridge.boot_transformers(..., hf_model=model)`, TransformerLens >= 4; it runs the HF modules and has
+`hook_scale` at every norm, `attn.q_norm.hook_scale` included). Once LN-free, every norm folds and they convert
+natively like the others.
 TransformerLens 3.x: a `HookedTransformer` built from the same config (it has `parallel_attn_mlp` and rotate-half
 rotary itself) by `surgery.lens.hooked`, weights loaded with a check that none is missing; its gated MLP has no
 gate bias and adds b_in after the gate product, so a Llama-style model with gate or up biases is refused there too.
@@ -17,12 +24,13 @@ gate bias and adds b_in after the gate product, so a Llama-style model with gate
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 
 from surgery.errors import SurgeryError
-from surgery.lens.convert import lens_family, tl_parts
+from surgery.lens.convert import has_inner_norms, lens_family, measured_ln_free, tl_parts
 from surgery.lens.hooked import build_hooked_transformer, transformer_lens_major
 
 
@@ -62,6 +70,9 @@ def load_hooked(path_or_model, tokenizer=None, device: str | torch.device = "cpu
     """
     hf_model, dir_tokenizer = load_hf(path_or_model)
     tokenizer = tokenizer if tokenizer is not None else dir_tokenizer
+    ln_free = measured_ln_free(hf_model) if ln_free is None else ln_free
+    if not ln_free and has_inner_norms(lens_family(hf_model)):
+        return _load_adapter(hf_model, tokenizer, device)
     cfg, state = tl_parts(hf_model, ln_free)
     if transformer_lens_major() < 4:  # TransformerLens 3.x: HookedTransformer (4.x removed it)
         return build_hooked_transformer(cfg, state, tokenizer, device)
@@ -95,20 +106,44 @@ def _load_bridge(cfg: dict, state: dict, tokenizer, device):
     from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
 
     cfg, state = native_state(cfg, state)
-    if cfg["parallel_attn_mlp"]:
-        bridge = _boot_parallel_native(cfg, tokenizer, device)
+    layer_bases = cfg.pop("layer_rotary_bases", None)
+    if cfg["parallel_attn_mlp"] or layer_bases:
+        bridge = _boot_custom_native(cfg, tokenizer, device, layer_bases)
     else:
         bridge = TransformerBridge.boot_native(cfg, tokenizer=tokenizer, device=device)
     bridge.load_state_dict(convert_tl_checkpoint(state, bridge.cfg), strict=True)
     return bridge.eval()
 
 
-def _boot_parallel_native(cfg: dict, tokenizer, device):
-    """`boot_native`, with blocks where attention and MLP both read the block's input (out = x + attn + mlp)."""
+def _load_adapter(hf_model, tokenizer, device):
+    """TransformerLens' own adapter around a copy of `hf_model` (a family with QK-norms or post-norms, norms kept),
+    offline. A copy: the adapter replaces the model's modules by its bridges in place."""
+    fam = lens_family(hf_model)
+    if transformer_lens_major() < 4:
+        raise SurgeryError(f"a {fam.name} model with its norms needs TransformerLens >= 4 (its {fam.hf_architecture} "
+                           "adapter); TransformerLens 3.x has no QK-norm or post-sublayer norm. Upgrade transformer-lens")
+    if tokenizer is None:
+        raise SurgeryError(f"a {fam.name} model with its norms loads through TransformerLens' adapter, which needs a "
+                           "tokenizer: pass tokenizer=..., or load the model from a directory holding one")
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf_model = copy.deepcopy(hf_model)
+    if not getattr(hf_model.config, "architectures", None):  # the adapter is chosen by architecture name
+        hf_model.config.architectures = [fam.hf_architecture]
+    bridge = TransformerBridge.boot_transformers(fam.hf_architecture, hf_model=hf_model, tokenizer=tokenizer,
+                                                 device=device)
+    return bridge.eval()
+
+
+def _boot_custom_native(cfg: dict, tokenizer, device, layer_bases: list[float] | None):
+    """`boot_native` with what its config cannot say: blocks where attention and MLP both read the block's input
+    (out = x + attn + mlp) for `parallel_attn_mlp`, and a rotary base per layer (`layer_bases`: Gemma 3's sliding
+    and full-attention layers rotate with different bases)."""
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge.generalized_components import ParallelBlockBridge
     from transformer_lens.model_bridge.sources import build_bridge_from_module
     from transformer_lens.model_bridge.sources.native import NativeBlock, NativeModel
+    from transformer_lens.model_bridge.sources.native.model import NativeRotary
 
     class ParallelNativeBlock(NativeBlock):
         def forward(self, hidden_states, attention_mask=None, position_ids=None, **kwargs):
@@ -117,8 +152,14 @@ def _boot_parallel_native(cfg: dict, tokenizer, device):
 
     tl_cfg = TransformerBridgeConfig.from_dict(cfg)
     model = NativeModel(tl_cfg)
-    for i in range(len(model.layers)):
-        model.layers[i] = ParallelNativeBlock(tl_cfg, rotary=model.rotary)
+    if cfg["parallel_attn_mlp"]:
+        for i in range(len(model.layers)):
+            model.layers[i] = ParallelNativeBlock(tl_cfg, rotary=model.rotary)
+    rotaries = {}
+    for layer, base in enumerate(layer_bases or []):
+        if base not in rotaries:
+            rotaries[base] = NativeRotary(TransformerBridgeConfig.from_dict({**cfg, "rotary_base": base}))
+        model.layers[layer].attn.rotary = rotaries[base]
     model = model.to(device)
 
     def parallel_blocks(adapter) -> None:
@@ -126,7 +167,7 @@ def _boot_parallel_native(cfg: dict, tokenizer, device):
         adapter.component_mapping["blocks"] = ParallelBlockBridge(sequential.name, config=adapter.cfg, submodules=sequential.submodules)
 
     return build_bridge_from_module(model, "TransformerLensNative", tl_config=tl_cfg, tokenizer=tokenizer, device=device,
-                                    model_name="native", post_adapter_hook=parallel_blocks)
+                                    model_name="native", post_adapter_hook=parallel_blocks if cfg["parallel_attn_mlp"] else None)
 
 
 def has_normalization(hooked) -> bool:

@@ -1,0 +1,70 @@
+"""TransformerLens for Qwen3, Gemma 3 and OLMo 2 (tests/norm_family_models.py: randomized parameters).
+
+LN-free exports convert natively with no normalization: every QK-norm, post-norm and (1 + weight) gain folded, Gemma's
+sqrt(d) embedding scale in W_E, its query scale as attn_scale, its two rotary bases per layer type. The checks are
+`verify_ln_free`'s gates: HF vs TransformerLens logits within 1e-4 (fp32, logits of order 10), DLA exact to 1e-5,
+the HF norms' per-token divisor constant to 1e-6. Models with their norms go through TransformerLens' own adapter:
+logits within 1e-4, a hook_scale at every norm, the QK-norms' included.
+"""
+
+import pytest
+import torch
+
+from norm_family_models import KINDS, random_tokens, tiny_norm_family
+from surgery.errors import SurgeryError
+from surgery.lens import has_normalization, load_hooked, tl_config, tl_state_dict
+from surgery.lens.checks import logit_agreement, verify_ln_free
+from surgery.lens.hooked import hooked_transformer_config
+from surgery.models.loading import load_tokenizer
+from surgery.remove_ln.export import export_ln_free
+from surgery.remove_ln.points import prepare_for_removal, token_context
+
+
+def ln_free(kind: str):
+    model = tiny_norm_family(kind)
+    points = prepare_for_removal(model)
+    model.train()
+    with torch.no_grad():
+        model(random_tokens(4, 24))
+    token_context(points).flush()
+    for ln in points.values():
+        ln.go_fake()
+    return export_ln_free(model.eval())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_ln_free_export_loads_with_no_normalization_and_exact_dla(kind):
+    result = verify_ln_free(ln_free(kind), random_tokens(2, 16, seed=3))
+    assert not result["has_normalization"] and result["dla_relative_error"] < 1e-5
+
+
+def test_gemma3_layers_keep_their_own_rotary_base_and_query_scale():
+    cfg = tl_config(tiny_norm_family("gemma3").config, ln_free=True)
+    assert cfg["layer_rotary_bases"] == [10000.0, 1000000.0] and cfg["rotary_base"] == 10000.0
+    assert cfg["attn_scale"] == pytest.approx(12**0.5)
+    with pytest.raises(SurgeryError, match="layers rotate with different bases .*load it with TransformerLens 4"):
+        hooked_transformer_config(cfg)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_model_with_its_norms_loads_through_transformer_lens_own_adapter(kind):
+    model = tiny_norm_family(kind)
+    hooked = load_hooked(model, tokenizer=load_tokenizer("checkpoints/tiny-llama-stdlib"))
+    assert has_normalization(hooked) and "blocks.0.attn.q_norm.hook_scale" in hooked.hook_dict
+    assert logit_agreement(model, hooked, random_tokens())["hf_tl_max_abs_logit_diff"] < 1e-4
+    assert "Norm" in type(model.model.layers[0].self_attn.q_norm).__name__  # the adapter wrapped a copy
+
+
+def test_a_model_with_its_norms_needs_a_tokenizer_and_no_native_weights():
+    model = tiny_norm_family("qwen3")
+    with pytest.raises(SurgeryError, match="loads through TransformerLens' adapter, which needs a tokenizer: pass tokenizer="):
+        load_hooked(model)
+    with pytest.raises(SurgeryError, match="normalizes queries/keys or sublayer outputs.*load it with surgery.lens.load_hooked"):
+        tl_state_dict(model, ln_free=False)
+
+
+def test_a_soft_capped_gemma_is_refused_naming_the_caps():
+    model = tiny_norm_family("gemma3")
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(SurgeryError, match=r"gemma3 soft caps \{'final_logit_softcapping': 30.0\} .*set them to None"):
+        tl_config(model.config, ln_free=True)
