@@ -107,6 +107,37 @@ def train_rows(models: dict, seqs=SEQS, repeats: int = 3, warmup: int = 1, max_s
     return rows
 
 
+def mamba2_mixer_rows(seqs=(256, 1024), width: int = 128, heads: int = 4, batch: int = 1, repeats: int = 5,
+                      verbose: bool = False) -> list[dict]:
+    """One Mamba-2 mixer alone, ours vs transformers' `Mamba2Mixer` (torch path) holding the same weights (one
+    B/C group per head, d_state = head width, chunk 64): forward + backward of a (batch, T, width) input, timed
+    interleaved. One row per T: {"seq", "ours_s", "hf_s", "speedup_vs_hf" (paired), "max_abs_diff"}."""
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as HFMamba2Mixer
+
+    from surgery.xatl.mixers import build_mixer
+
+    rows = []
+    for seq in seqs:
+        torch.manual_seed(seq)
+        ours = build_mixer("mamba2", width, heads, chunk=64)
+        cfg = Mamba2Config(hidden_size=width, num_heads=heads, head_dim=width // heads, expand=1, n_groups=heads,
+                           state_size=width // heads, use_bias=True, conv_kernel=4, chunk_size=64, num_hidden_layers=1)
+        hf = HFMamba2Mixer(cfg, layer_idx=0)
+        hf.load_state_dict(ours.state_dict())
+        x = torch.randn(batch, seq, width, generator=torch.Generator().manual_seed(seq))
+        fns = {"ours": lambda: ours(x)[0], "hf": lambda: hf(x)}
+        steps = {n: (lambda fn=fn: fn().square().mean().backward()) for n, fn in fns.items()}
+        t = interleaved(steps, repeats, warmup=1, memory=False)
+        with torch.no_grad():
+            diff = (fns["ours"]() - fns["hf"]()).abs().max().item()
+        row = {"seq": seq, "batch": batch, "ours_s": t["ours"]["median_s"], "hf_s": t["hf"]["median_s"],
+               "speedup_vs_hf": paired_ratio(t, "hf", "ours"), "max_abs_diff": diff}
+        rows.append(row)
+        if verbose:
+            print(progress_line(row), flush=True)
+    return rows
+
+
 def generation_rows(models: dict, contexts=SEQS, new_tokens: int = 32, warmup: int = 2,
                     verbose: bool = False) -> list[dict]:
     """One row per (model, context): {"model", "context", "ms_per_token" (median step), "ms_fastest",

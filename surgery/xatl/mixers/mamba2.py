@@ -2,7 +2,7 @@
 
 SSD is causal linear attention with one scalar decay per head: per head h, with state S of shape (N, P),
 ``S_t = exp(dt_t A_h) S_{t-1} + (dt_t B_t)^T x_t``, ``y_t = C_t S_t + D_h x_t``: C plays the query, B the key,
-x the value (`surgery.xatl.mixers.scan.gla_chunked` with a per-head decay computes it). Layout as in
+x the value (`surgery.xatl.mixers.scan.ssd_chunked` computes it, `gla_recurrent` step by step). Layout as in
 Mamba-in-the-Llama's Mamba-2 (`mamba2/hybrid_wrapper.py`): `in_proj` rows [z, x, B, C, dt], x and B with
 `n_kv_head` groups (a grouped-query source's K/V heads, repeated to the heads after the conv), C with one group per
 head, `d_state` = head width, so a source's V, K, Q fit x, B, C whole; a causal depthwise conv and SiLU over
@@ -31,7 +31,7 @@ from transformers import initialization as init
 
 from surgery.errors import SurgeryError
 from surgery.xatl.mixers.kernels import cuda_kernel, try_kernel
-from surgery.xatl.mixers.scan import causal_conv1d, gla_chunked, gla_recurrent, window_attention
+from surgery.xatl.mixers.scan import causal_conv1d, gla_recurrent, ssd_chunked, window_attention
 
 MAMBA_SSM = ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
 FLA_SIMPLE_GLA = ("fla.ops.simple_gla", "chunk_simple_gla")
@@ -153,7 +153,7 @@ class Mamba2Mixer(nn.Module):
             self.scan_path = "torch"
             g = dt * A[:, None, None]  # log decay, (B, H, T, 1), <= 0
             o, S = (gla_recurrent(Cm, Bm * dt, x, g, s0) if recurrent
-                    else gla_chunked(Cm, Bm * dt, x, g, s0, chunk=self.chunk))
+                    else ssd_chunked(Cm, Bm * dt, x, g[..., 0], s0, chunk=self.chunk))
             out = (o + self.D[:, None, None] * x, S)
         y, S = out
         y = self.norm(y.transpose(1, 2).reshape(Bsz, T, self.d_inner), z)

@@ -5,7 +5,8 @@ Two recurrences cover all mixers:
 - the selective scan (Mamba-1), per channel e and state entry n:
   ``h_t = a_t * h_{t-1} + u_t``  with ``a_t = exp(dt_t A)`` and ``u_t = dt_t B_t x_t``; ``y_t = sum_n C_t h_t``.
 - gated linear attention (GLA; retention is the case of a fixed per-head decay), per head:
-  ``S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t`` with ``S`` of shape (K, V) and ``g_t <= 0``.
+  ``S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t`` with ``S`` of shape (K, V) and ``g_t <= 0``;
+  Mamba-2's SSD is the case of one data-dependent decay per head (`ssd_chunked`).
 
 The fast forms never exponentiate a positive number, so they are as stable as the sequential loops and
 agree with them to float32 rounding (tests: max abs diff < 1e-5).
@@ -112,6 +113,39 @@ def gla_chunked(q, k, v, g, s0: torch.Tensor | None = None, chunk: int = 32):
         S = S + (kc * (last - b).exp()).transpose(-1, -2) @ vc
         outs.append(o)
     return torch.cat(outs, 2), S
+
+
+def ssd_chunked(q, k, v, g, s0: torch.Tensor | None = None, chunk: int = 64):
+    """`gla_recurrent` with one decay per head (Mamba-2's SSD) in chunks of `chunk` tokens, every chunk at once:
+    q, k: (B, H, T, N); v: (B, H, T, P); g: log decay <= 0, (B, H, T); s0: (B, H, N, P) or None. Inside a chunk
+    exact attention-like products; each chunk's own final state; the state entering chunk c as a weighted sum of
+    earlier chunks' states (weights exp(sum of the chunk decays in between), a (chunks+1, chunks) matrix); then
+    each position reads the state its chunk started from. Only differences of decreasing cumulative sums are
+    exponentiated, so nothing overflows. Returns o (B, H, T, P) and the final state (B, H, N, P)."""
+    Bsz, H, T, N = q.shape
+    P = v.shape[-1]
+    L = min(chunk, T)
+    nC = -(-T // L)
+    pad = nC * L - T
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        g = F.pad(g, (0, pad))
+    q, k, v = q.view(Bsz, H, nC, L, N), k.view(Bsz, H, nC, L, N), v.view(Bsz, H, nC, L, P)
+    b = g.view(Bsz, H, nC, L).cumsum(-1)  # within-chunk log decay, <= 0, decreasing
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    decay = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    o = ((q @ k.transpose(-1, -2)) * decay) @ v
+    last = b[..., -1]  # (B, H, nC)
+    local = (k * (last[..., None] - b).exp()[..., None]).transpose(-1, -2) @ v  # (B, H, nC, N, P)
+    A = F.pad(last.cumsum(-1), (1, 0))  # A_c = sum_{j<c} last_j, (B, H, nC + 1)
+    diff = A[..., :, None] - A[..., None, 1:]  # A_c - A_{c'+1}, (B, H, nC + 1, nC)
+    mask = torch.ones(nC + 1, nC, dtype=torch.bool, device=q.device).tril(-1)
+    M = diff.masked_fill(~mask, float("-inf")).exp()
+    states = torch.einsum("bhcd,bhdnp->bhcnp", M, local)
+    if s0 is not None:
+        states = states + A.exp()[..., None, None] * s0[:, :, None]
+    o = o + (q * b.exp()[..., None]) @ states[:, :, :nC]
+    return o.reshape(Bsz, H, nC * L, P)[:, :, :T], states[:, :, nC]
 
 
 def window_attention(q, k, v, window: int, past: tuple | None = None):
