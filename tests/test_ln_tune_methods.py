@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from surgery.errors import SurgeryError
-from surgery.ln_tune import trainable_parameters
+from surgery.families import block_part_paths
+from surgery.ln_tune import LNTuneConfig, ln_tune, trainable_parameters
 from surgery.ln_tune.lm import LNTuneLM
 from surgery.ln_tune.methods import prepare
 from ln_tune_models import padded_batch, tiny_bert, tiny_gpt2
@@ -109,6 +110,10 @@ def test_prefix_on_an_encoder_and_unknown_methods_are_refused_by_name():
         with pytest.raises(SurgeryError, match=f"PEFT builds prefix-tuning here only for a causal LM .* is not one, "
                                                f"so PEFT cannot build '{re.escape(method)}': use {instead} on it instead"):
             prepare(model, method, head="lm_head" if method == "prefix" else "auto")
+    with pytest.raises(SurgeryError, match="norms must be one of all, attn, got 'mlp'"):
+        ln_tune(tiny_gpt2(), LNTuneConfig(norms="mlp"))
+    with pytest.raises(SurgeryError, match="bert layouts do not describe 'mlp_norm'; describe it in surgery/families.py"):
+        block_part_paths(tiny_bert(), "mlp_norm")
     with pytest.raises(SurgeryError, match="unknown fine-tuning method 'ln-atn'; choose from full, head, .*ln-attn"):
         prepare(tiny_bert(), "ln-atn")
     with pytest.raises(SurgeryError, match="unknown method 'ln\\+bitfit' for a causal LM; choose from ln, ln-attn, full"):
