@@ -109,6 +109,12 @@ def run(args) -> int:
                f"flash-linear-attention naive reference: {record['mixers']['fla']}", "",
                report.mixer_tables(train, gen)]
         report.plot(train, gen, args.out / "mixers.png")
+        if {"mamba2", "hf-mamba2"} <= set(names):  # the mixer alone: the model rows above carry MLPs only in ours
+            record["mixers"]["mamba2_mixer"] = pair = mixer_cost.mamba2_mixer_rows(args.mixer_seqs, args.mixer_width,
+                                                                                    verbose=True)
+            md[-1] += ("\n\nOne Mamba-2 mixer alone, forward + backward, ours vs transformers' `Mamba2Mixer` (torch path) "
+                       "with the same weights (target >= 3x): " +
+                       ", ".join(f"L={r['seq']}: {r['speedup_vs_hf']:.2f}x" for r in pair))
         if record["mixers"]["fla"] == "available":
             record["mixers"]["recurrence_vs_fla"] = rec = mixer_cost.recurrence_rows(args.mixer_seqs, verbose=True)
             md[-1] += ("\n\nOne layer's recurrence alone, forward + backward, (1, 4 heads, L, 32), ours "

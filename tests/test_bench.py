@@ -122,6 +122,9 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert record["gpu"] == "skipped: torch.cuda.is_available() is False"
     assert "load average at start" in (out / "bench.md").read_text()
+    assert [r["seq"] for r in record["mixers"]["mamba2_mixer"]] == [8, 16]
+    assert all(r["max_abs_diff"] < 1e-5 for r in record["mixers"]["mamba2_mixer"])  # the same function timed
+    assert "One Mamba-2 mixer alone, forward + backward" in (out / "bench.md").read_text()
 
 
 def test_cli_refuses_bad_sizes(capsys, tmp_path):
