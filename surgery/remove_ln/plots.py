@@ -31,12 +31,15 @@ def plot_run(history: dict, removed: list[tuple[int, str]], out_dir: Path) -> li
     ax.plot(steps, smooth(history["loss"]), lw=1.5, color="k", label="training loss (EMA 0.9)")
     if history.get("control_loss"):
         ax.plot(steps, smooth(history["control_loss"]), lw=1.2, color="tab:purple", ls="--", label="control, LN kept (EMA 0.9)")
-    colors = {"ln_2": "tab:blue", "ln_1_qk": "tab:orange", "ln_1_v": "tab:green", "ln_f": "tab:red"}
+    colors = {"ln_2": "tab:blue", "ln_1_qk": "tab:orange", "ln_1_v": "tab:green", "ln_f": "tab:red", "ln_q": "tab:cyan",
+              "ln_k": "tab:olive", "ln_attn_out": "tab:brown", "ln_mlp_out": "tab:pink"}
+    present = {point.split(".")[-1] for _, point in removed}
     for step, point in removed:
         kind = point.split(".")[-1]
         ax.axvline(step, color=colors.get(kind, "grey"), alpha=0.5, lw=0.8)
     for kind, c in colors.items():
-        ax.plot([], [], color=c, label=f"{kind} removed")
+        if kind in present:
+            ax.plot([], [], color=c, label=f"{kind} removed")
     ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)", title="Training loss and LayerNorm removals")
     ax.legend(fontsize=8)
     loss_png = out_dir / "loss.png"

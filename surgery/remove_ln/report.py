@@ -26,6 +26,14 @@ def max_logit_diff(trained, exported, blocks, eos_id: int | None, points=None, n
     return {"max_abs": diff, "relative": diff / a.abs().max().item()}
 
 
+def _removal(step: int, point: str, sigma) -> dict:
+    """One removal for metrics.json: its step, point and sigma (a per-head norm's mean, and each head's)."""
+    out = {"step": step, "point": point, "sigma": float(sigma.mean())}
+    if sigma.numel() > 1:
+        out["sigma_per_head"] = sigma.tolist()
+    return out
+
+
 def removal_report(module, exported, val: dict, run_dir: str) -> dict:
     """The removal's part of metrics.json (losses of original / control / LN-free and the tokens behind each,
     the gaps, the export check, the removed norms, the plots), printed as a table (`result_rows`) as well."""
@@ -42,7 +50,7 @@ def removal_report(module, exported, val: dict, run_dir: str) -> dict:
     result.update(gaps(rows))
     if module.removal is not None:
         result["export_logit_diff"] = max_logit_diff(module.model, exported, blocks, dm.tokenizer.eos_token_id, module.points)
-        result["removed"] = [{"step": s, "point": p, "sigma": float(module.points[p].sigma)} for s, p in module.removal.removed]
+        result["removed"] = [_removal(s, p, module.points[p].sigma) for s, p in module.removal.removed]
         from surgery.remove_ln.plots import plot_run
 
         result["plots"] = plot_run(module.removal.history, module.removal.removed, Path(run_dir))
