@@ -148,11 +148,12 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus(dt + self.dt_bias).transpose(1, 2)[..., None]  # (B, H, T, 1)
         A = -torch.exp(self.A_log.float())
         s0 = None if state is None else state[1]
-        out = None if recurrent else self._cuda_scan(x, dt, A, Bm, Cm, s0)
+        step = recurrent or T == 1  # decoding: the recurrence (the chunked form's masks cost more for one token)
+        out = None if step else self._cuda_scan(x, dt, A, Bm, Cm, s0)
         if out is None:
             self.scan_path = "torch"
             g = dt * A[:, None, None]  # log decay, (B, H, T, 1), <= 0
-            o, S = (gla_recurrent(Cm, Bm * dt, x, g, s0) if recurrent
+            o, S = (gla_recurrent(Cm, Bm * dt, x, g, s0) if step
                     else ssd_chunked(Cm, Bm * dt, x, g[..., 0], s0, chunk=self.chunk))
             out = (o + self.D[:, None, None] * x, S)
         y, S = out
