@@ -108,7 +108,9 @@ def shared_config_from(source_config, share_blocks: list[int], share_norms: str 
     """The shared-depth twin of a source config: the source's fields plus the layout."""
     source_type = getattr(source_config, "model_type", None)
     if SHARED_PREFIX + str(source_type) not in SHARED_CONFIGS:
-        family_of(source_config)  # names what is supported, or why not
+        fam = family_of(source_config)  # names what is supported, or why not
+        if fam.twin_refusal:
+            raise SurgeryError(f"model type {source_type!r} has no shared-depth twin: {fam.twin_refusal}")
         raise SurgeryError(f"model type {source_type!r} has no shared-depth twin (is it already one, or a hybrid?)")
     drop = {"model_type", "architectures", "transformers_version", "auto_map"}
     fields = {k: v for k, v in source_config.to_dict().items() if k not in drop}
