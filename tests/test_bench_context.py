@@ -15,8 +15,9 @@ def _run(path, seed, block_size=128):
     (path / "logs").mkdir(parents=True)
     (path / "logs" / "config.yaml").write_text(f"seed_everything: {seed}\ndata:\n  init_args:\n    data: stdlib\n"
                                                f"    block_size: {block_size}\n")
-    (path / "metrics.json").write_text(json.dumps({"started_from": {"local_path": "src"},
-                                                   "xatl": {"mixer": "mamba2", "attn_layers": [0]}}))
+    (path / "metrics.json").write_text(json.dumps({"started_from": {"local_path": "src"}, "val": {"loss": LOSSES[path.name][block_size]},
+                                                   "xatl": {"mixer": "mamba2", "attn_layers": [0],
+                                                            "source_val_loss": LOSSES["src"][block_size]}}))
     return path
 
 
@@ -35,7 +36,8 @@ def test_gaps_per_length_over_seeds_cached_per_run(tmp_path, monkeypatch):
     assert r["gap"][256] == {"mean": pytest.approx(statistics.fmean(gaps)), "std": pytest.approx(statistics.stdev(gaps)),
                              "n": 2}
     assert r["train_length"] == 128 and [row["seed"] for row in r["runs"]] == [0, 1]
-    assert sum(1 for m, _ in calls if m == "src") == 3  # the source scored once per length
+    assert sorted(L for m, L in calls if m == "src") == [64, 256]  # once per length; 128 from metrics.json
+    assert (str(runs[0] / "model"), 128) not in calls
     md = xatl_context.table({"gpt2-mamba2": r}, lengths)
     assert f"**{r['gap'][128]['mean']:+.3f} ± {r['gap'][128]['std']:.3f} (n=2)**" in md  # the training length in bold
     calls.clear()
