@@ -172,3 +172,28 @@ def test_the_command_refuses_a_one_task_recipe_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("surgery continual: error: a continual sequence needs at least two tasks")
     assert len(err.splitlines()) == 1
+
+
+@pytest.mark.slow  # two tasks, every method, a few steps each on the tiny GPT-2: about a minute on one core
+def test_the_command_runs_a_sequence_writes_its_measures_and_resumes(tmp_path, capsys):
+    import json
+
+    from surgery.cli.entry import main
+
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text("setting: lm\ntasks: [json, email]\ndata: {model: checkpoints/tiny-gpt2-stdlib, block_size: 32, "
+                      "batch_size: 4, max_test_blocks: 4}\nsteps: 2\nkey_steps: 5\n")
+    out = tmp_path / "run"
+    assert main(["continual", "--config", str(recipe), "--out", str(out), "--order", "email,json"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["tasks"] == ["email", "json"]
+    assert set(metrics["arms"]) == {"keyed", "oracle", "full", "ln-shared", "joint"}
+    assert len(metrics["matrices"]["keyed"]) == 2 and len(metrics["matrices"]["joint"]) == 1
+    assert metrics["arms"]["keyed"]["entries_per_task"] == 4 * 2 * 2 * 128 + 2 * 128 + 128  # 9 norms' gain+bias, key
+    assert (out / "cl_matrix.png").stat().st_size > 0
+    again = KeyedNorms.load(out / "keyed_model", GPT2LMHeadModel)
+    assert again.sets.names == ["email", "json"]
+    stamp = (out / "keyed.json").stat().st_mtime
+    assert main(["continual", "--config", str(recipe), "--out", str(out), "--order", "email,json"]) == 0
+    assert (out / "keyed.json").stat().st_mtime == stamp  # finished methods are not rerun
+    assert "key selection" in capsys.readouterr().out
