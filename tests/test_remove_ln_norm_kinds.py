@@ -234,3 +234,16 @@ def test_exports_reload_without_surgery_as_their_vanilla_classes(tmp_path):
     for kind, (cls, logits) in expected.items():
         assert result[kind][0] == cls
         assert rel(torch.tensor(result[kind][1]), logits) < 1e-5
+
+
+def test_scan_norms_measures_a_removal_in_progress_with_per_head_special_sigmas():
+    """Per-head norms fake with their first-position sigmas kept: their scale varies by the largest first/other
+    sigma ratio over heads (so they count as normalizing, like every norm still real)."""
+    model, points = measured("qwen3")
+    for name in ("h.0.ln_q", "h.1.ln_k"):
+        points[name].go_fake(special_first=True)
+    scan = scan_norms(model)
+    assert scan.removal_in_progress and scan.kind() == "with LN"
+    q = points["h.0.ln_q"]
+    ratio = float((q.sigma_first / q.sigma - 1).abs().max())
+    assert ratio > 0 and scan.scale_excess["model.layers.0.self_attn.q_norm"] == pytest.approx(ratio)

@@ -59,9 +59,12 @@ def load_hf(path_or_model):
 
 
 def load_hooked(path_or_model, tokenizer=None, device: str | torch.device = "cpu", ln_free: bool | None = None):
-    """A TransformerLens model for a GPT-2, GPT-NeoX or Llama-style directory or in-memory model, offline.
+    """A TransformerLens model for a GPT-2, GPT-NeoX, Llama-style, Qwen3, Gemma 3 or OLMo 2 directory or in-memory
+    model, offline.
 
-    LN-free model -> no normalization (no `hook_scale`); a model with norms -> `normalization_type` "LN" or "RMS".
+    LN-free model -> no normalization (no `hook_scale`); a model with norms -> `normalization_type` "LN" or "RMS"
+    (Qwen3, Gemma 3, OLMo 2 with their norms: TransformerLens' own adapter around a copy of the model, which needs a
+    tokenizer).
     `ln_free` defaults to `measured_ln_free(model)` (a partly converted model is refused with the names of the
     norms that still normalize); pass a decision already made to skip the measurement.
     With TransformerLens 4.x the result is a `TransformerBridge` (hook names as in HookedTransformer:

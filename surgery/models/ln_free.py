@@ -80,12 +80,12 @@ class NormScan:
 
 
 def _fake_excess(module: nn.Module) -> float:
-    """A fake SwitchableLayerNorm divides by sigma; with special first/EOT sigmas its scale varies by their ratio."""
+    """A fake SwitchableLayerNorm divides by sigma (one per head for a per-head norm); with special first/EOT sigmas
+    its scale varies by their ratio (the largest over heads)."""
     if not getattr(module, "has_specials", False):
         return 0.0
-    sigma = float(module.sigma)
-    specials = [float(module.sigma_first)] * bool(module.special_first) + [float(module.sigma_eot)] * bool(module.special_eot)
-    return max(abs(s / sigma - 1.0) for s in specials)
+    specials = [module.sigma_first] * bool(module.special_first) + [module.sigma_eot] * bool(module.special_eot)
+    return max(float((s / module.sigma - 1.0).abs().max()) for s in specials)
 
 
 def norm_modules(model: nn.Module) -> dict[str, nn.Module]:

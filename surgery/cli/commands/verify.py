@@ -1,6 +1,6 @@
 """`surgery verify MODEL_DIR [--baseline ORIGINAL_DIR] --out DIR`: residual-stream checks in TransformerLens.
 
-Loads each model (GPT-2, GPT-NeoX or Llama-style) into TransformerLens (`surgery.lens.load_hooked`, offline), runs every check of
+Loads each model (GPT-2, GPT-NeoX, Llama-style, Qwen3, Gemma 3 or OLMo 2) into TransformerLens (`surgery.lens.load_hooked`, offline), runs every check of
 `surgery.lens.report.verify_model` on text blocks of `--data` (`--split`, as `surgery eval`: all of a local file or
 directory, the validation split of stdlib), prints a side-by-side table and writes `report.json`,
 `report.md`, `dla_error_per_layer.png` and `patching_scatter.png` into `--out`.
@@ -31,7 +31,7 @@ from surgery.errors import SurgeryError
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", help="model directory written by save_pretrained (GPT-2, GPT-NeoX or Llama-style; LN-free or not)")
+    parser.add_argument("model", help="model directory written by save_pretrained (GPT-2, GPT-NeoX, Llama-style, Qwen3, Gemma 3 or OLMo 2; LN-free or not)")
     parser.add_argument("--baseline", default=None, help="the original model directory, checked side by side")
     parser.add_argument("--out", type=Path, required=True, help="directory for report.json, report.md and plots")
     parser.add_argument("--data", default="stdlib", help="text to check on: 'stdlib' or a local .txt/.jsonl/.parquet/.csv "
