@@ -5,8 +5,8 @@
 
 1. Builds the teacher caches (`surgery.data.teacher_cache`) for every k of the arms, for the training blocks the
    seeds visit in the recipe's steps (each seed's epoch-0 order from `EpochShuffle`), in one teacher pass.
-2. Runs `surgery fit --config recipes/remove_ln/quickstart.yaml --seed_everything S` per seed and arm, seed by
-   seed (arm `kK` adds `--model.init_args.distill.teacher_top_k K`; `live` runs the teacher on every batch), one at
+2. Runs `surgery fit --config recipes/remove_ln/quickstart.yaml --seed_everything S` per arm and seed, arm by
+   arm (arm `kK` adds `--model.init_args.distill.teacher_top_k K`; `live` runs the teacher on every batch), one at
    a time; a run whose metrics.json exists is skipped, so the script resumes where it stopped. After each cached
    run it checks that the run found every block in the cache (no teacher forward during training).
 3. Summarizes with `benchmarks.removal_seeds.summarize` (mean and sample sd of the losses and gaps), prints a table,
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     recipe = yaml.safe_load(RECIPE.read_text())
     ks = [k for k in map(arm_k, args.arms) if k is not None]
     caches = build_caches(recipe, args.seeds, ks, args.extra_steps)
-    for seed in args.seeds:
-        for arm in args.arms:
+    for arm in args.arms:  # arm by arm: the first arm's seeds finish first
+        for seed in args.seeds:
             run = args.runs / f"{arm}-s{seed}"
             if (run / "metrics.json").exists():
                 continue

@@ -25,8 +25,10 @@ def std_uniformity_loss(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
     x: (B, T, d) input of the final LN; keep: (B, T) bool (not the first position, not end-of-text).
     """
-    std = per_token_std(x.float(), 0.0)[keep]
-    return (std - std.mean().detach()).pow(2).mean()
+    std, w = per_token_std(x.float(), 0.0), keep.float()  # weights, not boolean indexing: no data-dependent shape
+    n = w.sum().clamp_min(1.0)
+    mean = ((std * w).sum() / n).detach()
+    return ((std - mean).pow(2) * w).sum() / n
 
 
 class LNRemoval(CausalLM):
@@ -47,7 +49,8 @@ class LNRemoval(CausalLM):
             settings, its own gradient clipping), so that one run reports original, control and LN-free losses.
         distill: the training losses (`surgery.training.distill.DistillConfig`): next-token cross-entropy and/or
             KL to the original model and hidden-state alignment with it; None: cross-entropy only.
-        lr, min_lr_ratio, warmup_steps, weight_decay, betas: as in `CausalLM`.
+        lr, min_lr_ratio, warmup_steps, weight_decay, betas, compile: as in `CausalLM` (`compile` compiles
+            `step_losses`).
     """
 
     def __init__(
@@ -66,10 +69,11 @@ class LNRemoval(CausalLM):
         warmup_steps: int = 25,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.95),
+        compile: bool = False,
         tokenizer: Any = None,
     ):
         super().__init__(init=init, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
-                         weight_decay=weight_decay, betas=betas, tokenizer=tokenizer)
+                         weight_decay=weight_decay, betas=betas, compile=compile, tokenizer=tokenizer)
         # a dict when rebuilt from a checkpoint's hyperparameters (`load_from_checkpoint`)
         self.schedule = RemovalSchedule(**schedule) if isinstance(schedule, dict) else schedule or RemovalSchedule()
         self.control = copy.deepcopy(self.model) if control and not keep_ln else None
@@ -114,34 +118,42 @@ class LNRemoval(CausalLM):
         if self.removal is not None and self.hparams.sigma_source == "table" and self.removal.table is None:
             self.removal.table = calibrate(self.model, self.points, dm.train_dataloader(), self.hparams.calibration_batches, dm.tokenizer.eos_token_id)
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int):
-        if self.points:
-            token_context(self.points).eot_mask = batch == self.tokenizer.eos_token_id
-        out = self.distiller(self.model, batch)
-        if self.points:
-            token_context(self.points).flush()  # this batch's std measurements into the moving averages
+    def step_losses(self, batch: torch.Tensor, teacher_out=None) -> dict[str, torch.Tensor]:
+        """The training step's forwards and losses on batch (B, T), nothing else (the part `compile` compiles):
+        "loss" (with gradients), "monitor" (the guard's CE, student plus control) and detached parts ("lm_loss",
+        "kl", "hidden", "aux_loss", "control_loss" where they apply). `teacher_out`: cached targets, else the
+        teacher runs inside."""
+        out = self.distiller(self.model, batch, teacher_out)
         loss, monitor = out.loss, out.monitor
+        result = {"lm_loss": out.parts["ce"], **{k: v for k, v in out.parts.items() if k != "ce"}}
         if self._ln_f_input is not None:
-            keep = (batch != self.tokenizer.eos_token_id)
-            keep[:, 0] = False
+            keep = batch != self.tokenizer.eos_token_id
+            keep = torch.cat([torch.zeros_like(keep[:, :1]), keep[:, 1:]], dim=1)
             aux = std_uniformity_loss(self._ln_f_input, keep)
             self._ln_f_input = None
             loss = loss + self.hparams.aux_loss_weight * aux
-            self.log("train/aux_loss", aux)
-        result = {"lm_loss": out.parts["ce"]}
-        for name, value in out.parts.items():
-            if name != "ce":
-                self.log(f"train/{name}", value)
+            result["aux_loss"] = aux.detach()
         if self.control is not None:
             twin = self.distiller(self.control, batch, teacher_out=out.teacher)
             loss = loss + twin.loss
             monitor = monitor + twin.monitor
             result["control_loss"] = twin.parts["ce"]
-            self.log("train/control_loss", twin.parts["ce"])
-        self.spike_monitor = monitor  # the guard judges cross-entropy, not a KL that starts near 0
-        self.log("train/loss", out.parts["ce"], prog_bar=True)
+        return {"loss": loss, "monitor": monitor, **result}
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int):
+        if self.points:
+            token_context(self.points).eot_mask = batch == self.tokenizer.eos_token_id
+        teacher_out = self.distiller.cached_teacher(batch)  # None for a live teacher: it runs inside step_losses
+        result = self.compiled(self.step_losses)(batch, teacher_out)
+        if self.points:
+            token_context(self.points).flush()  # this batch's std measurements into the moving averages
+        self.spike_monitor = result.pop("monitor")  # the guard judges cross-entropy, not a KL that starts near 0
+        for name, value in result.items():
+            if name not in ("loss", "lm_loss"):
+                self.log(f"train/{name}", value)
+        self.log("train/loss", result["lm_loss"], prog_bar=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"])
-        return {"loss": loss, **result}
+        return result
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         if self.points:

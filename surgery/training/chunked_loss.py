@@ -67,16 +67,15 @@ def _kl_topk(z: torch.Tensor, ids: torch.Tensor, t: torch.Tensor, rest: torch.Te
     `rest` (rows,)) and the student's on the same bins, and its gradient with respect to the logits z (rows, V):
     q - p on the top k, q - rest * q / q_rest elsewhere (q = softmax(z))."""
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    in_top = torch.zeros_like(z, dtype=torch.bool).scatter_(1, ids, True)
-    lse_rest = torch.logsumexp(z.masked_fill(in_top, float("-inf")), dim=-1, keepdim=True)
+    z_rest = z.scatter(1, ids, float("-inf"))  # the top k left out: exp() of them is 0 below
+    lse_rest = torch.logsumexp(z_rest, dim=-1, keepdim=True).clamp_min(-1e30)  # finite when k = V (no rest)
     log_q_top = z.gather(1, ids) - lse
     log_q_rest = (lse_rest - lse).squeeze(1)
     p = t.exp()
     has_rest = rest > 0
     rest_term = torch.where(has_rest, rest * (rest.clamp_min(1e-30).log() - log_q_rest), torch.zeros_like(rest))
     kl = (p * (t - log_q_top)).sum() + rest_term.sum()
-    pull = torch.where(in_top, torch.zeros_like(z), rest[:, None] * (z - lse_rest).exp())
-    grad = (z - lse).exp() - pull
+    grad = (z - lse).exp() - rest[:, None] * (z_rest - lse_rest).exp()
     return kl, grad.scatter_add_(1, ids, -p)
 
 

@@ -227,6 +227,11 @@ class Distiller:
         model = self.teacher.model
         self.cache = TeacherCache(tokens, block_size, self.config.teacher_top_k, model_key(model), model.config.vocab_size)
 
+    def cached_teacher(self, ids: torch.Tensor) -> ModelOutput | None:
+        """The cached targets for ids (B, T) with `teacher_top_k` (outside a compiled step: the lookup hashes the
+        blocks on the host), else None."""
+        return self.teacher_output(ids) if self.config.teacher_top_k is not None else None
+
     def teacher_output(self, ids: torch.Tensor) -> ModelOutput:
         if self.config.teacher_top_k is None:
             return self.teacher(ids, self.layers)

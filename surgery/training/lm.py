@@ -47,6 +47,12 @@ def decays(p: torch.nn.Parameter) -> bool:
     return p.ndim >= 2 and not getattr(p, "_no_weight_decay", False)
 
 
+def adamw_kernel(device: torch.device) -> dict[str, bool]:
+    """AdamW's implementation for the parameters' device: the fused kernel on CUDA, the multi-tensor (foreach) one
+    elsewhere."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+
+
 def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Learning-rate multiplier: linear warm-up to 1, then cosine down to `min_ratio` at `total`."""
     if step < warmup:
@@ -61,6 +67,16 @@ class LMModule(L.LightningModule):
     `__init__` (after `super().__init__()` and `save_hyperparameters`) and has hyperparameters `lr`, `min_lr_ratio`,
     `warmup_steps`, `weight_decay` and `betas`."""
 
+    def compiled(self, fn):
+        """`fn` (a bound method of this module) through `torch.compile` when the hyperparameter `compile` is true,
+        compiled once per method; else `fn` itself."""
+        if not self.hparams.get("compile"):
+            return fn
+        cache = self.__dict__.setdefault("_compiled", {})
+        if fn.__name__ not in cache:
+            cache[fn.__name__] = torch.compile(fn)
+        return cache[fn.__name__]
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids).logits
 
@@ -69,7 +85,7 @@ class LMModule(L.LightningModule):
         return lm_cross_entropy(self.model, batch)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss = self.lm_loss(batch)
+        loss = self.compiled(self.lm_loss)(batch)
         self.log("train/loss", loss, prog_bar=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"])
         return loss
@@ -89,6 +105,7 @@ class LMModule(L.LightningModule):
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr,
             betas=tuple(hp.betas),
+            **adamw_kernel(self.device),
         )
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -114,6 +131,7 @@ class CausalLM(LMModule):
         lr: peak learning rate. min_lr_ratio: final lr as a share of `lr`.
         warmup_steps: linear warm-up steps. weight_decay, betas: AdamW settings (no decay on biases,
             norms and embeddings' positions).
+        compile: run the training step's forwards and losses through `torch.compile`.
         tokenizer: set by the CLI from the data module; saved beside the exported model.
     """
 
@@ -126,6 +144,7 @@ class CausalLM(LMModule):
         warmup_steps: int = 100,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
+        compile: bool = False,
         tokenizer: Any = None,
     ):
         super().__init__()

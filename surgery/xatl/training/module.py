@@ -26,7 +26,7 @@ import torch
 
 from surgery.training.distill import DistillConfig, Distiller, Teacher, as_config, lm_cross_entropy
 from surgery.errors import SurgeryError
-from surgery.training.lm import LMModule, cosine_with_warmup, decays
+from surgery.training.lm import LMModule, adamw_kernel, cosine_with_warmup, decays
 from surgery.training.report import print_results
 from surgery.xatl.training.report import result_rows
 from surgery.models.loading import load_causal_lm
@@ -148,6 +148,7 @@ class XatlLM(LMModule):
         align: stage 1 (see AlignStage); needs a transfer (the source is the teacher).
         distill: the losses of stage 2 (`surgery.training.distill.DistillConfig`); None: next-token loss.
         lm_after: step from which only the next-token loss trains (stage 3); None: never.
+        compile: run the distill and lm stages' forwards and losses (`step_losses`) through `torch.compile`.
         lr, min_lr_ratio, warmup_steps, weight_decay, betas: as in `CausalLM` (for the mixers).
     """
 
@@ -157,7 +158,8 @@ class XatlLM(LMModule):
                  freeze: bool = True, unfreeze: UnfreezeSchedule | None = None, lr: float = 1e-3,
                  min_lr_ratio: float = 0.1, warmup_steps: int = 50, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), align: AlignStage | None = None,
-                 distill: DistillConfig | None = None, lm_after: int | None = None, tokenizer: Any = None):
+                 distill: DistillConfig | None = None, lm_after: int | None = None, compile: bool = False,
+                 tokenizer: Any = None):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
@@ -252,7 +254,7 @@ class XatlLM(LMModule):
             groups[(n in moved, decays(p))].append(p)
         order = [(t, d) for t in (False, True) for d in (True, False) if groups[(t, d)]]
         opt = torch.optim.AdamW([{"params": groups[k], "weight_decay": hp.weight_decay if k[1] else 0.0}
-                                 for k in order], lr=hp.lr, betas=tuple(hp.betas))
+                                 for k in order], lr=hp.lr, betas=tuple(hp.betas), **adamw_kernel(self.device))
         total = int(self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches)
         sch = self.unfreeze_schedule
 
@@ -269,6 +271,16 @@ class XatlLM(LMModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def step_losses(self, batch: torch.Tensor, distill: bool, teacher_out=None) -> dict[str, torch.Tensor]:
+        """Forwards and losses of a "distill" (`distill` true) or "lm" step on batch (B, T), the part `compile`
+        compiles: "loss" (with gradients), "monitor" (detached next-token CE) and, distilling, the detached terms
+        "ce", "kl", "hidden" that it weights. `teacher_out`: cached targets, else the teacher runs inside."""
+        if not distill:
+            loss = self.lm_loss(batch)
+            return {"loss": loss, "monitor": loss.detach()}
+        out = self.distiller(self.model, batch, teacher_out)
+        return {**out.parts, "loss": out.loss, "monitor": out.monitor}
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """The stage's loss; `spike_monitor` (for the divergence guard) is the next-token CE in every stage,
         so its scale does not jump at a stage change."""
@@ -280,14 +292,12 @@ class XatlLM(LMModule):
             for i, v in per_layer.items():
                 self.log(f"align/layer{i}", v)
             self.log("align/loss", loss, prog_bar=True)
-        elif stage == "distill":
-            out = self.distiller(self.model, batch)
-            loss, ce = out.loss, out.monitor
-            for k, v in out.parts.items():
-                self.log(f"distill/{k}", v, prog_bar=k == "kl")
         else:
-            loss = self.lm_loss(batch)
-            ce = loss.detach()
+            teacher_out = self.distiller.cached_teacher(batch) if stage == "distill" else None
+            result = self.compiled(self.step_losses)(batch, stage == "distill", teacher_out)
+            loss, ce = result.pop("loss"), result.pop("monitor")
+            for k, v in result.items():
+                self.log(f"distill/{k}", v, prog_bar=k == "kl")
         self.spike_monitor = ce.detach()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ce", ce)
