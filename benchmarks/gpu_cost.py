@@ -23,6 +23,7 @@ from benchmarks.removal_cost import Stepper, set_phase
 from surgery.remove_ln.points import prepare_for_removal
 from surgery.xatl.mixers.kernels import cuda_kernel, torch_paths_only
 from surgery.xatl.mixers.mamba import MambaMixer
+from surgery.xatl.mixers.mamba2 import MAMBA_SSM, Mamba2Mixer
 from surgery.xatl.hybrid.model import HybridGPT2LMHeadModel, hybrid_config_from
 
 TARGET_MFU = 0.45
@@ -129,8 +130,11 @@ def removal_rows(cfg: GPT2Config, seq: int, batch: int, device: torch.device, dt
 
 def kernel_of(model: torch.nn.Module) -> str | None:
     """"module.name" of the CUDA kernel the model's mixers look up (mamba.py names mamba-ssm's scan inline;
-    the linear-attention mixers carry `fla_kernel`), or None for a mixer without one."""
+    the linear-attention mixers carry `fla_kernel`; mamba2 tries mamba-ssm's SSD kernel first, and its `scan_path`
+    says which ran), or None for a mixer without one."""
     for m in model.modules():
+        if isinstance(m, Mamba2Mixer):
+            return ".".join(MAMBA_SSM)
         if isinstance(m, MambaMixer):
             return "mamba_ssm.ops.selective_scan_interface.selective_scan_fn"
         if getattr(m, "fla_kernel", None):
@@ -138,7 +142,7 @@ def kernel_of(model: torch.nn.Module) -> str | None:
     return None
 
 
-def kernel_rows(mixers=("mamba", "retention", "gla"), seqs=(1024, 4096), width: int = 768, depth: int = 12,
+def kernel_rows(mixers=("mamba", "mamba2", "retention", "gla"), seqs=(1024, 4096), width: int = 768, depth: int = 12,
                 heads: int = 12, device: torch.device | str = "cuda", dtype=torch.bfloat16, repeats: int = 3) -> list[dict]:
     """Training step (forward, backward, AdamW) of each hybrid with its CUDA kernels vs with
     `torch_paths_only()`, same model, same batch (1, T). One row per (mixer, seq).

@@ -43,9 +43,9 @@ def test_largest_batch_stops_at_the_first_out_of_memory(monkeypatch):
 
 
 def test_kernel_rows_compare_the_same_model_with_and_without_kernels():
-    rows = gpu_cost.kernel_rows(mixers=("mamba", "gla"), seqs=(16,), width=32, depth=1, heads=2, device="cpu",
+    rows = gpu_cost.kernel_rows(mixers=("mamba", "mamba2", "gla"), seqs=(16,), width=32, depth=1, heads=2, device="cpu",
                                 dtype=torch.bfloat16, repeats=2)
-    assert [(r["mixer"], r["seq"]) for r in rows] == [("mamba", 16), ("gla", 16)]
+    assert [(r["mixer"], r["seq"]) for r in rows] == [("mamba", 16), ("mamba2", 16), ("gla", 16)]
     for r in rows:
         assert r["kernel_tok_s"] == pytest.approx(16 / r["kernel_s"]) and r["speedup"] > 0
 
