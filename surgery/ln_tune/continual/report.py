@@ -34,7 +34,8 @@ def forgetting(matrix: list[list[float]], higher_is_better: bool) -> float | Non
 
 def summary(result: dict, higher_is_better: bool) -> dict[str, dict]:
     """{arm: {"final", "forgetting", "selection", "entries_per_task", "inference_ratio", "train_s"}}; the keyed method
-    gives two arms, `keyed` and `oracle` (same sets, told the task)."""
+    gives two arms, `keyed` and `oracle` (same sets, told the task). `train_s`: wall seconds of the whole method,
+    training and the evaluations after each task."""
     m = result["method"]
     arm = {"final": final(result["matrix"]), "forgetting": forgetting(result["matrix"], higher_is_better),
            "train_s": result["train_s"], "entries_per_task": result.get("entries_per_task", 0),

@@ -84,11 +84,6 @@ class NormSets(nn.Module):
         self.index(task)
         return dict(zip(self.param_names, self.values[task]))
 
-    def trainable(self, task: str) -> list[nn.Parameter]:
-        """The parameters of set `task` and its key."""
-        self.index(task)
-        return [*self.values[task], self.keys[task]]
-
     def entries_per_task(self) -> int:
         """Numbers one task adds: its norm entries plus its key."""
         return sum(torch.Size(s).numel() for s in self.shapes) + self.key_dim
