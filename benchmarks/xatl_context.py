@@ -4,7 +4,7 @@ source's full context, mean ± sd over seeds, and a plot of gap vs length.
 Each run is a finished `surgery fit` run directory (its exported `model/`, its `logs/config.yaml` for the seed
 and the training block size, its `metrics.json` for the source). Every model and the source are scored on the
 whole validation split of the run's corpus cut into blocks of each length (as `surgery eval --block-size L`);
-per-run results are cached in `<run>/context_eval.json`, so a rerun only scores what is new; at the training length
+per-run results (and the source's) are cached in `<run>/context_eval.json`, so a rerun only scores what is new; at the training length
 the run's own final evaluation (`metrics.json`: the same split and block size) is used.
 
     python -m benchmarks.xatl_context gpt2-mamba2=runs/xatl/qs-gpt2-mamba2-s{0,1,2} \
@@ -55,12 +55,15 @@ def run_losses(run: Path, lengths: list[int], source_cache: dict) -> dict:
     train_length = int(data_args["block_size"])  # the run's own final evaluation: whole split at that length
     losses.setdefault(train_length, metrics["val"]["loss"])
     source_cache.setdefault((source, train_length), metrics["xatl"]["source_val_loss"])
+    for L, loss in cached.get("source", {}).items():
+        source_cache.setdefault((source, int(L)), loss)
     for L in lengths:
         if L not in losses:
             losses[L] = score(str(run / "model"), source, data, L)
-            cache_file.write_text(json.dumps({"loss": losses}, indent=2) + "\n")
         if (source, L) not in source_cache:
             source_cache[(source, L)] = score(source, source, data, L)
+        cache_file.write_text(json.dumps({"loss": losses, "source": {k: source_cache[(source, k)] for k in losses
+                                                                     if (source, k) in source_cache}}, indent=2) + "\n")
     return {"run": str(run), "seed": _seed(run), "mixer": metrics["xatl"]["mixer"],
             "attn_layers": metrics["xatl"]["attn_layers"], "train_length": train_length,
             "loss": {L: losses[L] for L in lengths}, "source": {L: source_cache[(source, L)] for L in lengths}}

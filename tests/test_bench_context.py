@@ -41,5 +41,5 @@ def test_gaps_per_length_over_seeds_cached_per_run(tmp_path, monkeypatch):
     md = xatl_context.table({"gpt2-mamba2": r}, lengths)
     assert f"**{r['gap'][128]['mean']:+.3f} ± {r['gap'][128]['std']:.3f} (n=2)**" in md  # the training length in bold
     calls.clear()
-    xatl_context.run_losses(runs[0], lengths, {})
-    assert all(m == "src" for m, _ in calls)  # the run's own losses come from <run>/context_eval.json
+    again = xatl_context.run_losses(runs[0], lengths, {})
+    assert calls == [] and again["source"] == r["runs"][0]["source"]  # all from <run>/context_eval.json
