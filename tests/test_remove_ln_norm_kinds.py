@@ -247,3 +247,15 @@ def test_scan_norms_measures_a_removal_in_progress_with_per_head_special_sigmas(
     q = points["h.0.ln_q"]
     ratio = float((q.sigma_first / q.sigma - 1).abs().max())
     assert ratio > 0 and scan.scale_excess["model.layers.0.self_attn.q_norm"] == pytest.approx(ratio)
+
+
+def test_loss_jumps_recover_the_rise_at_each_removal_step():
+    """A training loss that rises by 0.3, 0.2 and 0.1 at steps 6, 8 and 10 (two batches a step, two points at step 8):
+    each removal gets its rise, shared by the points removed at the same step (to float rounding)."""
+    from surgery.remove_ln.report import loss_jumps
+
+    steps = [s for s in range(16) for _ in range(2)]
+    loss = [5.0 + 0.3 * (s >= 6) + 0.2 * (s >= 8) + 0.1 * (s >= 10) for s in steps]
+    removed = [(6, "h.0.ln_q"), (8, "h.0.ln_k"), (8, "h.1.ln_k"), (10, "ln_f")]
+    jumps = loss_jumps({"step": steps, "loss": loss}, removed)
+    assert jumps == pytest.approx({"h.0.ln_q": 0.3, "h.0.ln_k": 0.1, "h.1.ln_k": 0.1, "ln_f": 0.1}, abs=1e-12)

@@ -26,9 +26,40 @@ def max_logit_diff(trained, exported, blocks, eos_id: int | None, points=None, n
     return {"max_abs": diff, "relative": diff / a.abs().max().item()}
 
 
-def _removal(step: int, point: str, sigma) -> dict:
-    """One removal for metrics.json: its step, point and sigma (a per-head norm's mean, and each head's)."""
-    out = {"step": step, "point": point, "sigma": float(sigma.mean())}
+def loss_jumps(history: dict, removed: list[tuple[int, str]]) -> dict[str, float]:
+    """{point: the training loss's jump when it went (nats/token)}, from the removal callback's per-batch history.
+
+    The steps at which removals happen, e_0 < ... < e_n, cut training into intervals [e_j, e_{j+1}); the jump at e_j is
+    the mean training loss over its interval minus the mean over the one before (before e_0: as many steps as the
+    first interval has; after e_n: as many as the last one before it), shared equally by the points removed at e_j.
+    The jumps add up to the change from before the first removal to after the last. One batch per step is noisy:
+    average over blocks, kinds and seeds (`benchmarks.removal_kind_cost`)."""
+    by_step: dict[int, list[float]] = {}
+    for step, loss in zip(history["step"], history["loss"]):
+        by_step.setdefault(step, []).append(loss)
+    events = sorted({s for s, _ in removed})
+    if not events or not by_step:
+        return {}
+    widths = [b - a for a, b in zip(events, events[1:])] or [1]
+    bounds = [events[0] - widths[0], *events, events[-1] + widths[-1]]
+
+    def mean(lo: int, hi: int) -> float | None:
+        values = [v for s in range(lo, hi) for v in by_step.get(s, [])]
+        return sum(values) / len(values) if values else None
+
+    means = [mean(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+    jumps: dict[str, float] = {}
+    for j, step in enumerate(events):
+        points = [p for s, p in removed if s == step]
+        if means[j] is not None and means[j + 1] is not None:
+            jumps.update({p: (means[j + 1] - means[j]) / len(points) for p in points})
+    return jumps
+
+
+def _removal(step: int, point: str, sigma, jump: float | None) -> dict:
+    """One removal for metrics.json: its step, point, sigma (a per-head norm's mean, and each head's) and the
+    training loss's jump (`loss_jumps`)."""
+    out = {"step": step, "point": point, "sigma": float(sigma.mean()), "loss_jump": jump}
     if sigma.numel() > 1:
         out["sigma_per_head"] = sigma.tolist()
     return out
@@ -50,7 +81,8 @@ def removal_report(module, exported, val: dict, run_dir: str) -> dict:
     result.update(gaps(rows))
     if module.removal is not None:
         result["export_logit_diff"] = max_logit_diff(module.model, exported, blocks, dm.tokenizer.eos_token_id, module.points)
-        result["removed"] = [_removal(s, p, module.points[p].sigma) for s, p in module.removal.removed]
+        jumps = loss_jumps(module.removal.history, module.removal.removed)
+        result["removed"] = [_removal(s, p, module.points[p].sigma, jumps.get(p)) for s, p in module.removal.removed]
         from surgery.remove_ln.plots import plot_run
 
         result["plots"] = plot_run(module.removal.history, module.removal.removed, Path(run_dir))
