@@ -319,8 +319,10 @@ def family_of(model: nn.Module) -> Family:
         return family
     model_type = getattr(config, "model_type", None)
     known = sorted(t for f in FAMILIES.values() for t in f.model_types if f.is_source)
+    twinned = [f.name for f in FAMILIES.values() if f.is_source and not f.twin_refusal]
     raise SurgeryError(
-        f"model type {model_type!r} is not supported (supported: {', '.join(known)}, their XATL hybrids and shared-depth twins); "
+        f"model type {model_type!r} is not supported (supported: {', '.join(known)}, and the XATL hybrids and "
+        f"shared-depth twins of {', '.join(twinned)}); "
         "add a Family entry in surgery/families.py to support another family"
     )
 
