@@ -455,6 +455,9 @@ def block_part_paths(model: nn.Module, part: BlockPart) -> list[str]:
     mlp_norm: a decoder's norm before the MLP (an encoder has none in the table: refused by name)."""
     layout, list_path = layout_of(model)
     rel = getattr(layout, part, None)
+    if rel is None and isinstance(layout, Family) and part in ("attn_norm", "mlp_norm"):
+        raise SurgeryError(f"{layout.name} blocks have no {part} (no pre-norm; their norms: "
+                           f"{', '.join(layout.block_norms().values())}); choose a part they have, e.g. every norm")
     if rel is None:
         raise SurgeryError(f"{layout.name} layouts do not describe {part!r}; describe it in surgery/families.py")
     rels = (rel,) if isinstance(rel, str) else rel

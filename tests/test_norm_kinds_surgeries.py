@@ -58,3 +58,8 @@ def test_xatl_and_shared_depth_refuse_these_families_with_the_reason(kind):
     with pytest.raises(SurgeryError, match=f"cannot transfer from a {family_of(model).name} model: its attention "
                                            "normalizes .* transfer from a gpt2, gpt_neox or llama model"):
         transfer_shared_weights(model, hybrid)
+
+
+def test_ln_tuning_the_attention_norms_of_olmo2_is_refused_naming_its_norms():
+    with pytest.raises(SurgeryError, match="olmo2 blocks have no attn_norm .*self_attn.q_norm, .*post_feedforward_layernorm"):
+        ln_parameters(tiny_norm_family("olmo2"), norms="attn")
