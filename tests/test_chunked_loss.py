@@ -115,3 +115,25 @@ def test_distiller_chunked_equals_full_logits_on_a_model(family):
     for a, b in zip(results[1][1], results[0][1]):
         assert (a - b).abs().max() <= REL * max(b.abs().max(), 1e-3)
     close(lm_cross_entropy(student, ids).detach(), student(ids, labels=ids).loss.detach())
+
+
+def test_a_hooked_head_is_run_for_its_full_logits():
+    """A forward hook on the LM head (reading or editing the logits) still runs: the model is not chunked then.
+    Also guards nn.Module's private hook dicts that `head_weight` reads."""
+    from tiny_models import tiny_gpt2
+
+    model = tiny_gpt2(seed=1)
+    assert head_weight(model) is not None
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(5))
+    plain = lm_cross_entropy(model, ids)
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(out.shape) or 2 * out)
+    assert head_weight(model) is None
+    doubled = lm_cross_entropy(model, ids)
+    assert seen == [(2, 16, 64)] and not torch.allclose(doubled, plain)
+    close(doubled.detach(), model(ids, labels=ids).loss.detach())
+    handle.remove()
+    pre = model.lm_head.register_forward_pre_hook(lambda mod, args: None)
+    assert head_weight(model) is None
+    pre.remove()
+    assert head_weight(model) is not None

@@ -126,7 +126,7 @@ def test_hyperparameters_are_the_init_arguments(source_dir):
     assert hp.unfreeze.step == 7 and "tokenizer" not in hp
     assert set(hp) == {"source", "mixer", "mixer_config", "attn_layers", "transfer", "freeze", "unfreeze", "lr",
                        "min_lr_ratio", "warmup_steps", "weight_decay", "betas", "align", "distill", "lm_after",
-                       "auto_attn"}
+                       "auto_attn", "compile"}
 
 
 def test_errors(source_dir):

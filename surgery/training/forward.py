@@ -45,9 +45,12 @@ SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # 
 
 def head_weight(model: nn.Module) -> torch.Tensor | None:
     """The LM head's weight (V, d) when the logits are exactly `final hidden @ weight.T` (a bias-free Linear head
-    and no logit scaling or soft-capping in the config), else None: such a model is run for its full logits."""
+    with no forward hooks, and no logit scaling or soft-capping in the config), else None: such a model is run for
+    its full logits (a hook on the head, e.g. one that edits the logits, then still runs)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear) or head.bias is not None:
+        return None
+    if head._forward_hooks or head._forward_pre_hooks:  # nn.Module's hook dicts (checked by tests/test_chunked_loss.py)
         return None
     if any(getattr(model.config, name, None) not in (None, 1, 1.0) for name in SCALED_LOGITS):
         return None
