@@ -1,9 +1,11 @@
 """Two CPU processes (DDP, gloo) run the tiny removal recipe for 6 steps with buffer broadcasting off:
 each rank sees different batches, yet both end with identical weights, sigma values and removal logs,
-because the fake LNs all-reduce the sums behind their moving averages (fake_ln.py)."""
+because the fake LNs all-reduce the sums behind their moving averages (fake_ln.py). The same with the
+quick start's losses distilled from a cached top-k teacher, which both ranks open and fill at once."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -20,10 +22,17 @@ DDP = {
 }
 
 
+CACHED = {"lm_weight": 0.5, "kl_weight": 1.0, "teacher_top_k": 4}
+
+
 @pytest.mark.slow
-def test_ddp_ranks_hold_identical_sigma_and_weights(tmp_path):
+@pytest.mark.parametrize("distill", [None, CACHED], ids=["lm", "cached-teacher"])
+def test_ddp_ranks_hold_identical_sigma_and_weights(tmp_path, distill):
     recipe = write_setup(tmp_path)
-    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(DDP))
+    ddp = yaml.safe_load(yaml.safe_dump(DDP))
+    if distill:
+        ddp["model"]["init_args"]["distill"] = distill
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(ddp))
     args = fit_args(recipe, tmp_path / "run", "--config", str(tmp_path / "ddp.yaml"),
                     "--trainer.callbacks+=reliability_setup.DumpState", "--trainer.callbacks.init_args.dir", str(tmp_path / "dump"))
     done = fit_subprocess(args, tmp_path / "cache", timeout=240)
@@ -40,3 +49,6 @@ def test_ddp_ranks_hold_identical_sigma_and_weights(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())  # rank 0 exported the run
     assert metrics["steps"] == 6 and metrics["tokens_seen"] == 6 * 8 * 32 * 2
     assert load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 6
+    if distill:  # one cache, filled by both ranks with the blocks each trained on
+        (cache,) = (tmp_path / "cache" / "teacher").iterdir()
+        assert cache.name.endswith("-k4") and int(np.load(cache / "filled.npy").sum()) >= 8

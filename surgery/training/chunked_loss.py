@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_CHUNK = 1024  # positions per chunk: 16 MB of fp32 logits at V = 4,096, 206 MB at 50,257
 
 
 @dataclass
@@ -53,37 +52,60 @@ def _teacher_args(teacher) -> tuple:
     return 2, teacher.ids.flatten(0, 1), teacher.log_probs.flatten(0, 1).float(), teacher.rest.flatten().float()
 
 
-def _kl_live(z: torch.Tensor, zt: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over rows of T^2 KL(softmax(zt/T) || softmax(z/T)) and its gradient with respect to z (rows, V)."""
-    s = torch.log_softmax(z / temperature, dim=-1)
-    t = torch.log_softmax(zt / temperature, dim=-1)
-    p = t.exp()
-    kl = (p * (t - s)).sum() * temperature**2
-    return kl, (s.exp() - p) * temperature
+def auto_chunk(n: int, d: int, vocab: int) -> int:
+    """Positions per chunk whose logits hold about as many entries as the hidden states (n x d), as Liger-kernel
+    sizes its chunks: 16 of 1,024 positions at GPT-2's width and vocabulary, about 1,000 of 65,536."""
+    return max(1, min(n, -(-n * d // vocab)))
 
 
-def _kl_topk(z: torch.Tensor, ids: torch.Tensor, t: torch.Tensor, rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over rows of the KL between the teacher's (k + 1)-bin distribution (top-k log-probs t (rows, k) and
-    `rest` (rows,)) and the student's on the same bins, and its gradient with respect to the logits z (rows, V):
-    q - p on the top k, q - rest * q / q_rest elsewhere (q = softmax(z))."""
+def _chunk(z, y, kind, ta, tb, tc, temperature, w_ce, w_kl, want_grad):
+    """CE and KL summed over the rows of one chunk, and d(w_ce-weighted CE + w_kl KL)/dz (None without `want_grad`).
+
+    z (rows, V) fp32 logits; y (rows,) targets (-100: none); w_ce (rows, 1) per-row CE weight (0 where y < 0);
+    the teacher rows as `_teacher_args` packs them. Each (rows, V) pass is shared where it can be: q = softmax(z)
+    serves the CE, its gradient and the KL at T = 1.
+    """
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    z_rest = z.scatter(1, ids, float("-inf"))  # the top k left out: exp() of them is 0 below
-    lse_rest = torch.logsumexp(z_rest, dim=-1, keepdim=True).clamp_min(-1e30)  # finite when k = V (no rest)
-    log_q_top = z.gather(1, ids) - lse
-    log_q_rest = (lse_rest - lse).squeeze(1)
-    p = t.exp()
-    has_rest = rest > 0
-    rest_term = torch.where(has_rest, rest * (rest.clamp_min(1e-30).log() - log_q_rest), torch.zeros_like(rest))
-    kl = (p * (t - log_q_top)).sum() + rest_term.sum()
-    grad = (z - lse).exp() - rest[:, None] * (z_rest - lse_rest).exp()
-    return kl, grad.scatter_add_(1, ids, -p)
+    q = (z - lse).exp_()
+    yc = y.clamp_min(0)[:, None]
+    valid = (y >= 0).float()
+    ce = ((lse - z.gather(1, yc)).squeeze(1) * valid).sum()
+    kl = torch.zeros_like(ce)
+    g = q * w_ce if want_grad else None
+    if want_grad:
+        g.scatter_add_(1, yc, -w_ce)
+    if kind == 1:  # live teacher: zt (rows, V) from its hidden states and head
+        zt = (ta @ tb.t()).float()
+        t = torch.log_softmax(zt if temperature == 1 else zt / temperature, dim=-1)
+        p = t.exp()
+        if temperature == 1:
+            kl = (p * (t - z)).sum() + (lse.squeeze(1) * p.sum(-1)).sum()  # log q = z - lse
+            s_q = q
+        else:
+            log_s = torch.log_softmax(z / temperature, dim=-1)
+            kl = (p * (t - log_s)).sum() * temperature**2
+            s_q = log_s.exp()
+        if want_grad:
+            g.add_(s_q - p, alpha=w_kl * temperature)
+    elif kind == 2:  # cached top-k: ids ta (rows, k), log-probs tb (rows, k), rest tc (rows,)
+        q_rest = q.scatter(1, ta, 0.0)  # the student's probabilities outside the teacher's top k
+        s_rest = q_rest.sum(-1).clamp_min(1e-30)
+        p = tb.exp()
+        kl = (p * (tb - z.gather(1, ta) + lse)).sum()
+        kl = kl + torch.where(tc > 0, tc * (tc.clamp_min(1e-30).log() - s_rest.log()), torch.zeros_like(tc)).sum()
+        if want_grad:  # q - p on the top k, q - rest * q / q_rest elsewhere
+            g.add_(q, alpha=w_kl)
+            g.sub_(q_rest * (tc / s_rest * w_kl)[:, None])
+            g.scatter_add_(1, ta, -w_kl * p)
+    return ce, kl, g
 
 
 class ChunkedLMLoss(torch.autograd.Function):
     """(loss, ce, kl) = lm_weight x ce + kl_weight x kl, ce, kl; only `loss` has gradients.
 
     Inputs: hidden (N, d) student final hidden states, head (V, d), targets (N,) next-token ids with -100 where
-    there is none; then the teacher as `_teacher_args` packs it (kind 0: none, 1: live, 2: top-k).
+    there is none; then the teacher as `_teacher_args` packs it (kind 0: none, 1: live, 2: top-k). The gradients are
+    computed in forward and scaled in place in backward: backpropagate through it once (no retain_graph).
     """
 
     @staticmethod
@@ -97,25 +119,14 @@ class ChunkedLMLoss(torch.autograd.Function):
         grad_head = torch.zeros(head.shape, dtype=torch.float32, device=head.device) if want_grad else None
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            h = hidden[rows]
+            h, y = hidden[rows], targets[rows]
             z = (h @ head.t()).float()
-            y = targets[rows]
-            valid = y >= 0
-            log_q = torch.log_softmax(z, dim=-1)
-            ce = ce - log_q.gather(1, y.clamp_min(0)[:, None]).squeeze(1).masked_fill(~valid, 0).sum()
-            g = None
-            if want_grad:
-                g = log_q.exp().scatter_add_(1, y.clamp_min(0)[:, None], -torch.ones_like(z[:, :1]))
-                g = g * (valid[:, None].float() * (lm_weight / n_ce))
-            if kind:
-                if kind == 1:
-                    zt = (t_a[rows] @ t_b.t()).float()
-                    part, kl_grad = _kl_live(z, zt, temperature)
-                else:
-                    part, kl_grad = _kl_topk(z, t_a[rows], t_b[rows], t_c[rows])
-                kl = kl + part
-                if want_grad:
-                    g = g + kl_grad * (kl_weight / n_kl)
+            w_ce = ((y >= 0).float() * (lm_weight / n_ce))[:, None]
+            ta = t_a[rows] if kind else None
+            tb = t_b if kind == 1 else (t_b[rows] if kind else None)
+            tc = t_c[rows] if kind == 2 else None
+            part_ce, part_kl, g = _chunk(z, y, kind, ta, tb, tc, temperature, w_ce, kl_weight / n_kl, want_grad)
+            ce, kl = ce + part_ce, kl + part_kl
             if want_grad:
                 grad_hidden[rows] = (g.to(head.dtype) @ head).to(hidden.dtype)
                 grad_head += g.t() @ h.to(g.dtype)
@@ -128,19 +139,22 @@ class ChunkedLMLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _ce, _kl):
-        grad_hidden, grad_head = ctx.saved_tensors
-        return (grad_hidden * grad_loss.to(grad_hidden.dtype), grad_head * grad_loss.to(grad_head.dtype),
+        grad_hidden, grad_head = ctx.saved_tensors  # scaled in place: no second copy of the head's gradient
+        return (grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_head.mul_(grad_loss.to(grad_head.dtype)),
                 None, None, None, None, None, None, None, None, None)
 
 
 def chunked_lm_losses(hidden: torch.Tensor, head: torch.Tensor, ids: torch.Tensor, teacher=None, lm_weight: float = 1.0,
-                      kl_weight: float = 0.0, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK):
+                      kl_weight: float = 0.0, temperature: float = 1.0, chunk_size: int | None = None):
     """(loss, ce, kl) for student hidden states (B, T, d), head weight (V, d) and token ids (B, T); `teacher`
     a `LiveTeacher`, a `TopKTeacher` or None (kl then 0). `loss` = lm_weight x ce + kl_weight x kl carries the
-    gradients; ce and kl (nats/token) are detached. A `TopKTeacher` needs temperature 1."""
+    gradients; ce and kl (nats/token) are detached. A `TopKTeacher` needs temperature 1. `chunk_size`: positions
+    per chunk; None: `auto_chunk`."""
     targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).flatten()
     kind, a, b, c = _teacher_args(teacher)
     if kind == 0:
         kl_weight = 0.0
+    n, d = ids.numel(), hidden.shape[-1]
+    chunk_size = chunk_size or auto_chunk(n, d, head.shape[0])
     return ChunkedLMLoss.apply(hidden.flatten(0, 1), head, targets, kind, a, b, c, float(lm_weight), float(kl_weight),
                                float(temperature), int(chunk_size))

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.errors import SurgeryError
-from surgery.training.chunked_loss import DEFAULT_CHUNK, LiveTeacher, TopKTeacher, chunked_lm_losses
+from surgery.training.chunked_loss import LiveTeacher, TopKTeacher, chunked_lm_losses
 from surgery.training.forward import ModelOutput, resolve_layers, run
 
 HIDDEN_LOSSES = ("mse", "normalized_mse", "cosine")
@@ -56,7 +56,8 @@ class DistillConfig:
             mass (`surgery.data.teacher_cache`: computed once per teacher, corpus and block size, beside the
             token cache) instead of running it on every batch; None: the live teacher. Temperature 1 only.
         chunk_size: positions per chunk of the loss (`surgery.training.chunked_loss`: the full logits are never
-            built); 0: the plain full-logits computation.
+            built); None: `auto_chunk` (a chunk's logits about the size of the hidden states); 0: the plain
+            full-logits computation.
     """
 
     lm_weight: float = 1.0
@@ -67,7 +68,7 @@ class DistillConfig:
     hidden_layers: list[int] | None = None
     teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     teacher_top_k: int | None = None
-    chunk_size: int = DEFAULT_CHUNK
+    chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         weights = {"lm_weight": self.lm_weight, "kl_weight": self.kl_weight, "hidden_weight": self.hidden_weight}
@@ -77,7 +78,7 @@ class DistillConfig:
             raise SurgeryError(f"distill.temperature={self.temperature!r}: must be > 0 (1.0 compares the plain distributions)")
         if self.hidden_loss not in HIDDEN_LOSSES:
             raise SurgeryError(f"distill.hidden_loss={self.hidden_loss!r}: choose one of {', '.join(HIDDEN_LOSSES)}")
-        if self.chunk_size < 0:
+        if self.chunk_size is not None and self.chunk_size < 0:
             raise SurgeryError(f"distill.chunk_size={self.chunk_size}: must be >= 0 (positions per chunk; 0: full logits)")
         if self.teacher_top_k is not None:
             if self.teacher_top_k < 1:
@@ -161,9 +162,9 @@ def hidden_alignment(student: list[torch.Tensor], teacher: list[torch.Tensor], k
     return torch.stack(losses).mean()
 
 
-def lm_cross_entropy(model: nn.Module, ids: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+def lm_cross_entropy(model: nn.Module, ids: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy (nats/token) of `model` on ids (B, T), by the chunked loss when it applies."""
-    out = run(model, ids, None, chunked=chunk_size > 0)
+    out = run(model, ids, None, chunked=chunk_size != 0)
     if out.final is None:
         return next_token_ce(out.logits, ids)
     return chunked_lm_losses(out.final, out.head, ids, chunk_size=chunk_size)[0]
@@ -206,7 +207,7 @@ class Distiller:
 
     def __init__(self, config: DistillConfig | dict | None = None, teacher: Teacher | nn.Module | None = None):
         self.config = as_config(config)
-        chunked = self.config.chunk_size > 0
+        chunked = self.config.chunk_size != 0
         if isinstance(teacher, nn.Module):
             teacher = Teacher(teacher, self.config.teacher_dtype, chunked)
         if self.config.needs_teacher and teacher is None:
@@ -245,7 +246,7 @@ class Distiller:
 
     def __call__(self, student: nn.Module, ids: torch.Tensor, teacher_out: ModelOutput | None = None) -> DistillOutput:
         c = self.config
-        out = run(student, ids, self.layers, chunked=c.chunk_size > 0)
+        out = run(student, ids, self.layers, chunked=c.chunk_size != 0)
         if self.teacher is not None and teacher_out is None:
             teacher_out = self.teacher_output(ids)
         target = None
@@ -270,7 +271,7 @@ class Distiller:
         parts, loss = {"ce": ce}, c.lm_weight * ce
         if c.kl_weight:
             if teacher_out.topk is not None:
-                raise SurgeryError("a cached top-k teacher needs the chunked loss: set distill.chunk_size > 0")
+                raise SurgeryError("a cached top-k teacher needs the chunked loss: set distill.chunk_size to null (automatic) or > 0")
             at_t = log_probs if c.temperature == 1 else None
             parts["kl"] = kl_to_teacher(logits, teacher_out.logits, c.temperature, at_t)
             loss = loss + c.kl_weight * parts["kl"]
