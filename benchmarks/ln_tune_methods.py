@@ -142,6 +142,27 @@ def summary(task: str, root: Path) -> list[dict]:
     return rows
 
 
+# The claims, as paired differences (same seed): Zhao et al. (ln-attn vs lora, ln), Qi et al. (a) ln+ an attention-side
+# method vs each alone, (b) ln+lora-mlp vs ln; and LN-tuning's gap to full fine-tuning.
+PAIRS = [("ln", "full"), ("ln-attn", "lora"), ("ln-attn", "ln"), ("ln-attn", "bitfit"), ("ln+lora", "ln"),
+         ("ln+lora", "lora"), ("ln+prefix", "ln"), ("ln+prefix", "prefix"), ("ln+lora-mlp", "ln")]
+
+
+def paired(task: str, rows: list[dict]) -> str:
+    """Per-seed differences a - b (accuracy points, or loss nats/token: negative is better), mean ± sd."""
+    by = {r["method"]: dict(zip(r["seeds"], r["values"])) for r in rows}
+    scale = 100 if task == "sentiment" else 1
+    lines = ["| comparison | per seed | mean ± sd |", "|---|---|---:|"]
+    for a, b in PAIRS:
+        if a in by and b in by and (seeds := sorted(set(by[a]) & set(by[b]))):
+            d = [scale * (by[a][s] - by[b][s]) for s in seeds]
+            fmt = "{:+.1f}" if scale == 100 else "{:+.4f}"
+            sd = statistics.stdev(d) if len(d) > 1 else 0.0
+            lines.append(f"| {a} − {b} | {', '.join(fmt.format(x) for x in d)} | {fmt.format(statistics.mean(d))} ± "
+                         f"{fmt.format(sd).lstrip('+')} |")
+    return "\n".join(lines)
+
+
 def table(task: str, rows: list[dict], costs: dict | None) -> str:
     acc = task == "sentiment"
     head = "test accuracy %" if acc else "held-out loss (nats/token)"
@@ -155,7 +176,8 @@ def table(task: str, rows: list[dict], costs: dict | None) -> str:
                      f"| {r['method']} | {value} | {r['trainable']:,} | - | - |")
     before = next((r["before"] for r in rows if r["method"] == "ln"), None)  # a prefix run starts elsewhere
     if before is not None:
-        lines.append(f"| (before tuning) | {100 * before:.1f} |  |  |  |" if acc else f"| (before tuning) | {before:.4f} |  |  |  |")
+        lines.append(f"| (before tuning, first seed) | {100 * before:.1f} |  |  |  |" if acc else
+                     f"| (before tuning, first seed) | {before:.4f} |  |  |  |")
     return "\n".join(lines)
 
 
@@ -198,7 +220,8 @@ def main() -> None:
         costs = json.loads((root / task / "cost.json").read_text()) if (root / task / "cost.json").exists() else None
         results["tasks"][task] = {"rows": rows, "cost": costs}
         seeds = sorted({s for r in rows for s in r["seeds"]})
-        text.append(f"\n### {task} (seeds {', '.join(map(str, seeds))}; mean ± sd)\n\n{table(task, rows, costs)}")
+        text.append(f"\n### {task} (seeds {', '.join(map(str, seeds))}; mean ± sd)\n\n{table(task, rows, costs)}\n\n"
+                    f"Paired differences (same seed):\n\n{paired(task, rows)}")
     print("\n".join(text))
     if args.report:
         (root / "results.json").write_text(json.dumps(results, indent=1) + "\n")
