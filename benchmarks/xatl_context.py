@@ -85,13 +85,13 @@ def _pm(s: dict) -> str:
 
 
 def table(results: dict, lengths: list[int]) -> str:
-    head = "| run set | mixer | trained at | " + " | ".join(f"gap at {L}" for L in lengths) + " |"
-    lines = [head, "|---|---|---:|" + "---:|" * len(lengths)]
-    src = next(iter(results.values()))["source"]
-    lines.append("| source (nats/token) | - | - | " + " | ".join(f"{src[L]:.4f}" for L in lengths) + " |")
+    head = ("| run set | mixer | trained at | source at " + " / ".join(map(str, lengths)) + " | "
+            + " | ".join(f"gap at {L}" for L in lengths) + " |")
+    lines = [head, "|---|---|---:|---:|" + "---:|" * len(lengths)]
     for name, r in results.items():
         cells = [(f"**{_pm(r['gap'][L])}**" if L == r["train_length"] else _pm(r["gap"][L])) for L in lengths]
-        lines.append(f"| {name} | {r['mixer']} | {r['train_length']} | " + " | ".join(cells) + " |")
+        source = " / ".join(f"{r['source'][L]:.3f}" for L in lengths)
+        lines.append(f"| {name} | {r['mixer']} | {r['train_length']} | {source} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

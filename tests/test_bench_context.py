@@ -40,6 +40,7 @@ def test_gaps_per_length_over_seeds_cached_per_run(tmp_path, monkeypatch):
     assert (str(runs[0] / "model"), 128) not in calls
     md = xatl_context.table({"gpt2-mamba2": r}, lengths)
     assert f"**{r['gap'][128]['mean']:+.3f} ± {r['gap'][128]['std']:.3f} (n=2)**" in md  # the training length in bold
+    assert "| gpt2-mamba2 | mamba2 | 128 | 3.900 / 3.800 / 3.700 | " in md
     calls.clear()
     again = xatl_context.run_losses(runs[0], lengths, {})
     assert calls == [] and again["source"] == r["runs"][0]["source"]  # all from <run>/context_eval.json
