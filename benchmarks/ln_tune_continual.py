@@ -64,15 +64,15 @@ def table(record: dict) -> str:
     acc = record["metric"] == "accuracy"
     unit = "accuracy, %" if acc else "loss, nats/token"
     head = ["arm"] + [f"final ({unit}), order {k + 1}" for k in range(2)] + [f"forgetting, order {k + 1}" for k in range(2)]
-    head += ["key selection, %", "entries / task", "inference time ×"]
+    head += ["key selection, % (order 1 / 2)", "entries / task", "inference time ×"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm in record["by_order"][0]["arms"]:
         per = [o["arms"][arm] for o in record["by_order"]]
-        sel = ms([o["selection"]["mean"] for o in per if o["selection"]])
         ratio = ms([o["inference_ratio"]["mean"] for o in per if o["inference_ratio"]])
         row = [arm] + [cell(o["final"], record["metric"], acc) for o in per]
         row += [cell(o["forgetting"], record["metric"], acc) for o in per]
-        row += [cell(sel, "accuracy", True) if sel else "-", f"{per[0]['entries_per_task']['mean']:,.0f}",
+        sel = " / ".join(cell(o["selection"], "accuracy", True) for o in per) if per[0]["selection"] else "-"
+        row += [sel, f"{per[0]['entries_per_task']['mean']:,.0f}",
                 f"{ratio['mean']:.2f}" if ratio else "1"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -83,11 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("setting", choices=list(RECIPES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/ln_tune/continual-bench")
+    parser.add_argument("--recipes", nargs="+", default=None, help="a subset of the setting's recipes")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     path = ROOT / "benchmarks" / "ln_tune_continual.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    for name in RECIPES[args.setting]:
+    for name in args.recipes or RECIPES[args.setting]:
         record = bench_recipe(name, args.seeds, Path(args.out))
         record["command"] = f"OMP_NUM_THREADS=1 python -m benchmarks.ln_tune_continual {args.setting}"
         record["machine"] = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread"

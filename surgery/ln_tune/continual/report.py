@@ -68,7 +68,8 @@ def print_table(title: str, arms: dict[str, dict], metric: str) -> None:
 
 
 def plot_matrices(results: list[dict], path: Path, title: str = "") -> None:
-    """One heat map per method (and the oracle): rows = after task i, columns = score on task j."""
+    """One heat map per method (and the oracle): rows = after task i, columns = score on task j; one colour scale
+    for all panels (accuracy: 0 to 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,9 +82,12 @@ def plot_matrices(results: list[dict], path: Path, title: str = "") -> None:
             panels.append(("oracle", r["oracle_matrix"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
     names = results[0]["tasks"]
+    accuracy = results[0]["metric"] == "accuracy"
+    values = [v for _, m in panels for row in m for v in row if v is not None]
+    low, high = (0.0, 1.0) if accuracy else (min(values), max(values))
     for ax, (method, matrix) in zip(axes[0], panels):
         data = [[float("nan") if v is None else v for v in row] for row in matrix]
-        ax.imshow(data, cmap="viridis" if results[0]["metric"] == "accuracy" else "viridis_r", aspect="auto")
+        ax.imshow(data, cmap="viridis" if accuracy else "viridis_r", aspect="auto", vmin=low, vmax=high)
         for i, row in enumerate(data):
             for j, v in enumerate(row):
                 ax.text(j, i, fmt(v, results[0]["metric"]), ha="center", va="center", fontsize=7, color="w")
