@@ -82,11 +82,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/remove_ln/cache-gap"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/teacher_cache_gap"))
     parser.add_argument("--extra-steps", type=int, default=10, help="blocks cached beyond max_steps (guard-skipped batches)")
+    parser.add_argument("--summarize-only", action="store_true", help="build and run nothing: tabulate the finished runs")
+    parser.add_argument("--live-record", default=None, help="FILE.json:GROUP, a removal_seeds record of live-teacher runs "
+                                                            "of the same recipe, added to the table as 'live (recorded)'")
     args = parser.parse_args(argv)
     recipe = yaml.safe_load(RECIPE.read_text())
     ks = [k for k in map(arm_k, args.arms) if k is not None]
-    caches = build_caches(recipe, args.seeds, ks, args.extra_steps)
-    for arm in args.arms:  # arm by arm: the first arm's seeds finish first
+    caches = {} if args.summarize_only else build_caches(recipe, args.seeds, ks, args.extra_steps)
+    for arm in [] if args.summarize_only else args.arms:  # arm by arm: the first arm's seeds finish first
         for seed in args.seeds:
             run = args.runs / f"{arm}-s{seed}"
             if (run / "metrics.json").exists():
@@ -97,8 +100,11 @@ def main(argv: list[str] | None = None) -> None:
             if k and int(caches[k].filled.sum()) != filled:
                 print(f"warning: {run} computed {int(caches[k].filled.sum()) - filled} blocks with the teacher", flush=True)
     groups = {arm: [args.runs / f"{arm}-s{s}" for s in args.seeds] for arm in args.arms}
-    done = {arm: runs for arm, runs in groups.items() if all((r / "metrics.json").exists() for r in runs)}
-    results = {arm: summarize(runs) for arm, runs in done.items()}
+    done = {arm: [r for r in runs if (r / "metrics.json").exists()] for arm, runs in groups.items()}
+    results = {arm: summarize(runs) for arm, runs in done.items() if runs}
+    if args.live_record:
+        path, _, group = args.live_record.rpartition(":")
+        results["live (recorded)"] = json.loads(Path(path).read_text())[group]
     md = table(results)
     print(md)
     record = {"machine": machine_info(), "date": time.strftime("%Y-%m-%d"), "recipe": str(RECIPE), "seeds": args.seeds,

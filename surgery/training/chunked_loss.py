@@ -129,7 +129,7 @@ class ChunkedLMLoss(torch.autograd.Function):
             ce, kl = ce + part_ce, kl + part_kl
             if want_grad:
                 grad_hidden[rows] = (g.to(head.dtype) @ head).to(hidden.dtype)
-                grad_head += g.t() @ h.to(g.dtype)
+                grad_head.addmm_(g.t(), h.to(g.dtype))  # in place: no (V, d) temporary per chunk
         ce = ce / n_ce
         kl = kl / n_kl
         loss = lm_weight * ce + kl_weight * kl

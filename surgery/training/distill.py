@@ -18,6 +18,10 @@ Losses (each weighted; a weight of 0 skips the term):
   residual stream's scale grows with depth, and this keeps every layer and position on one scale) or
   "cosine" (1 - cosine similarity per token).
 
+CE and KL come from the final hidden states and the LM head in chunks (`surgery.training.chunked_loss`: the full
+logits never exist); with `teacher_top_k` the KL reads the teacher's cached top-k log-probabilities instead of
+running it (`surgery.data.teacher_cache`).
+
 The teacher is no `nn.Module` attribute of whatever holds it: it stays out of `parameters()`, optimizers,
 `state_dict()` and checkpoints, and a resumed run rebuilds it from the source model. It follows the
 student's device on first use.
