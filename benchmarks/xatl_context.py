@@ -110,7 +110,7 @@ def plot(results: dict, lengths: list[int], path: Path) -> None:
     ax.set_xticks(lengths, [str(L) for L in lengths])
     ax.set_xlabel("context length (tokens per evaluated block)")
     ax.set_ylabel("loss − source's loss (nats/token)")
-    ax.set_title("XATL models vs their source over context length (mean ± sd over seeds)")
+    ax.set_title("XATL models vs their source (mean ± sd over seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
