@@ -23,7 +23,7 @@ from benchmarks.measure import interleaved, paired_ratio, profile_pair
 from benchmarks.report import progress_line
 from surgery.families import blocks
 from surgery.remove_ln.module import std_uniformity_loss
-from surgery.remove_ln.points import KINDS, point_names, prepare_for_removal, token_context
+from surgery.remove_ln.points import BASE_KINDS, point_names, prepare_for_removal, token_context
 
 PHASES = ("before", "during", "after")
 TARGET = 1.05
@@ -90,7 +90,7 @@ class Stepper:
 
 def removal_order(n_blocks: int) -> list[str]:
     names = point_names(n_blocks)
-    return [n for k in KINDS for n in names[k]]
+    return [n for k in BASE_KINDS for n in names[k]]
 
 
 def set_phase(points: dict, phase: str, n_blocks: int) -> list[str]:

@@ -140,12 +140,12 @@ CASES = [
          "--trainer.max_steps", "0"], ["trainer.accelerator='gpu': this machine has no CUDA GPU that torch can use; set trainer.accelerator "
                                        "to cpu (or auto)"] if not torch.cuda.is_available() else ["trainer.max_steps=0"]),
     # -- model, family, mixer ----------------------------------------------------------------------
-    Case("unknown mixer", _xatl("lstm"), ["unknown mixer 'lstm'; choose one of: gla, mamba, retention"]),
+    Case("unknown mixer", _xatl("lstm"), ["unknown mixer 'lstm'; choose one of: gla, mamba, mamba2, retention"]),
     Case("steps end before the XATL unfreeze", lambda r, t: [*_xatl("gla")(r, t), "--model.init_args.unfreeze.step", "16"],
          ["trainer.max_steps=16 ends before model.init_args.unfreeze.step=16: the transferred weights would stay frozen for "
           "the whole run. Raise trainer.max_steps above 16, lower unfreeze.step, or set model.init_args.freeze false"]),
     Case("unknown model family", lambda r, t: ["--model.init_args.init", tiny_model(t, "opt")],
-         ["model type 'opt' is not supported (supported: gpt2, gpt_neox, llama", "add a Family entry in surgery/families.py"]),
+         ["model type 'opt' is not supported (supported: gemma3_text, gpt2, gpt_neox, llama, mistral, olmo2, qwen2, qwen3", "add a Family entry in surgery/families.py"]),
     Case("init path missing", lambda r, t: ["--model.init_args.init", str(t / "nowhere")],
          [f"model path '{'{tmp}'}/nowhere' does not exist; check the path"]),
     Case("init dir without config.json", lambda r, t: ["--model.init_args.init", model_dir(r, t, lambda p: (p / "config.json").unlink())],
@@ -167,7 +167,7 @@ CASES = [
     Case("schedule names a missing layer", lambda r, t: ["--config", recipe_with(r, t, model_init_args={"schedule": {"events": SCHEDULE_EVENTS}})],
          ["schedule.events names ['h.5.ln_2'] and omits", "this 2-block model has exactly: h.0.ln_2, h.1.ln_2"]),
     Case("schedule with an unknown kind", lambda r, t: ["--config", recipe_with(r, t, model_init_args={"schedule": {"gaps": {"ln_3": 1}}})],
-         ["schedule.gaps takes kinds ln_2, ln_1_qk, ln_1_v, ln_f", "'ln_3': 1"]),
+         ["schedule.gaps takes kinds ln_q, ln_k, ln_attn_out, ln_mlp_out, ln_2, ln_1_qk, ln_1_v, ln_f", "'ln_3': 1"]),
     Case("negative schedule start", lambda r, t: ["--model.init_args.schedule.start", "-2"], ["schedule.start >= 0 (got start=-2"]),
     Case("zero steps", lambda r, t: ["--trainer.max_steps", "0"],
          ["trainer.max_steps=0: a run needs at least one optimizer step; set a positive number of steps"]),
