@@ -75,6 +75,20 @@ def summarize(runs: list[Path]) -> dict:
     return out
 
 
+def norms_ablation(results: dict) -> dict:
+    """Per family with both arms: shared-norm gap minus individual-norm gap, seed by seed (same seed, same batches)."""
+    out = {}
+    for family in {f for f, _ in results}:
+        ind, sh = results.get((family, "K2")), results.get((family, "K2-shared-norms"))
+        if ind and sh:
+            by_seed = {Path(r["run"]).name: r["gap"] for r in ind["runs"]}
+            diffs = [r["gap"] - by_seed[Path(r["run"]).name] for r in sh["runs"] if Path(r["run"]).name in by_seed]
+            if diffs:
+                out[family] = {"seeds": len(diffs), "differences": diffs, "mean": statistics.fmean(diffs),
+                               "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0}
+    return out
+
+
 def table(results: dict, starts: dict) -> str:
     lines = ["| family | arm | seeds | unique params (share of original) | original | shared | gap to original |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -83,6 +97,10 @@ def table(results: dict, starts: dict) -> str:
         lines.append(f"| {family} | {ARMS[arm][0]} | {len(r['runs'])} | {p['unique_params']:,} "
                      f"({p['unique_params'] / p['original_params']:.0%}) | {r['original']['mean']:.4f} | "
                      f"{r['shared']['mean']:.4f} ± {r['shared']['std']:.4f} | {r['gap']['mean']:+.4f} ± {r['gap']['std']:.4f} |")
+    ablation = norms_ablation(results)
+    if ablation:
+        lines += ["", "| family | seeds | gap with shared norms − gap with individual norms (paired by seed) |", "|---|---:|---:|"]
+        lines += [f"| {f} | {a['seeds']} | {a['mean']:+.4f} ± {a['std']:.4f} |" for f, a in sorted(ablation.items())]
     if starts:
         lines += ["", "| family | original | full-rank relaxation at its start | difference | validation tokens |",
                   "|---|---:|---:|---:|---:|"]
@@ -114,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     print(md)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {"results": {f"{f}/{a}": r for (f, a), r in results.items()}, "full_rank_start": starts,
+              "norms_ablation": norms_ablation(results),
               "arms": {a: ARMS[a][0] for a in args.arms}}
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(md + "\n")
