@@ -102,7 +102,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n{name} (mean ± sd over seeds {args.seeds}; order 1 = {' -> '.join(first['order'])}, "
               f"order 2 reversed)\n{table(record)}")
         path.write_text(json.dumps(results, indent=1))
-    md = ["# Continual learning with task-keyed norm sets", ""]
+    md = ["# Continual learning with task-keyed norm sets", "",
+          "Budgets are the recipes' (recipes/ln_tune/continual/): per task, MiniLM 20 steps of 16 sentences and 5 head "
+          "steps, 48 test sentences; the tiny LMs 20 steps of 8 x 128 tokens, 16 validation blocks of 128 tokens. "
+          "Mean ± sample sd over seeds; forgetting positive = worse. Each recipe is written when all its runs end.", ""]
     for name, record in results.items():
         md += [f"## {name}", "", f"`{record['command']}` — {record['machine']}, {record['date']}; seeds "
                f"{record['seeds']}; order 1 = {' → '.join(record['orders'][0])}, order 2 reversed.", "",
