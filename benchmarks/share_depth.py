@@ -130,12 +130,24 @@ def main(argv: list[str] | None = None) -> None:
     starts = {f: full_rank_start(f) for f in args.families}
     md = table(results, starts)
     print(md)
+    from benchmarks.measure import machine_info
+
+    machine = machine_info()
+    header = ["# Shared depth on the tiny checkpoints", "",
+              "Each run: `surgery fit --config recipes/share/FAMILY.yaml --seed_everything S` plus the arm's overrides "
+              "(150 steps of 8 x 256 tokens = 307k tokens; 0.5 x CE + 1 x KL to the original + 0.1 x hidden-state "
+              "alignment; losses on the whole validation split). Unique parameters include the tied embeddings "
+              "(524,288 of the original's 1,350,400 for the tiny GPT-2).", "",
+              f"Command: `OMP_NUM_THREADS=1 python -m benchmarks.share_depth --families {' '.join(args.families)} "
+              f"--arms {' '.join(args.arms)} --out {args.out}`. Machine: {machine['cpu']}, {machine['cores']} cores "
+              f"shared with other jobs, torch {machine['torch']}, transformers {machine['transformers']}, "
+              f"{machine['date'][:10]}.", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {"results": {f"{f}/{a}": r for (f, a), r in results.items()}, "full_rank_start": starts,
-              "norms_ablation": norms_ablation(results),
+              "norms_ablation": norms_ablation(results), "machine": machine,
               "arms": {a: ARMS[a][0] for a in args.arms}}
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(md + "\n")
+    args.out.with_suffix(".md").write_text("\n".join(header) + "\n" + md + "\n")
 
 
 if __name__ == "__main__":
