@@ -13,11 +13,11 @@ prints a table and writes OUT.json and OUT.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
 
+from benchmarks.removal_seeds import grouped_runs_main
 from surgery.remove_ln.points import KINDS
 
 
@@ -56,20 +56,7 @@ def table(results: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("groups", nargs="+", help="FAMILY=RUN_DIR[,RUN_DIR...] (or FAMILY=DIR repeated)")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    groups: dict[str, list[Path]] = {}
-    for item in args.groups:
-        name, _, run = item.partition("=")
-        groups.setdefault(name, []).extend(Path(r) for r in run.split(","))
-    results = {name: summarize(runs) for name, runs in groups.items()}
-    md = table(results)
-    print(md)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(md + "\n")
+    grouped_runs_main(summarize, table, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -54,8 +54,10 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def grouped_runs_main(summarize, table, description: str, argv: list[str] | None = None) -> None:
+    """The command line of a benchmark over groups of finished runs: NAME=RUN_DIR[,RUN_DIR...] arguments, each group
+    `summarize`d, the `table` of all printed and written to OUT.md, the summaries to OUT.json."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("groups", nargs="+", help="NAME=RUN_DIR[,RUN_DIR...] (or NAME=DIR repeated)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -69,6 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(md + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    grouped_runs_main(summarize, table, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -43,3 +43,20 @@ def tiny_norm_family(kind: str, seed: int = 0):
 
 def random_tokens(n: int = 2, length: int = 16, seed: int = 1) -> torch.Tensor:
     return torch.randint(1, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_ln_free(kind: str):
+    """The LN-free export of `tiny_norm_family(kind)`: every removal point fake at the scale one training forward
+    measured, folded by `export_ln_free`."""
+    from surgery.remove_ln.export import export_ln_free
+    from surgery.remove_ln.points import prepare_for_removal, token_context
+
+    model = tiny_norm_family(kind)
+    points = prepare_for_removal(model)
+    model.train()
+    with torch.no_grad():
+        model(random_tokens(4, 24))
+    token_context(points).flush()
+    for ln in points.values():
+        ln.go_fake()
+    return export_ln_free(model.eval())

@@ -38,11 +38,14 @@ FAMILY_CONFIGS = {  # one tiny config per family layout; "neox" has a parallel r
 }
 
 
-def tiny_model(kind: str, seed: int = 0, vocab: int = 64):
+def tiny_model(kind: str, seed: int = 0, vocab: int = 64, layers: int | None = None):
     """A tiny random model of one family layout with every parameter perturbed (norm gains far from 1, biases
-    far from 0), so that a mistake in which outputs read which norm shows."""
+    far from 0), so that a mistake in which outputs read which norm shows. `layers`: other than the layout's 2."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(FAMILY_CONFIGS[kind](vocab))
+    config = FAMILY_CONFIGS[kind](vocab)
+    if layers is not None:
+        config.num_hidden_layers = layers
+    model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or ".ln_" in name:

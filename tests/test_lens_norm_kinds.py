@@ -8,28 +8,16 @@ logits within 1e-4, a hook_scale at every norm, the QK-norms' included.
 """
 
 import pytest
-import torch
 
 from norm_family_models import KINDS, random_tokens, tiny_norm_family
+from norm_family_models import tiny_ln_free as ln_free
 from surgery.errors import SurgeryError
 from surgery.lens import has_normalization, load_hooked, tl_config, tl_state_dict
 from surgery.lens.checks import logit_agreement, verify_ln_free
 from surgery.lens.hooked import hooked_transformer_config
 from surgery.models.loading import load_tokenizer
-from surgery.remove_ln.export import export_ln_free
-from surgery.remove_ln.points import prepare_for_removal, token_context
 
 
-def ln_free(kind: str):
-    model = tiny_norm_family(kind)
-    points = prepare_for_removal(model)
-    model.train()
-    with torch.no_grad():
-        model(random_tokens(4, 24))
-    token_context(points).flush()
-    for ln in points.values():
-        ln.go_fake()
-    return export_ln_free(model.eval())
 
 
 @pytest.mark.parametrize("kind", KINDS)

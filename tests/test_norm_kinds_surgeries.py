@@ -3,14 +3,11 @@ builds (QK-norms and post-norms included) and trains exactly those; an LN-free e
 shared-depth twins refuse these families with the reason (tests/norm_family_models.py: randomized parameters)."""
 
 import pytest
-import torch
 
-from norm_family_models import KINDS, random_tokens, tiny_norm_family
+from norm_family_models import KINDS, random_tokens, tiny_ln_free, tiny_norm_family
 from surgery.errors import SurgeryError
 from surgery.families import family_of, is_norm, norm_paths
 from surgery.ln_tune.params import ln_parameters, train_only
-from surgery.remove_ln.export import export_ln_free
-from surgery.remove_ln.points import prepare_for_removal, token_context
 from surgery.share.model import shared_config_from
 from surgery.xatl import hybrid_config_from
 from surgery.xatl.transfer.weights import transfer_shared_weights
@@ -33,16 +30,8 @@ def test_ln_tuning_trains_every_norm_the_model_has_and_nothing_else(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_ln_tuning_refuses_an_ln_free_export(kind):
-    model = tiny_norm_family(kind)
-    points = prepare_for_removal(model)
-    model.train()
-    with torch.no_grad():
-        model(random_tokens(4, 24))
-    token_context(points).flush()
-    for ln in points.values():
-        ln.go_fake()
     with pytest.raises(SurgeryError, match="is LN-free .*nothing to LN-tune"):
-        ln_parameters(export_ln_free(model.eval()))
+        ln_parameters(tiny_ln_free(kind))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -20,19 +20,7 @@ KINDS = ["gpt2", "neox", "llama"]
 
 def four_layers(kind: str, seed: int = 0):
     """A tiny random model of a family with 4 layers, every parameter perturbed."""
-    from remove_ln_models import FAMILY_CONFIGS
-
-    torch.manual_seed(seed)
-    config = FAMILY_CONFIGS[kind](64)
-    config.num_hidden_layers = 4
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or ".ln_" in name:
-                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
-            else:
-                p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
+    return tiny_model(kind, seed, layers=4)
 
 
 IDS = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
