@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.measure import PeakRSS, interleaved, machine_info, paired_ratio
+from benchmarks.measure import interleaved, machine_info, paired_ratio
 from surgery.training.chunked_loss import LiveTeacher, chunked_lm_losses
 from surgery.training.distill import DistillConfig, Distiller, kl_to_teacher, next_token_ce
 

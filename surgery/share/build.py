@@ -20,7 +20,7 @@ from surgery.models.loss import causal_lm_loss
 from surgery.share.groups import INITS, Init, block_of_layer, init_layers, members
 from surgery.share.model import (SHARED_MODELS, projection_paths, shared_config_from, source_config_of)
 from surgery.share.moe import MoEMLP
-from surgery.share.tied import SharedModule, SharedProjection
+from surgery.share.tied import SharedModule
 
 NORMS = ("individual", "shared")
 
@@ -144,5 +144,3 @@ def unique_parameters(model: nn.Module) -> int:
     """Parameters stored once however many layers read them (`parameters()` lists a shared tensor once)."""
     return sum(p.numel() for p in model.parameters())
 
-
-__all__ = ["ShareConfig", "share_depth", "expand", "unique_parameters", "SharedProjection"]

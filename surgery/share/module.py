@@ -74,10 +74,6 @@ class DepthSharing(LMModule):
         self.log("lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        super().validation_step(batch, batch_idx)
-        self.model.pop_aux_losses()
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["original_val"] = self.original_val

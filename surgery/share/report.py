@@ -27,7 +27,7 @@ def share_report(module, val: dict, run_dir: str) -> dict:
     original = module.original.model
     s = module.share
     result = {"original_val_loss": module.original_val["loss"], "original_val_tokens": module.original_val.get("tokens"),
-              **{k: v for k, v in gaps(val["loss"], module.original_val["loss"]).items()},
+              **gaps(val["loss"], module.original_val["loss"]),
               "unique_params": unique_parameters(module.model), "original_params": unique_parameters(original),
               "blocks": list(module.model.config.share_blocks), "init": s.init, "norms": s.norms,
               "relax_rank": s.relax_rank, "moe_experts": s.moe_experts, "moe_top_k": s.moe_top_k,
