@@ -7,6 +7,8 @@ the full-rank relaxation's validation loss at its start against the original's (
 
     OMP_NUM_THREADS=1 python -m benchmarks.share_depth --out benchmarks/share_depth            # everything
     python -m benchmarks.share_depth --families gpt2 --arms K2 K1 --seeds 0 1 2 --out /tmp/share   # a part
+    python -m benchmarks.share_depth --no-train --keep benchmarks/share_depth.json --out benchmarks/share_depth
+                                    # runs finished here, and the earlier record's rows for the pairs not run here
 """
 
 from __future__ import annotations
@@ -116,8 +118,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--root", type=Path, default=Path("runs/share/bench"))
     parser.add_argument("--no-train", action="store_true", help="only summarize the runs that finished")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="an earlier OUT.json: its rows stand in for family/arm pairs with no finished run here")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    kept = json.loads(args.keep.read_text())["results"] if args.keep else {}
     results = {}
     for arm in args.arms:  # arm by arm, so that a partial sweep already compares families
         for family in args.families:
@@ -127,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
             runs = [r for r in runs if (r / "metrics.json").exists()]
             if runs:
                 results[(family, arm)] = summarize(runs)
+            elif f"{family}/{arm}" in kept:
+                results[(family, arm)] = kept[f"{family}/{arm}"]
     starts = {f: full_rank_start(f) for f in args.families}
     md = table(results, starts)
     print(md)
@@ -139,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
               "alignment; losses on the whole validation split). Unique parameters include the tied embeddings "
               "(524,288 of the original's 1,350,400 for the tiny GPT-2).", "",
               f"Command: `OMP_NUM_THREADS=1 python -m benchmarks.share_depth --families {' '.join(args.families)} "
-              f"--arms {' '.join(args.arms)} --out {args.out}`. Machine: {machine['cpu']}, {machine['cores']} cores "
+              f"--arms {' '.join(args.arms)}{f' --keep {args.keep}' if args.keep else ''} --out {args.out}`. Machine: {machine['cpu']}, {machine['cores']} cores "
               f"shared with other jobs, torch {machine['torch']}, transformers {machine['transformers']}, "
               f"{machine['date'][:10]}.", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@
    a time; a run whose metrics.json exists is skipped, so the script resumes where it stopped. After each cached
    run it checks that the run found every block in the cache (no teacher forward during training).
 3. Summarizes with `benchmarks.removal_seeds.summarize` (mean and sample sd of the losses and gaps), prints a table,
-   writes OUT.json and OUT.md.
+   writes OUT.json and OUT.md. `--keep OUT.json` takes an earlier record's arms where no run finished here.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def build_caches(recipe: dict, seeds: list[int], ks: list[int], extra_steps: int
 
 
 def run_arm(run: Path, seed: int, k: int | None) -> None:
-    cmd = [str(Path(sys.executable).with_name("surgery")), "fit", "--config", str(RECIPE), "--seed_everything", str(seed),
+    cmd = [sys.executable, "-m", "surgery.cli", "fit", "--config", str(RECIPE), "--seed_everything", str(seed),
            "--trainer.default_root_dir", str(run)]
     if k is not None:
         cmd += ["--model.init_args.distill.teacher_top_k", str(k)]
@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--summarize-only", action="store_true", help="build and run nothing: tabulate the finished runs")
     parser.add_argument("--live-record", default=None, help="FILE.json:GROUP, a removal_seeds record of live-teacher runs "
                                                             "of the same recipe, added to the table as 'live (recorded)'")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="an earlier OUT.json: its arms stand in for arms with no finished run here")
     args = parser.parse_args(argv)
     recipe = yaml.safe_load(RECIPE.read_text())
     ks = [k for k in map(arm_k, args.arms) if k is not None]
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"warning: {run} computed {int(caches[k].filled.sum()) - filled} blocks with the teacher", flush=True)
     groups = {arm: [args.runs / f"{arm}-s{s}" for s in args.seeds] for arm in args.arms}
     done = {arm: [r for r in runs if (r / "metrics.json").exists()] for arm, runs in groups.items()}
-    results = {arm: summarize(runs) for arm, runs in done.items() if runs}
+    kept = json.loads(args.keep.read_text())["arms"] if args.keep else {}
+    results = {arm: summarize(runs) if runs else kept[arm] for arm, runs in done.items() if runs or arm in kept}
     if args.live_record:
         path, _, group = args.live_record.rpartition(":")
         results["live (recorded)"] = json.loads(Path(path).read_text())[group]

@@ -13,7 +13,7 @@
   plain CE on the tiny GPT-2, the removal quick start's step (control twin, live teacher, half the norms fake) and a
   hybrid's distill step (retention mixers).
 Ratios are medians over rounds of t / t_baseline on the calling thread's CPU clock (other processes' time left out);
-wall-clock ratios are recorded too. Writes OUT.json and OUT.md.
+wall-clock ratios are recorded too. Writes OUT.json and OUT.md; the sections not run keep their earlier record there.
 """
 
 from __future__ import annotations
@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/training_speed"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    record = {"machine": machine_info(), "date": time.strftime("%Y-%m-%d")}
+    earlier = json.loads(args.out.with_suffix(".json").read_text()) if args.out.with_suffix(".json").exists() else {}
+    record = {**earlier, "machine": machine_info(), "date": time.strftime("%Y-%m-%d")}  # sections not rerun stay
     if "loss" in args.sections:
         record["loss"] = loss_section(args.loss_tokens, args.loss_repeats)
     if "teacher" in args.sections:
