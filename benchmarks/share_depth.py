@@ -43,6 +43,21 @@ def run_one(family: str, arm: str, seed: int, root: Path) -> Path:
     return run
 
 
+def collect(families: list[str], arms: list[str], seeds: list[int], root: Path, train: bool, kept: dict) -> dict:
+    """(family, arm) -> statistics of its finished runs (training the missing ones first when `train`); a pair with
+    no finished run takes the row of an earlier record, `kept` ("family/arm" -> row), when it has one."""
+    results = {}
+    for arm in arms:  # arm by arm, so that a partial sweep already compares families
+        for family in families:
+            runs = [run_one(family, arm, s, root) if train else root / family / arm / f"s{s}" for s in seeds]
+            runs = [r for r in runs if (r / "metrics.json").exists()]
+            if runs:
+                results[(family, arm)] = summarize(runs)
+            elif f"{family}/{arm}" in kept:
+                results[(family, arm)] = kept[f"{family}/{arm}"]
+    return results
+
+
 def full_rank_start(family: str) -> dict:
     """Validation loss of the original and of its full-rank relaxed K = 2 twin before any training."""
     from surgery.data import TokenBlocks
@@ -123,17 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     kept = json.loads(args.keep.read_text())["results"] if args.keep else {}
-    results = {}
-    for arm in args.arms:  # arm by arm, so that a partial sweep already compares families
-        for family in args.families:
-            runs = [args.root / family / arm / f"s{s}" for s in args.seeds]
-            if not args.no_train:
-                runs = [run_one(family, arm, s, args.root) for s in args.seeds]
-            runs = [r for r in runs if (r / "metrics.json").exists()]
-            if runs:
-                results[(family, arm)] = summarize(runs)
-            elif f"{family}/{arm}" in kept:
-                results[(family, arm)] = kept[f"{family}/{arm}"]
+    results = collect(args.families, args.arms, args.seeds, args.root, not args.no_train, kept)
     starts = {f: full_rank_start(f) for f in args.families}
     md = table(results, starts)
     print(md)

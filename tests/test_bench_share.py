@@ -28,3 +28,12 @@ def test_arm_statistics_and_the_paired_norm_ablation(tmp_path):
     assert ablation["mean"] == pytest.approx(0.02)
     table = share_depth.table(results, {})
     assert "| gpt2 | 2 | +0.0200 ± 0.0141 |" in table and "1,000 (50%)" in table
+
+
+def test_an_earlier_record_stands_in_only_for_pairs_with_no_finished_run(tmp_path):
+    _run(tmp_path, "K2", 0, 0.30)
+    kept = {"gpt2/K2": {"gap": {"mean": 9.0}}, "gpt2/K1": {"gap": {"mean": 0.7}}, "pythia/K2": {"gap": {"mean": 0.5}}}
+    results = share_depth.collect(["gpt2"], ["K2", "K1", "K2-r4"], [0], tmp_path, train=False, kept=kept)
+    assert results[("gpt2", "K2")]["gap"]["mean"] == pytest.approx(0.30)  # the run here, not the record's 9.0
+    assert results[("gpt2", "K1")] == kept["gpt2/K1"]
+    assert ("gpt2", "K2-r4") not in results and ("pythia", "K2") not in results  # neither run nor asked for
