@@ -8,7 +8,7 @@
   during one call (`benchmarks.measure.PeakRSS`), time ratio, and the relative difference of the losses.
 - teacher: one full training step (forward, loss, backward, clipping 1.0, AdamW) of the shipped tiny GPT-2 on a
   quick-start batch (8 x 256 from the stdlib corpus): plain (CE) vs distilled from the cached top-k teacher
-  (the cache lookup included) vs the live teacher, both with the quick start's 0.5 x CE + 1 x KL.
+  (k = 32 and 128, the cache lookup included) vs the live teacher, both with the quick start's 0.5 x CE + 1 x KL.
 - compile: the same full step with its forwards and losses eager vs `torch.compile`d (compiled once, before timing):
   plain CE on the tiny GPT-2, the removal quick start's step (control twin, live teacher, half the norms fake) and a
   hybrid's distill step (retention mixers).
@@ -117,13 +117,15 @@ def teacher_section(repeats: int) -> dict:
     base = load_causal_lm(CKPT).train()
     teacher = copy.deepcopy(base)
     live = Distiller(DistillConfig(**QUICKSTART), teacher)
-    cached = Distiller(DistillConfig(**QUICKSTART, teacher_top_k=32), teacher)
-    cached.attach_cache(train.tokens, train.block_size)
-    cached.cache.targets(ids, cached._teacher_log_probs)  # fill this batch's blocks once, as a built cache holds them
-    models = {name: copy.deepcopy(base) for name in ("plain", "cached top-32", "live")}
-    steps = {"plain": Step(models["plain"].parameters(), lambda x: lm_cross_entropy(models["plain"], x), ids),
-             "cached top-32": Step(models["cached top-32"].parameters(), lambda x: cached(models["cached top-32"], x).loss, ids),
-             "live": Step(models["live"].parameters(), lambda x: live(models["live"], x).loss, ids)}
+    models = {name: copy.deepcopy(base) for name in ("plain", "cached top-32", "cached top-128", "live")}
+    steps = {"plain": Step(models["plain"].parameters(), lambda x: lm_cross_entropy(models["plain"], x), ids)}
+    for k in (32, 128):
+        cached = Distiller(DistillConfig(**QUICKSTART, teacher_top_k=k), teacher)
+        cached.attach_cache(train.tokens, train.block_size)
+        cached.cache.targets(ids, cached._teacher_log_probs)  # fill this batch's blocks once, as a built cache holds them
+        model = models[f"cached top-{k}"]
+        steps[f"cached top-{k}"] = Step(model.parameters(), lambda x, c=cached, m=model: c(m, x).loss, ids)
+    steps["live"] = Step(models["live"].parameters(), lambda x: live(models["live"], x).loss, ids)
     return ratios(interleaved(steps, repeats, memory=False), "plain")
 
 
