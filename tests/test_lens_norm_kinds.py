@@ -13,7 +13,7 @@ from norm_family_models import KINDS, random_tokens, tiny_norm_family
 from norm_family_models import tiny_ln_free as ln_free
 from surgery.errors import SurgeryError
 from surgery.lens import has_normalization, load_hooked, tl_config, tl_state_dict
-from surgery.lens.checks import logit_agreement, verify_ln_free
+from surgery.lens.checks import dla_check, logit_agreement, verify_ln_free
 from surgery.lens.hooked import hooked_transformer_config
 from surgery.models.loading import load_tokenizer
 
@@ -41,6 +41,16 @@ def test_a_model_with_its_norms_loads_through_transformer_lens_own_adapter(kind)
     assert has_normalization(hooked) and "blocks.0.attn.q_norm.hook_scale" in hooked.hook_dict
     assert logit_agreement(model, hooked, random_tokens())["hf_tl_max_abs_logit_diff"] < 1e-4
     assert "Norm" in type(model.model.layers[0].self_attn.q_norm).__name__  # the adapter wrapped a copy
+
+
+def test_dla_of_a_bias_free_model_with_its_norms_sums_its_components_to_the_residual():
+    """TransformerLens' adapter gives bias-free attention no b_O: the decomposition leaves it out, and its components
+    still add up to the final residual (pre-norms only, so each sublayer's output is what the residual receives)."""
+    hooked = load_hooked("checkpoints/tiny-qwen3-stdlib")
+    assert hooked.blocks[0].attn.b_O is None
+    result = dla_check(hooked, random_tokens(2, 16, seed=4))
+    assert result["residual_sum_error"] < 1e-6 and result["n_components"] == 1 + 4 * (4 + 1)  # embed; heads, MLP
+    assert result["dla_relative_error"] > 1e-4  # the RMSNorm's per-token scale: attribution is not exact with norms
 
 
 def test_a_model_with_its_norms_needs_a_tokenizer_and_no_native_weights():

@@ -4,7 +4,7 @@ Shapes: tokens (batch, pos); residual vectors (..., d_model); logits (..., d_voc
 TransformerLens 4.x `TransformerBridge` or a 3.x `HookedTransformer` (same hook names and W_* properties).
 
 Direct logit attribution (DLA). The final residual stream is a sum of components c: token and position
-embeddings, every attention head (z_h @ W_O[h]), every attention output bias b_O, every MLP output.
+embeddings, every attention head (z_h @ W_O[h]), every attention output bias b_O (where there is one), every MLP output.
 Rotary models have no position embedding component.
 - The true direct contribution of c is `DE_c = f(r) - f(r - c)`: the change of the logits when c alone is
   removed from the final residual r, with f = final norm (if any) + unembedding recomputed.
@@ -65,10 +65,9 @@ def residual_components(hooked, cache) -> tuple[list[str], list[int], torch.Tens
         heads = torch.einsum("bphd,hdm->hbpm", z, attn.W_O.detach().double())
         for h in range(hooked.cfg.n_heads):
             labels.append(f"L{layer}H{h}"), layers.append(layer), parts.append(heads[h])
-        b_o = attn.b_O.detach().double().expand_as(parts[0])
-        labels += [f"L{layer}.b_O", f"L{layer}.mlp"]
-        layers += [layer, layer]
-        parts += [b_o, cache[f"blocks.{layer}.hook_mlp_out"]]
+        if attn.b_O is not None:  # TransformerLens' adapter leaves it None for bias-free attention (Qwen3, Gemma 3, OLMo 2)
+            labels, layers, parts = labels + [f"L{layer}.b_O"], layers + [layer], parts + [attn.b_O.detach().double().expand_as(parts[0])]
+        labels, layers, parts = labels + [f"L{layer}.mlp"], layers + [layer], parts + [cache[f"blocks.{layer}.hook_mlp_out"]]
     return labels, layers, torch.stack([p.double() for p in parts])
 
 
