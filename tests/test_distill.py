@@ -76,7 +76,9 @@ def test_distiller_on_two_random_models_matches_a_hand_computed_loss(pair):
     kl = reference_kl(so.logits, to.logits, 2.0)
     hid = hidden_alignment([so.hidden_states[1], so.hidden_states[2]], [to.hidden_states[1], to.hidden_states[2]])
     assert out.parts["ce"].item() == pytest.approx(so.loss.item(), rel=1e-6)  # HF's own next-token loss
-    assert out.parts["kl"].item() == pytest.approx(kl, rel=1e-5)
+    # The KL (0.012 here) is a difference of float32 log-probabilities of size ~4: their rounding, ~1e-7 absolute
+    # per position after the T^2 factor, is 1e-5 of it, so the bound is absolute
+    assert out.parts["kl"].item() == pytest.approx(kl, rel=0, abs=1e-6)
     assert out.parts["hidden"].item() == pytest.approx(hid.item(), rel=1e-5) and hid.item() > 0.01
     assert out.loss.item() == pytest.approx(0.3 * so.loss.item() + 0.7 * kl + 0.2 * hid.item(), rel=1e-5)
     assert out.monitor.item() == out.parts["ce"].item() and not out.monitor.requires_grad
