@@ -18,8 +18,6 @@ from surgery.lens.hooked import hooked_transformer_config
 from surgery.models.loading import load_tokenizer
 
 
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_an_ln_free_export_loads_with_no_normalization_and_exact_dla(kind):
     result = verify_ln_free(ln_free(kind), random_tokens(2, 16, seed=3))

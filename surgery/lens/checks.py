@@ -66,8 +66,8 @@ def residual_components(hooked, cache) -> tuple[list[str], list[int], torch.Tens
         for h in range(hooked.cfg.n_heads):
             labels.append(f"L{layer}H{h}"), layers.append(layer), parts.append(heads[h])
         if attn.b_O is not None:  # TransformerLens' adapter leaves it None for bias-free attention (Qwen3, Gemma 3, OLMo 2)
-            labels, layers, parts = labels + [f"L{layer}.b_O"], layers + [layer], parts + [attn.b_O.detach().double().expand_as(parts[0])]
-        labels, layers, parts = labels + [f"L{layer}.mlp"], layers + [layer], parts + [cache[f"blocks.{layer}.hook_mlp_out"]]
+            labels.append(f"L{layer}.b_O"), layers.append(layer), parts.append(attn.b_O.detach().double().expand_as(parts[0]))
+        labels.append(f"L{layer}.mlp"), layers.append(layer), parts.append(cache[f"blocks.{layer}.hook_mlp_out"])
     return labels, layers, torch.stack([p.double() for p in parts])
 
 
