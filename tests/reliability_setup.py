@@ -87,7 +87,7 @@ from surgery.remove_ln.module import LNRemoval  # noqa: E402
 
 class SpikyRemoval(LNRemoval):
     """LNRemoval whose training loss (and the cross-entropy the guard watches) is multiplied by
-    `spikes[step]` at the given steps (nan: a NaN loss)."""
+    `spikes[step]` at the given steps (nan: a NaN loss; "nan-grad": the same loss with a NaN gradient)."""
 
     def __init__(self, *args, spikes: dict[int, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -96,7 +96,9 @@ class SpikyRemoval(LNRemoval):
     def training_step(self, batch, batch_idx):
         out = super().training_step(batch, batch_idx)
         factor = self.spikes.get(self.trainer.global_step)
-        if factor is not None:
+        if factor == "nan-grad":  # the loss unchanged, its gradient NaN: 0 x the infinite slope of sqrt at 0
+            out["loss"] = out["loss"] + (next(self.model.parameters()).sum() * 0).sqrt()
+        elif factor is not None:
             out["loss"] = out["loss"] * factor
             self.spike_monitor = self.spike_monitor * factor
         return out

@@ -1,4 +1,4 @@
-"""The divergence guard on a tiny removal run with an injected loss spike (x100) or NaN at step 5:
+"""The divergence guard on a tiny removal run with an injected loss spike (x100), NaN loss or NaN gradient at step 5:
 the step is not applied, the event names the LN removed last, and skip / rollback / stop behave."""
 
 import json
@@ -96,9 +96,18 @@ def test_stop_raises_with_step_loss_and_last_removed_ln(setup, tmp_path):
     with pytest.raises(SurgeryError) as err:
         fit(setup, tmp_path, guard, {5: math.nan})
     msg = str(err.value)
-    assert msg.startswith("divergence guard stopped the run at step 5: non-finite loss (nan); the update was not applied "
+    assert msg.startswith("divergence guard stopped the run at step 5: non-finite loss (loss nan); the update was not applied "
                           "(last LayerNorm removed: h.0.ln_1_v (removed at step 5, sigma ")
     assert "resume it (--ckpt_path last) with a lower model.init_args.lr" in msg
+
+
+def test_non_finite_gradient_of_a_finite_loss_is_not_applied(setup, tmp_path):
+    guard = DivergenceGuard(action="skip", warmup_steps=2)
+    model, rec = fit(setup, tmp_path, guard, {5: "nan-grad"})
+    assert torch.equal(rec.params[6], rec.params[5]) and not torch.equal(rec.params[7], rec.params[6])
+    [event] = guard.events
+    assert event["step"] == 5 and event["reason"] == "non-finite gradient" and math.isfinite(event["loss"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_repeated_bad_steps_stop_a_skipping_run(setup, tmp_path):

@@ -1,4 +1,4 @@
-"""The divergence guard: a training step whose loss is not finite, or whose monitored loss jumps above
+"""The divergence guard: a training step whose loss or gradient is not finite, or whose monitored loss jumps above
 `factor` times its moving average, is not applied; the guard then skips the batch, rolls back to the
 last checkpoint with a lower learning rate, or stops the run with a message. Every recipe gets it
 through the CLI (`guard:` in the YAML); each event names the LayerNorm removed last when the module
@@ -43,7 +43,7 @@ def last_removed(pl_module: L.LightningModule) -> str | None:
 class DivergenceGuard(L.Callback):
     """Refuses steps whose loss diverges.
 
-    A step is bad when its loss or monitored loss (averaged over ranks) is not finite, or, after
+    A step is bad when its loss or monitored loss (averaged over ranks) or its gradient is not finite, or, after
     `warmup_steps` good steps, its monitored loss (`pl_module.spike_monitor`, else the loss) exceeds
     `factor` times the moving average (momentum `momentum`) of the good steps' monitored losses. A bad
     step's gradients are dropped before the optimizer sees them (no update, no optimizer state change)
@@ -117,6 +117,12 @@ class DivergenceGuard(L.Callback):
         self._bad = self._bad or self._judge(self._loss)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.action == "off":
+            return
+        if not self._bad:  # a finite loss can still back-propagate a NaN (e.g. through a square root at 0)
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+                self._bad = "non-finite gradient"
         if self._bad:  # AdamW and the other torch optimizers leave parameters without a gradient alone
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -140,7 +146,7 @@ class DivergenceGuard(L.Callback):
         event = {"step": step, "loss": loss, "average": self.average, "reason": self._bad,
                  "action": self.action, "last_removed": last_removed(pl_module)}
         where = f" (last LayerNorm removed: {event['last_removed']})" if event["last_removed"] else ""
-        text = f"step {step}: {self._bad} ({self._loss:.4g}); the update was not applied{where}"
+        text = f"step {step}: {self._bad} (loss {self._loss:.4g}); the update was not applied{where}"
         if self.action == "stop" or (self.action == "skip" and self.consecutive_bad >= self.max_bad_steps) \
                 or (self.action == "rollback" and self.rollbacks >= self.max_bad_steps):
             self._record(trainer, {**event, "action": "stop"})
