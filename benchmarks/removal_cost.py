@@ -80,7 +80,7 @@ class Stepper:
         if self.points and self.aux_weight > 0:
             keep = batch != self.eos
             keep[:, 0] = False
-            loss = loss + self.aux_weight * std_uniformity_loss(self.ln_f_input, keep)
+            loss = loss + self.aux_weight * std_uniformity_loss(self.ln_f_input, keep, self.points["ln_f"].eps)
             self.ln_f_input = None
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)

@@ -18,14 +18,17 @@ from surgery.remove_ln.export import export_ln_free
 from surgery.remove_ln.fake_ln import per_token_std
 from surgery.remove_ln.points import point_kinds, prepare_for_removal, token_context
 from surgery.remove_ln.schedule import RemovalCallback, RemovalSchedule
+from surgery.remove_ln.uniformity import ScaleUniformity
 
 
-def std_uniformity_loss(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def std_uniformity_loss(x: torch.Tensor, keep: torch.Tensor, eps: float) -> torch.Tensor:
     """Mean squared deviation of each kept token's std from their (detached) mean std.
 
-    x: (B, T, d) input of the final LN; keep: (B, T) bool (not the first position, not end-of-text).
+    x: (B, T, d) input of the final LN; keep: (B, T) bool (not the first position, not end-of-text); eps: the
+    final LN's own, inside the square root as the LN has it (without it, a token of zero variance, even one left
+    out by `keep`, makes the gradient NaN: 0 x the infinite slope of the root at 0).
     """
-    std, w = per_token_std(x.float(), 0.0), keep.float()  # weights, not boolean indexing: no data-dependent shape
+    std, w = per_token_std(x.float(), eps), keep.float()  # weights, not boolean indexing: no data-dependent shape
     n = w.sum().clamp_min(1.0)
     mean = ((std * w).sum() / n).detach()
     return ((std - mean).pow(2) * w).sum() / n
@@ -44,6 +47,8 @@ class LNRemoval(CausalLM):
         calibration_batches: batches measured for the table.
         aux_loss_weight: weight of the loss that pulls each token's std at the final LN's input
             towards the mean std (0 turns it off).
+        uniformity_weight: weight of the loss that pulls each token's scale at the inputs of the QK-norms and
+            post-sublayer norms towards their mean scale (`surgery.remove_ln.uniformity`; 0 turns it off).
         keep_ln: control run: fine-tune with every LayerNorm kept, same everything else.
         control: also train an LN-kept twin on the very same batches (same losses, same optimizer
             settings, its own gradient clipping), so that one run reports original, control and LN-free losses.
@@ -61,6 +66,7 @@ class LNRemoval(CausalLM):
         momentum: float = 0.9,
         calibration_batches: int = 8,
         aux_loss_weight: float = 0.1,
+        uniformity_weight: float = 0.0,
         keep_ln: bool = False,
         control: bool = False,
         distill: DistillConfig | None = None,
@@ -90,6 +96,7 @@ class LNRemoval(CausalLM):
         self._ln_f_input: torch.Tensor | None = None
         if self.points and aux_loss_weight > 0:
             self.points["ln_f"].register_forward_pre_hook(self._keep_ln_f_input)
+        self.uniformity = ScaleUniformity(self.points) if self.points and uniformity_weight > 0 else None
 
     def _keep_ln_f_input(self, module, args) -> None:
         self._ln_f_input = args[0]
@@ -126,10 +133,14 @@ class LNRemoval(CausalLM):
         out = self.distiller(self.model, batch, teacher_out)
         loss, monitor = out.loss, out.monitor
         result = {"lm_loss": out.parts["ce"], **{k: v for k, v in out.parts.items() if k != "ce"}}
+        keep = batch != self.tokenizer.eos_token_id  # the tokens the auxiliary losses judge
+        keep = torch.cat([torch.zeros_like(keep[:, :1]), keep[:, 1:]], dim=1)
+        if self.uniformity is not None:
+            uniformity = self.uniformity.loss(keep)
+            loss = loss + self.hparams.uniformity_weight * uniformity
+            result["uniformity_loss"] = uniformity.detach()
         if self._ln_f_input is not None:
-            keep = batch != self.tokenizer.eos_token_id
-            keep = torch.cat([torch.zeros_like(keep[:, :1]), keep[:, 1:]], dim=1)
-            aux = std_uniformity_loss(self._ln_f_input, keep)
+            aux = std_uniformity_loss(self._ln_f_input, keep, self.points["ln_f"].eps)
             self._ln_f_input = None
             loss = loss + self.hparams.aux_loss_weight * aux
             result["aux_loss"] = aux.detach()
