@@ -6,7 +6,7 @@ Each run is `surgery fit --config recipes/remove_ln/quickstart[-FAMILY].yaml --s
     python -m benchmarks.removal_seeds gpt2=runs/remove_ln/qs-distill-s{0,1,2} pythia=runs/remove_ln/qs-pythia-s{0,1,2} \
         --out benchmarks/remove_ln_families
 
-prints a table and writes OUT.json and OUT.md.
+prints a table (with `--keep OLD.json`, also the groups of an earlier record that are not named again) and writes OUT.json and OUT.md.
 """
 
 from __future__ import annotations
@@ -60,12 +60,16 @@ def grouped_runs_main(summarize, table, description: str, argv: list[str] | None
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("groups", nargs="+", help="NAME=RUN_DIR[,RUN_DIR...] (or NAME=DIR repeated)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="an earlier OUT.json: its groups not named here stay in the record, first, as they were")
     args = parser.parse_args(argv)
     groups: dict[str, list[Path]] = {}
     for item in args.groups:
         name, _, run = item.partition("=")
         groups.setdefault(name, []).extend(Path(r) for r in run.split(","))
-    results = {name: summarize(runs) for name, runs in groups.items()}
+    kept = json.loads(args.keep.read_text()) if args.keep else {}
+    results = {name: r for name, r in kept.items() if name not in groups}
+    results.update({name: summarize(runs) for name, runs in groups.items()})
     md = table(results)
     print(md)
     args.out.parent.mkdir(parents=True, exist_ok=True)

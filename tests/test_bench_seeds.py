@@ -48,10 +48,10 @@ def test_xatl_seeds_refuses_runs_against_different_sources(tmp_path):
         xatl_seeds.summarize(runs)
 
 
-def test_removal_seeds_bracket_gap_over_seeds(tmp_path):
+def _removal_runs(root, losses):
     runs = []
-    for seed, (ctrl, free) in enumerate([(3.70, 3.72), (3.71, 3.71), (3.69, 3.73)]):
-        run = tmp_path / f"s{seed}"
+    for seed, (ctrl, free) in enumerate(losses):
+        run = root / f"s{seed}"
         (run / "logs").mkdir(parents=True)
         (run / "logs" / "config.yaml").write_text(f"seed_everything: {seed}\n")
         val = {"original": 3.705, "control (LN kept)": ctrl, "LN-free": free}
@@ -59,7 +59,23 @@ def test_removal_seeds_bracket_gap_over_seeds(tmp_path):
             "val_loss": val, "gap_vs_original": free - 3.705, "gap_vs_control": free - ctrl,
             "gap_vs_best": free - min(3.705, ctrl), "export_logit_diff": {"relative": 1e-6}, "val": {"tokens": 10}}))
         runs.append(run)
+    return runs
+
+
+def test_removal_seeds_bracket_gap_over_seeds(tmp_path):
+    runs = _removal_runs(tmp_path, [(3.70, 3.72), (3.71, 3.71), (3.69, 3.73)])
     r = removal_seeds.summarize(runs)
     gaps = [3.72 - 3.70, 3.71 - 3.705, 3.73 - 3.69]
     assert r["gap_vs_best"]["mean"] == pytest.approx(statistics.fmean(gaps))
     assert r["gap_vs_best"]["std"] == pytest.approx(statistics.stdev(gaps))
+
+
+def test_removal_seeds_keeps_the_groups_of_an_earlier_record_it_does_not_rerun(tmp_path):
+    a = _removal_runs(tmp_path / "a", [(3.70, 3.72), (3.71, 3.71)])
+    b = _removal_runs(tmp_path / "b", [(3.60, 3.80), (3.61, 3.81)])
+    removal_seeds.main([f"old={a[0]},{a[1]}", f"new={a[0]}", "--out", str(tmp_path / "first")])
+    removal_seeds.main([f"new={b[0]},{b[1]}", "--keep", str(tmp_path / "first.json"), "--out", str(tmp_path / "second")])
+    first, second = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("first", "second"))
+    assert list(second) == ["old", "new"] and second["old"] == first["old"]
+    assert second["new"]["LN-free"]["mean"] == pytest.approx(3.805)
+    assert "| old | 0, 1 |" in (tmp_path / "second.md").read_text()
