@@ -33,7 +33,7 @@ class SwitchableHeadNorm(SwitchableLayerNorm):
             raise ValueError(f"head_axis must be -2 (B, T, H, d) or -3 (B, H, T, d), got {head_axis}")
         self.n_heads, self.head_axis = n_heads, head_axis
 
-    def _tokens_by_head(self, t: torch.Tensor) -> torch.Tensor:
+    def tokens_by_head(self, t: torch.Tensor) -> torch.Tensor:
         """(B, T, H, 1) or (B, H, T, 1) -> (B, T, H)."""
         t = t.squeeze(-1)
         return t.transpose(-1, -2) if self.head_axis == -3 else t
@@ -46,7 +46,7 @@ class SwitchableHeadNorm(SwitchableLayerNorm):
 
     @torch.no_grad()
     def _measure(self, rstd: torch.Tensor) -> None:
-        r = self._tokens_by_head(rstd)
+        r = self.tokens_by_head(rstd)
         _, _, member, counts = self.context.groups(r.shape[:-1], r.device)
         sums = member @ r.reshape(-1, r.shape[-1]).float().reciprocal()  # (3, H)
         self.context.pending.append((self, sums, counts, self.momentum))
@@ -55,7 +55,7 @@ class SwitchableHeadNorm(SwitchableLayerNorm):
         """1 / sigma per head, broadcastable against `x`; per token too while special tokens keep their own."""
         if not self.has_specials:
             return self._per_head(self.sigma.reciprocal()).to(x.dtype)
-        shape = self._tokens_by_head(x[..., :1]).shape[:-1]  # (B, T)
+        shape = self.tokens_by_head(x[..., :1]).shape[:-1]  # (B, T)
         first, eot, _, _ = self.context.groups(shape, x.device)
         sigma = torch.where((first & self.special_first.bool())[..., None], self.sigma_first, self.sigma)
         sigma = torch.where((eot & self.special_eot.bool())[..., None], self.sigma_eot, sigma)

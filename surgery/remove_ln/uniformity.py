@@ -41,7 +41,7 @@ class ScaleUniformity:
         """(B, T, k): each token's rms at this norm's input, per head (k heads) or for the whole input (k = 1)."""
         ln = self.norms[name]
         rms = (self.inputs[name].float().pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()
-        return ln._tokens_by_head(rms) if isinstance(ln, SwitchableHeadNorm) else rms
+        return ln.tokens_by_head(rms) if isinstance(ln, SwitchableHeadNorm) else rms
 
     def loss(self, keep: torch.Tensor) -> torch.Tensor:
         w = keep.float()[..., None]  # (B, T, 1)

@@ -119,14 +119,14 @@ class DivergenceGuard(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.action == "off":
             return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         if not self._bad:  # a finite loss can still back-propagate a NaN (e.g. through a square root at 0)
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params if p.grad is not None]
             if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
                 self._bad = "non-finite gradient"
         if self._bad:  # AdamW and the other torch optimizers leave parameters without a gradient alone
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
+            for p in params:
+                p.grad = None
 
     # -- response ----------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
