@@ -128,10 +128,10 @@ def test_state_after_a_prefix_and_decoding_equal_transformers(n_kv_head):
     assert (torch.stack(mine, 1) - torch.stack(steps, 1)).abs().max() < 2e-5
 
 
-@pytest.mark.parametrize("window", [0, 6])
+@pytest.mark.parametrize("window,summary", [(0, False), (6, False), (6, True)])
 @pytest.mark.parametrize("T,chunk", [(45, 16), (70, 64)])
-def test_chunked_equals_recurrent_and_cached_decoding_equals_full_forward(T, chunk, window):
-    m = _randomized(chunk, 2, seed=T, window=window)
+def test_chunked_equals_recurrent_and_cached_decoding_equals_full_forward(T, chunk, window, summary):
+    m = _randomized(chunk, 2, seed=T, window=window, window_summary=summary)
     x = torch.randn(2, T, D_MODEL)
     with torch.no_grad():
         y, state = m(x)
@@ -213,3 +213,5 @@ def test_bad_options():
         build_mixer("mamba2", 32, 4, conv_init="eye")
     with pytest.raises(SurgeryError, match=r"window=-2: give the number of recent tokens"):
         build_mixer("mamba2", 32, 4, window=-2)
+    with pytest.raises(SurgeryError, match=r"window_summary .* set window > 0 too"):
+        build_mixer("mamba2", 32, 4, window_summary=True)

@@ -55,7 +55,9 @@ def _mixer(name: str, **kw) -> torch.nn.Module:
 
 # every mixer, and the linear-attention mixers with a softmax window whose linear branch is switched on
 VARIANTS = [(name, {}) for name in sorted(MIXERS)] + [("gla", {"window": 5}), ("retention", {"window": 16}),
-                                                      ("mamba2", {"window": 5})]
+                                                      ("mamba2", {"window": 5}),
+                                                      ("gla", {"window": 5, "window_summary": True}),
+                                                      ("mamba2", {"window": 5, "window_summary": True})]
 
 
 def _variant(name: str, options: dict) -> torch.nn.Module:
@@ -124,6 +126,45 @@ def test_window_attention_equals_banded_softmax_across_calls(window):
         o, past = window_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], window, past)
         outs.append(o)
     assert (torch.cat(outs, 2) - ref).abs().max() < 1e-12
+
+
+def _summary_reference(q, k, v, window):
+    """Written out on the whole sequence: for query i the tokens j <= i - window become one softmax entry with
+    their mean key and value and log(count) added to its score (none while there are no such tokens)."""
+    T = q.shape[2]
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    band = (j <= i) & (j > i - window)
+    left = (j <= i - window).to(q.dtype)
+    n = left.sum(-1)[:, None]  # (T, 1)
+    k_mean, v_mean = left @ k / n.clamp(min=1), left @ v / n.clamp(min=1)
+    s_left = (q * k_mean).sum(-1, keepdim=True) + n.clamp(min=1).log()
+    s_left = s_left.masked_fill(n == 0, float("-inf"))
+    p = torch.cat([(q @ k.transpose(-1, -2)).masked_fill(~band, float("-inf")), s_left], -1).softmax(-1)
+    return p[..., :-1] @ v + p[..., -1:] * v_mean
+
+
+@pytest.mark.parametrize("window", [1, 4, 7, 64])
+def test_window_summary_equals_its_written_out_form_across_calls(window):
+    """The summary entry of the tokens that left the window, in one call and split over calls at uneven points
+    (sums and count carried in the state), against the dense form; with a window of the whole sequence it is
+    plain causal softmax attention."""
+    g = torch.Generator().manual_seed(100 + window)
+    q, k = torch.randn(2, 3, 23, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 23, 4, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 3, 23, 5, generator=g, dtype=torch.float64)
+    ref = _summary_reference(q, k, v, window)
+    o, past = window_attention(q, k, v, window, summary=True)
+    assert (o - ref).abs().max() < 1e-12
+    assert past[5].tolist() == [max(0, 23 - (window - 1))] * 2
+    assert torch.allclose(past[3], k[:, :, : max(0, 23 - (window - 1))].sum(2))
+    past, outs = None, []
+    for s, e in [(0, 2), (2, 3), (3, 15), (15, 23)]:
+        o, past = window_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], window, past, summary=True)
+        outs.append(o)
+    assert (torch.cat(outs, 2) - ref).abs().max() < 1e-12
+    if window >= 23:
+        assert (ref - _window_reference(q, k, v, window)).abs().max() < 1e-12
+    else:  # the left-out tokens change the output
+        assert (ref - _window_reference(q, k, v, window)).abs().max() > 1e-2
 
 
 def test_windowed_mixer_with_source_weights_starts_as_the_sources_attention():
@@ -199,9 +240,9 @@ def test_unknown_mixer_and_bad_options():
                                            r"'d_state'\?\); its settings: d_state, d_conv, expand, dt_rank, chunk, conv_init$"):
         build_mixer("mamba", 32, 4, d_stat=8)
     with pytest.raises(SurgeryError, match=r"key 'gate_rnk' is not a setting of mixer 'gla' \(did you mean 'gate_rank'\?\); "
-                                           r"its settings: key_dim, gate_rank, gate_norm, chunk, window$"):
+                                           r"its settings: key_dim, gate_rank, gate_norm, chunk, window, window_summary$"):
         build_mixer("gla", 32, 4, gate_rnk=8)
-    with pytest.raises(SurgeryError, match=r"key 'd_state' is not a setting of mixer 'retention'; its settings: chunk, key_dim, window$"):
+    with pytest.raises(SurgeryError, match=r"key 'd_state' is not a setting of mixer 'retention'; its settings: chunk, key_dim, window, window_summary$"):
         build_mixer("retention", 32, 4, d_state=8)
     with pytest.raises(SurgeryError, match=r"window=-1: give the number of recent tokens"):
         build_mixer("gla", 32, 4, window=-1)

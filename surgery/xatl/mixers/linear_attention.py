@@ -31,15 +31,20 @@ class LinearAttentionMixer(nn.Module):
         d_model: residual width. n_head: heads. key_dim: total query/key width (default d_model).
         chunk: chunk length of the chunked form. q/k/v projections have biases so GPT-2's Q/K/V fit whole.
         window: tokens each position also attends to by softmax (itself included); 0: none.
+        window_summary: the tokens that have left the window join that softmax as one entry, their mean key and
+            value (`surgery.xatl.mixers.scan.window_attention`).
     """
 
     fla_kernel: tuple[str, str] | None = None
 
-    def __init__(self, d_model: int, n_head: int, key_dim: int | None = None, chunk: int = 32, window: int = 0):
+    def __init__(self, d_model: int, n_head: int, key_dim: int | None = None, chunk: int = 32, window: int = 0,
+                 window_summary: bool = False):
         super().__init__()
         if window < 0:
             raise SurgeryError(f"window={window}: give the number of recent tokens to attend to exactly, or 0 for none")
-        self.window = window
+        if window_summary and not window:
+            raise SurgeryError("window_summary summarizes the tokens that leave a softmax window: set window > 0 too")
+        self.window, self.window_summary = window, window_summary
         key_dim = key_dim or d_model
         if key_dim % n_head or d_model % n_head:
             raise SurgeryError(f"key width {key_dim} and width {d_model} must both divide by n_head={n_head}")
@@ -70,7 +75,7 @@ class LinearAttentionMixer(nn.Module):
         return t.view(t.shape[0], t.shape[1], self.n_head, d).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, state: tuple | None = None, recurrent: bool = False):
-        """x: (B, T, d_model); state: (S,) (with a window: (S, keys, values, filled)) from a previous call or
+        """x: (B, T, d_model); state: (S,) (with a window: (S, *window_attention's past)) from a previous call or
         None; `recurrent` uses the step-by-step form. Returns (y (B, T, d_model), the new state)."""
         Bsz, T, _ = x.shape
         q = self._heads(self.q_proj(x), self.head_k) * self.head_k**-0.5
@@ -86,7 +91,8 @@ class LinearAttentionMixer(nn.Module):
         y = rms_norm(o, self.norm_weight).transpose(1, 2).reshape(Bsz, T, -1) * F.silu(self.g_proj(x))
         if not self.window:
             return self.out_proj(y), (S,)
-        o_win, past = window_attention(q, k, v, self.window, None if state is None else state[1:])
+        o_win, past = window_attention(q, k, v, self.window, None if state is None else state[1:],
+                                       self.window_summary)
         return self.out_proj(y + o_win.transpose(1, 2).reshape(Bsz, T, -1)), (S, *past)
 
     def _fla(self, fn, q, k, v, g, s0):

@@ -62,12 +62,14 @@ class Mamba2Mixer(nn.Module):
         conv_init: "default" (PyTorch's Conv1d initialisation) or "identity" (the conv passes each position's
             own input through, so copied V/K/Q reach the scan unmixed).
         window: tokens each position also attends to by softmax (itself included); 0: none.
+        window_summary: the tokens that have left the window join that softmax as one entry, their mean key and
+            value (`surgery.xatl.mixers.scan.window_attention`).
         dt_min, dt_max: range of the initial step sizes (log-uniform). norm_eps: the gated norm's epsilon.
     """
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: int | None = None, d_state: int | None = None,
                  d_conv: int = 4, chunk: int = 64, conv_init: str = "default", window: int = 0,
-                 dt_min: float = 1e-3, dt_max: float = 0.1, norm_eps: float = 1e-5):
+                 window_summary: bool = False, dt_min: float = 1e-3, dt_max: float = 0.1, norm_eps: float = 1e-5):
         super().__init__()
         G = n_kv_head or n_head
         if d_model % n_head or n_head % G:
@@ -77,6 +79,9 @@ class Mamba2Mixer(nn.Module):
             raise SurgeryError(f"conv_init must be 'default' or 'identity', not {conv_init!r}")
         if window < 0:
             raise SurgeryError(f"window={window}: give the number of recent tokens to attend to exactly, or 0 for none")
+        if window_summary and not window:
+            raise SurgeryError("window_summary summarizes the tokens that leave a softmax window: set window > 0 too")
+        self.window_summary = window_summary
         self.d_model, self.n_head, self.n_kv_head = d_model, n_head, G
         self.head_dim = P = d_model // n_head
         self.d_state = N = d_state or P
@@ -136,7 +141,7 @@ class Mamba2Mixer(nn.Module):
         return t.repeat_interleave(self.n_head // groups, dim=1) if groups != self.n_head else t
 
     def forward(self, u: torch.Tensor, state: tuple | None = None, recurrent: bool = False):
-        """u: (B, T, d_model); state: (conv, S) (with a window: (conv, S, keys, values, filled)) from a previous
+        """u: (B, T, d_model); state: (conv, S) (with a window: (conv, S, *window_attention's past)) from a previous
         call or None; `recurrent` steps through time. Returns (y (B, T, d_model), the new state)."""
         Bsz, T, _ = u.shape
         xbc = [self.widths[k] for k in "xBC"]
@@ -163,7 +168,7 @@ class Mamba2Mixer(nn.Module):
         xr, Br, Cr = xBC.split(xbc, dim=-1)
         q = self._heads(Cr, self.n_head) * self.d_state**-0.5
         o_win, past = window_attention(q, self._heads(Br, self.n_kv_head), self._heads(xr, self.n_kv_head),
-                                       self.window, None if state is None else state[2:])
+                                       self.window, None if state is None else state[2:], self.window_summary)
         return self.out_proj(y + o_win.transpose(1, 2).reshape(Bsz, T, -1)), (conv_state, S, *past)
 
     def _cuda_scan(self, x, dt, A, Bm, Cm, s0):

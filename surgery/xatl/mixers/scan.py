@@ -148,23 +148,40 @@ def ssd_chunked(q, k, v, g, s0: torch.Tensor | None = None, chunk: int = 64):
     return o.reshape(Bsz, H, nC * L, P)[:, :, :T], states[:, :, nC]
 
 
-def window_attention(q, k, v, window: int, past: tuple | None = None):
+def window_attention(q, k, v, window: int, past: tuple | None = None, summary: bool = False):
     """Causal softmax attention of each query over its last `window` keys (itself included), in chunks of
     `window` queries, each against the `window - 1` keys before it and its own: O(T * window), not O(T^2).
 
+    With `summary`, every token that has left the window is represented by one more softmax entry: the mean of
+    their keys as key, the mean of their values as value, and the log of their count added to its score. That
+    entry's weight is what the softmax over all of them would give if their scores were all equal to the score
+    against the mean key (by Jensen's inequality, never more), so the window keeps roughly the share of attention
+    it had in the full softmax instead of all of it; the state grows by two sums and a count, still constant in T.
+
     q (already scaled), k: (B, H, T, K); v: (B, H, T, V); past: from a previous call, or None:
     (keys (B, H, window - 1, K), values (B, H, window - 1, V), filled (B,) how many of those slots hold real
-    tokens, right-aligned). Returns o (B, H, T, V) and the new past, of the same fixed size.
+    tokens, right-aligned), and with `summary` the sums of the keys (B, H, K) and values (B, H, V) that have left
+    the window and their count (B,). Returns o (B, H, T, V) and the new past, of the same fixed size.
     """
     Bsz, H, T, _ = q.shape
     P = window - 1
     if past is None:
         past = (k.new_zeros(Bsz, H, P, k.shape[-1]), v.new_zeros(Bsz, H, P, v.shape[-1]),
                 torch.zeros(Bsz, dtype=torch.long, device=q.device))
-    k_past, v_past, filled = past
+        if summary:
+            past += (k.new_zeros(Bsz, H, k.shape[-1]), v.new_zeros(Bsz, H, v.shape[-1]), q.new_zeros(Bsz))
+    k_past, v_past, filled = past[:3]
     k_all, v_all = torch.cat([k_past, k], 2), torch.cat([v_past, v], 2)  # token t of this call at index P + t
     idx = torch.arange(P + T, device=q.device)
     valid = idx[None, :] >= (P - filled)[:, None]  # (B, P + T): empty slots of the past are never attended to
+    if summary:  # query t's left-out tokens: those summed in the past and the slots before index t of k_all
+        w = valid[:, None, :T, None].to(k.dtype)
+        k_out = past[3][:, :, None] + torch.cumsum(k_all[:, :, :T] * w, 2) - k_all[:, :, :T] * w
+        v_out = past[4][:, :, None] + torch.cumsum(v_all[:, :, :T] * w, 2) - v_all[:, :, :T] * w
+        n_out = (past[5][:, None] + torch.cumsum(w[:, 0, :, 0], 1) - w[:, 0, :, 0])[:, None, :, None]  # (B,1,T,1)
+        n_safe = n_out.clamp(min=1)
+        s_out = (q * k_out).sum(-1, keepdim=True) / n_safe + n_safe.log()
+        s_out = s_out.masked_fill(n_out == 0, float("-inf"))  # (B, H, T, 1)
     outs = []
     for s in range(0, T, window):
         e = min(s + window, T)
@@ -172,10 +189,19 @@ def window_attention(q, k, v, window: int, past: tuple | None = None):
         kj = idx[None, s : e + P]
         mask = (kj <= qi) & (kj > qi - window)
         mask = mask[None, None] & valid[:, None, None, s : e + P]
-        scores = q[:, :, s:e] @ k_all[:, :, s : e + P].transpose(-1, -2)
-        outs.append(scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v_all[:, :, s : e + P])
+        scores = (q[:, :, s:e] @ k_all[:, :, s : e + P].transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+        if not summary:
+            outs.append(scores.softmax(-1) @ v_all[:, :, s : e + P])
+            continue
+        p = torch.cat([scores, s_out[:, :, s:e]], -1).softmax(-1)
+        outs.append(p[..., :-1] @ v_all[:, :, s : e + P] + p[..., -1:] * v_out[:, :, s:e] / n_safe[:, :, s:e])
     keep = k_all.shape[2] - P
-    return torch.cat(outs, 2), (k_all[:, :, keep:], v_all[:, :, keep:], (filled + T).clamp(max=P))
+    new = (k_all[:, :, keep:], v_all[:, :, keep:], (filled + T).clamp(max=P))
+    if summary:  # the slots before index T leave the window
+        w = valid[:, None, :keep, None].to(k.dtype)
+        new += (past[3] + (k_all[:, :, :keep] * w).sum(2), past[4] + (v_all[:, :, :keep] * w).sum(2),
+                past[5] + w[:, 0, :, 0].sum(1))
+    return torch.cat(outs, 2), new
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
