@@ -8,6 +8,7 @@ import torch
 
 from surgery.errors import SurgeryError
 from surgery.families import family_of, get_module
+from surgery.xatl.hybrid.cache import CACHE_ARG
 from surgery.xatl.transfer.weights import transfer_shared_weights
 from xatl_models import D, KINDS, attn, source_and_hybrid
 
@@ -75,8 +76,61 @@ def test_gpt2_hybrid_with_windowed_mamba2_starts_as_its_source():
     assert ref.abs().max() > 0.1 and (out - ref).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("kind", ["neox", "neox_seq", "llama"])  # rotary on 1/4, 1/2 and all of each head
+def test_rotary_hybrid_with_windowed_mamba2_starts_as_its_source_when_the_window_is_rotated(kind):
+    """With `window_rotary` the window's Q/K are rotated by the position embeddings the decoder layer hands
+    attention: with the window covering the input and all weights transferred, the hybrid computes its rotary
+    source to float32 rounding, in one forward and token by token through the cache; without it, it does not."""
+    T = 12
+    src = source_and_hybrid(kind, "mamba2", options={})[0]
+    opts = {"window": T, "n_kv_head": _n_kv(src)}
+    ids = torch.randint(0, src.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = src.eval()(ids).logits
+        for rotary in (True, False):
+            _, hyb = source_and_hybrid(kind, "mamba2", options={**opts, "window_rotary": rotary})
+            transfer_shared_weights(src, hyb, ["embeddings", "norms", "mlp", "lm_head", "attn_out", "qkv"])
+            out = hyb(ids).logits
+            if not rotary:
+                assert (out - ref).abs().max() > 1e-3  # ten times the tolerance below
+                continue
+            assert ref.abs().max() > 0.1 and (out - ref).abs().max() < 1e-4
+            first = hyb(ids[:, :5], use_cache=True)
+            steps, cache = [first.logits], first[CACHE_ARG]
+            for t in range(5, T):
+                step = hyb(ids[:, t : t + 1], cache=cache, use_cache=True)
+                steps.append(step.logits)
+                cache = step[CACHE_ARG]
+            assert (torch.cat(steps, 1) - ref).abs().max() < 1e-4
+
+
+def test_a_rotated_window_without_rotary_embeddings_is_refused():
+    src, hyb = source_and_hybrid("gpt2", "mamba2", options={"window": 4, "window_rotary": True})
+    with pytest.raises(SurgeryError, match=r"no rotary position embeddings reached the mixer .* set window_rotary: false"):
+        hyb(torch.zeros(1, 6, dtype=torch.long))
+
+
 def test_kv_groups_that_do_not_fit_the_source_are_refused():
     src, hyb = source_and_hybrid("llama", "mamba2", options={"n_kv_head": 1})
     with pytest.raises(SurgeryError, match=r"^model\.layers\.0: the target groups keys/values in 1 heads, the source "
                                            r"has 2 K/V heads and 4 query heads: give the mixer n_kv_head=2 \(or 4\)$"):
         transfer_shared_weights(src, hyb, ["qkv"])
+
+
+def test_alignment_hands_a_rotated_window_the_sources_position_embeddings():
+    """Stage 1 runs each mixer on what the source's attention read: a rotated window covering the input, given
+    the source's Q/K/V/O, reproduces the source attention there (loss ~0), which it could not without the
+    rotary embeddings the aligner passes on."""
+    from surgery.training.distill import Teacher
+    from surgery.xatl.training.align import AttentionAligner
+
+    src = source_and_hybrid("llama", "mamba2", options={})[0]
+    _, hyb = source_and_hybrid("llama", "mamba2", options={"window": 16, "n_kv_head": 2, "window_rotary": True})
+    transfer_shared_weights(src, hyb, ["attn_out", "qkv"])
+    ids = torch.randint(0, src.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    loss, _ = AttentionAligner(Teacher(src.eval()), hyb.mixer_layers(), "normalized_mse")(hyb, ids)
+    assert loss.item() < 1e-8
+    for layer in hyb.mixer_layers():
+        attn(hyb, layer).mixer.window_rotary = False
+    loss, _ = AttentionAligner(Teacher(src), hyb.mixer_layers(), "normalized_mse")(hyb, ids)
+    assert loss.item() > 1e-5  # a thousand times the bound above

@@ -22,10 +22,17 @@ from surgery.xatl.hybrid.cache import CACHE_ARG, CACHE_NAMES, HybridCache, as_hy
 from surgery.xatl.mixers import build_mixer
 
 
+def call_mixer(mixer: nn.Module, x: torch.Tensor, state=None, position_embeddings=None):
+    """mixer(x, state), handing it the source's rotary (cos, sin) when it rotates its window by them."""
+    if getattr(mixer, "window_rotary", False):
+        return mixer(x, state, position_embeddings=position_embeddings)
+    return mixer(x, state)
+
+
 class MixerAttention(nn.Module):
     """Adapter: an attention module's call signature, `(hidden (B, T, D), ..., cache) -> (out, None)`, around a
     mixer; the cache comes under any of `cache_names`, and only a `HybridCache` holds mixer states. Masks and
-    position embeddings are ignored (mixers are causal by construction)."""
+    position embeddings reach only a mixer that rotates its window by them (mixers are causal by construction)."""
 
     def __init__(self, mixer: nn.Module, layer_idx: int, cache_names: tuple[str, ...] = CACHE_NAMES):
         super().__init__()
@@ -36,7 +43,7 @@ class MixerAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         cache = cache_from_kwargs(args, kwargs, names=self.cache_names)
         state = cache.mixer_states.get(self.layer_idx) if isinstance(cache, HybridCache) else None
-        out, state = self.mixer(hidden_states, state)
+        out, state = call_mixer(self.mixer, hidden_states, state, kwargs.get("position_embeddings"))
         if isinstance(cache, HybridCache):
             cache.mixer_states[self.layer_idx] = state
         return out, None

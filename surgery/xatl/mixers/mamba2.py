@@ -31,7 +31,7 @@ from transformers import initialization as init
 
 from surgery.errors import SurgeryError
 from surgery.xatl.mixers.kernels import cuda_kernel, try_kernel
-from surgery.xatl.mixers.scan import causal_conv1d, gla_recurrent, ssd_chunked, window_attention
+from surgery.xatl.mixers.scan import causal_conv1d, gla_recurrent, rotate, ssd_chunked, window_attention
 
 MAMBA_SSM = ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
 FLA_SIMPLE_GLA = ("fla.ops.simple_gla", "chunk_simple_gla")
@@ -64,12 +64,14 @@ class Mamba2Mixer(nn.Module):
         window: tokens each position also attends to by softmax (itself included); 0: none.
         window_summary: the tokens that have left the window join that softmax as one entry, their mean key and
             value (`surgery.xatl.mixers.scan.window_attention`).
+        window_rotary: the window's query and key are rotated by the position embeddings the decoder layer hands
+            attention, as a rotary source's attention rotates its own (Pythia, Llama-style).
         dt_min, dt_max: range of the initial step sizes (log-uniform). norm_eps: the gated norm's epsilon.
     """
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: int | None = None, d_state: int | None = None,
                  d_conv: int = 4, chunk: int = 64, conv_init: str = "default", window: int = 0,
-                 window_summary: bool = False, dt_min: float = 1e-3, dt_max: float = 0.1, norm_eps: float = 1e-5):
+                 window_summary: bool = False, window_rotary: bool = False, dt_min: float = 1e-3, dt_max: float = 0.1, norm_eps: float = 1e-5):
         super().__init__()
         G = n_kv_head or n_head
         if d_model % n_head or n_head % G:
@@ -79,9 +81,9 @@ class Mamba2Mixer(nn.Module):
             raise SurgeryError(f"conv_init must be 'default' or 'identity', not {conv_init!r}")
         if window < 0:
             raise SurgeryError(f"window={window}: give the number of recent tokens to attend to exactly, or 0 for none")
-        if window_summary and not window:
-            raise SurgeryError("window_summary summarizes the tokens that leave a softmax window: set window > 0 too")
-        self.window_summary = window_summary
+        if (window_summary or window_rotary) and not window:
+            raise SurgeryError("window_summary and window_rotary act on the softmax window: set window > 0 too")
+        self.window_summary, self.window_rotary = window_summary, window_rotary
         self.d_model, self.n_head, self.n_kv_head = d_model, n_head, G
         self.head_dim = P = d_model // n_head
         self.d_state = N = d_state or P
@@ -140,9 +142,11 @@ class Mamba2Mixer(nn.Module):
         t = t.unflatten(-1, (groups, -1)).transpose(1, 2)
         return t.repeat_interleave(self.n_head // groups, dim=1) if groups != self.n_head else t
 
-    def forward(self, u: torch.Tensor, state: tuple | None = None, recurrent: bool = False):
+    def forward(self, u: torch.Tensor, state: tuple | None = None, recurrent: bool = False,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None):
         """u: (B, T, d_model); state: (conv, S) (with a window: (conv, S, *window_attention's past)) from a previous
-        call or None; `recurrent` steps through time. Returns (y (B, T, d_model), the new state)."""
+        call or None; `recurrent` steps through time; position_embeddings: the source's rotary (cos, sin) for
+        these positions, used with `window_rotary`. Returns (y (B, T, d_model), the new state)."""
         Bsz, T, _ = u.shape
         xbc = [self.widths[k] for k in "xBC"]
         z, xBC, dt = self.in_proj(u).split([self.widths["z"], sum(xbc), self.n_head], dim=-1)
@@ -166,8 +170,13 @@ class Mamba2Mixer(nn.Module):
         if not self.window:
             return self.out_proj(y), (conv_state, S)
         xr, Br, Cr = xBC.split(xbc, dim=-1)
-        q = self._heads(Cr, self.n_head) * self.d_state**-0.5
-        o_win, past = window_attention(q, self._heads(Br, self.n_kv_head), self._heads(xr, self.n_kv_head),
+        q, k = self._heads(Cr, self.n_head), self._heads(Br, self.n_kv_head)
+        if self.window_rotary:
+            if position_embeddings is None:
+                raise SurgeryError("mamba2 window_rotary: no rotary position embeddings reached the mixer (a source "
+                                   "without rotary embeddings, such as GPT-2, has none); set window_rotary: false")
+            q, k = rotate(q, *position_embeddings), rotate(k, *position_embeddings)
+        o_win, past = window_attention(q * self.d_state**-0.5, k, self._heads(xr, self.n_kv_head),
                                        self.window, None if state is None else state[2:], self.window_summary)
         return self.out_proj(y + o_win.transpose(1, 2).reshape(Bsz, T, -1)), (conv_state, S, *past)
 

@@ -204,6 +204,16 @@ def window_attention(q, k, v, window: int, past: tuple | None = None, summary: b
     return torch.cat(outs, 2), new
 
 
+def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding in the rotate-half layout (GPT-NeoX, Llama and their descendants): t (B, H, T, d);
+    cos, sin (B, T, r) as a source's rotary module gives them, rotating the first r <= d channels of each head."""
+    r = cos.shape[-1]
+    cos, sin = cos[:, None].to(t.dtype), sin[:, None].to(t.dtype)
+    head, rest = t[..., :r], t[..., r:]
+    half = torch.cat([-head[..., r // 2 :], head[..., : r // 2]], -1)
+    return torch.cat([head * cos + half * sin, rest], -1)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 

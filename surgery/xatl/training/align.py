@@ -22,18 +22,20 @@ from torch import nn
 from surgery.training.distill import Teacher, hidden_alignment
 from surgery.errors import SurgeryError
 from surgery.families import blocks, family_of, get_module
+from surgery.xatl.hybrid.core import call_mixer
 
 
 @contextmanager
-def attention_io(model: nn.Module, layers: list[int]) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-    """Within the context, each forward of `model` fills {layer: (attention input, attention output)}."""
+def attention_io(model: nn.Module, layers: list[int]) -> Iterator[dict[int, tuple]]:
+    """Within the context, each forward of `model` fills {layer: (attention input, attention output, the rotary
+    position embeddings attention was handed or None)}."""
     attn_path = family_of(model).attn
-    found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    found: dict[int, tuple] = {}
     handles = []
     for i in layers:
         def keep(module, args, kwargs, output, i=i):
             x = args[0] if args else kwargs["hidden_states"]
-            found[i] = (x, output[0] if isinstance(output, tuple) else output)
+            found[i] = (x, output[0] if isinstance(output, tuple) else output, kwargs.get("position_embeddings"))
         handles.append(get_module(blocks(model)[i], attn_path).register_forward_hook(keep, with_kwargs=True))
     try:
         yield found
@@ -50,8 +52,9 @@ class AttentionAligner:
             raise SurgeryError("attention alignment needs at least one mixer layer")
         self.teacher, self.layers, self.kind = teacher, list(layers), kind
 
-    def targets(self, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """{layer: (teacher attention input, teacher attention output)} for a batch of ids (B, T)."""
+    def targets(self, ids: torch.Tensor) -> dict[int, tuple]:
+        """{layer: (teacher attention input, teacher attention output, its position embeddings)} for a batch of
+        ids (B, T)."""
         with torch.no_grad(), attention_io(self.teacher.model, self.layers) as found:
             self.teacher(ids)
         return dict(found)
@@ -60,9 +63,9 @@ class AttentionAligner:
         """(mean loss over layers, {layer: its loss, detached}); gradients reach the mixers only."""
         attn_path = family_of(student).attn
         per_layer = {}
-        for i, (x, target) in self.targets(ids).items():
+        for i, (x, target, rotary) in self.targets(ids).items():
             mixer = get_module(blocks(student)[i], attn_path).mixer
-            out, _ = mixer(x.to(next(mixer.parameters()).dtype))
+            out, _ = call_mixer(mixer, x.to(next(mixer.parameters()).dtype), position_embeddings=rotary)
             per_layer[i] = hidden_alignment([out], [target], self.kind)
         loss = torch.stack(list(per_layer.values())).mean()
         return loss, {i: v.detach() for i, v in per_layer.items()}
