@@ -116,12 +116,13 @@ def test_the_1200_step_mamba_quickstart_spends_the_same_tokens_in_smaller_steps(
 @pytest.mark.parametrize("family", ["pythia", "llama"])
 @pytest.mark.parametrize("arm", ["", "-hybrid"])
 def test_family_mamba2_quickstarts_mirror_the_gpt2_ones(family, arm):
-    """Only the source, its tokenizer, the run directory and (Llama) the K/V groups differ; all at 256 tokens,
-    the same 307k tokens as the 128-token quick starts."""
+    """Only the source, its tokenizer, the run directory, the rotated windows and (Llama) the K/V groups differ;
+    all at 256 tokens, the same 307k tokens as the 128-token quick starts."""
     here = Path(__file__).parent.parent / "recipes" / "xatl"
     gpt2, other = (yaml.safe_load((here / f"quickstart-{f}mamba2{arm}.yaml").read_text()) for f in ("", f"{family}-"))
     assert other["trainer"]["default_root_dir"] == f"runs/xatl/quickstart-{family}-mamba2{arm}"
     assert other["model"]["init_args"]["mixer_config"].pop("n_kv_head", None) == (2 if family == "llama" else None)
+    assert other["model"]["init_args"]["mixer_config"].pop("window_rotary") is True  # rotary sources
     for cfg in (gpt2, other):
         del cfg["model"]["init_args"]["source"], cfg["data"]["init_args"]["tokenizer"], cfg["trainer"]["default_root_dir"]
     assert gpt2 == other
