@@ -15,9 +15,12 @@ from surgery.xatl.mixers import MIXERS
 from xatl_models import randomize_mixers, source_and_hybrid
 
 # every mixer in a GPT-2 hybrid keeping attention in block 1; mamba2 also windowed, and from Pythia and Llama (GQA)
+# with rotated windows that summarize older tokens (the generated tokens run past the windows)
+ROTATED = {"window_summary": True, "window_rotary": True}
 CASES = {**{f"gpt2-{m}": ("gpt2", m, {}) for m in sorted(MIXERS)},
          "gpt2-mamba2-window": ("gpt2", "mamba2", {"window": 4}),
-         "neox-mamba2": ("neox", "mamba2", {}), "llama-mamba2": ("llama", "mamba2", {"n_kv_head": 2})}
+         "neox-mamba2": ("neox", "mamba2", {"window": 4, **ROTATED}),
+         "llama-mamba2": ("llama", "mamba2", {"n_kv_head": 2, "window": 3, **ROTATED})}
 
 LOAD = """
 import json, sys
