@@ -76,19 +76,20 @@ def test_gpt2_hybrid_with_windowed_mamba2_starts_as_its_source():
     assert ref.abs().max() > 0.1 and (out - ref).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("mixer", ["mamba2", "gla"])
 @pytest.mark.parametrize("kind", ["neox", "neox_seq", "llama"])  # rotary on 1/4, 1/2 and all of each head
-def test_rotary_hybrid_with_windowed_mamba2_starts_as_its_source_when_the_window_is_rotated(kind):
+def test_rotary_hybrid_with_a_window_starts_as_its_source_when_the_window_is_rotated(kind, mixer):
     """With `window_rotary` the window's Q/K are rotated by the position embeddings the decoder layer hands
     attention: with the window covering the input and all weights transferred, the hybrid computes its rotary
     source to float32 rounding, in one forward and token by token through the cache; without it, it does not."""
     T = 12
     src = source_and_hybrid(kind, "mamba2", options={})[0]
-    opts = {"window": T, "n_kv_head": _n_kv(src)}
+    opts = {"window": T, **({"n_kv_head": _n_kv(src)} if mixer == "mamba2" else {"key_dim": D})}
     ids = torch.randint(0, src.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = src.eval()(ids).logits
         for rotary in (True, False):
-            _, hyb = source_and_hybrid(kind, "mamba2", options={**opts, "window_rotary": rotary})
+            _, hyb = source_and_hybrid(kind, mixer, options={**opts, "window_rotary": rotary})
             transfer_shared_weights(src, hyb, ["embeddings", "norms", "mlp", "lm_head", "attn_out", "qkv"])
             out = hyb(ids).logits
             if not rotary:

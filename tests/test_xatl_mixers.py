@@ -240,9 +240,9 @@ def test_unknown_mixer_and_bad_options():
                                            r"'d_state'\?\); its settings: d_state, d_conv, expand, dt_rank, chunk, conv_init$"):
         build_mixer("mamba", 32, 4, d_stat=8)
     with pytest.raises(SurgeryError, match=r"key 'gate_rnk' is not a setting of mixer 'gla' \(did you mean 'gate_rank'\?\); "
-                                           r"its settings: key_dim, gate_rank, gate_norm, chunk, window, window_summary$"):
+                                           r"its settings: key_dim, gate_rank, gate_norm, chunk, window, window_summary, window_rotary$"):
         build_mixer("gla", 32, 4, gate_rnk=8)
-    with pytest.raises(SurgeryError, match=r"key 'd_state' is not a setting of mixer 'retention'; its settings: chunk, key_dim, window, window_summary$"):
+    with pytest.raises(SurgeryError, match=r"key 'd_state' is not a setting of mixer 'retention'; its settings: chunk, key_dim, window, window_summary, window_rotary$"):
         build_mixer("retention", 32, 4, d_state=8)
     with pytest.raises(SurgeryError, match=r"window=-1: give the number of recent tokens"):
         build_mixer("gla", 32, 4, window=-1)

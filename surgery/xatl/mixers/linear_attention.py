@@ -21,7 +21,7 @@ from transformers import initialization as init
 
 from surgery.errors import SurgeryError
 from surgery.xatl.mixers.kernels import cuda_kernel, try_kernel
-from surgery.xatl.mixers.scan import gla_chunked, gla_recurrent, rms_norm, window_attention
+from surgery.xatl.mixers.scan import gla_chunked, gla_recurrent, rms_norm, rotate_window, window_attention
 
 
 class LinearAttentionMixer(nn.Module):
@@ -33,18 +33,20 @@ class LinearAttentionMixer(nn.Module):
         window: tokens each position also attends to by softmax (itself included); 0: none.
         window_summary: the tokens that have left the window join that softmax as one entry, their mean key and
             value (`surgery.xatl.mixers.scan.window_attention`).
+        window_rotary: the window's query and key are rotated by the position embeddings the decoder layer hands
+            attention, as a rotary source's attention rotates its own (Pythia, Llama-style).
     """
 
     fla_kernel: tuple[str, str] | None = None
 
     def __init__(self, d_model: int, n_head: int, key_dim: int | None = None, chunk: int = 32, window: int = 0,
-                 window_summary: bool = False):
+                 window_summary: bool = False, window_rotary: bool = False):
         super().__init__()
         if window < 0:
             raise SurgeryError(f"window={window}: give the number of recent tokens to attend to exactly, or 0 for none")
-        if window_summary and not window:
-            raise SurgeryError("window_summary summarizes the tokens that leave a softmax window: set window > 0 too")
-        self.window, self.window_summary = window, window_summary
+        if (window_summary or window_rotary) and not window:
+            raise SurgeryError("window_summary and window_rotary act on the softmax window: set window > 0 too")
+        self.window, self.window_summary, self.window_rotary = window, window_summary, window_rotary
         key_dim = key_dim or d_model
         if key_dim % n_head or d_model % n_head:
             raise SurgeryError(f"key width {key_dim} and width {d_model} must both divide by n_head={n_head}")
@@ -74,9 +76,11 @@ class LinearAttentionMixer(nn.Module):
     def _heads(self, t: torch.Tensor, d: int) -> torch.Tensor:
         return t.view(t.shape[0], t.shape[1], self.n_head, d).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, state: tuple | None = None, recurrent: bool = False):
+    def forward(self, x: torch.Tensor, state: tuple | None = None, recurrent: bool = False,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None):
         """x: (B, T, d_model); state: (S,) (with a window: (S, *window_attention's past)) from a previous call or
-        None; `recurrent` uses the step-by-step form. Returns (y (B, T, d_model), the new state)."""
+        None; `recurrent` uses the step-by-step form; position_embeddings: the source's rotary (cos, sin) for
+        these positions, used with `window_rotary`. Returns (y (B, T, d_model), the new state)."""
         Bsz, T, _ = x.shape
         q = self._heads(self.q_proj(x), self.head_k) * self.head_k**-0.5
         k, v = self._heads(self.k_proj(x), self.head_k), self._heads(self.v_proj(x), self.head_v)
@@ -91,7 +95,8 @@ class LinearAttentionMixer(nn.Module):
         y = rms_norm(o, self.norm_weight).transpose(1, 2).reshape(Bsz, T, -1) * F.silu(self.g_proj(x))
         if not self.window:
             return self.out_proj(y), (S,)
-        o_win, past = window_attention(q, k, v, self.window, None if state is None else state[1:],
+        qw, kw = rotate_window(q, k, position_embeddings) if self.window_rotary else (q, k)
+        o_win, past = window_attention(qw, kw, v, self.window, None if state is None else state[1:],
                                        self.window_summary)
         return self.out_proj(y + o_win.transpose(1, 2).reshape(Bsz, T, -1)), (S, *past)
 

@@ -31,7 +31,7 @@ from transformers import initialization as init
 
 from surgery.errors import SurgeryError
 from surgery.xatl.mixers.kernels import cuda_kernel, try_kernel
-from surgery.xatl.mixers.scan import causal_conv1d, gla_recurrent, rotate, ssd_chunked, window_attention
+from surgery.xatl.mixers.scan import causal_conv1d, gla_recurrent, rotate_window, ssd_chunked, window_attention
 
 MAMBA_SSM = ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
 FLA_SIMPLE_GLA = ("fla.ops.simple_gla", "chunk_simple_gla")
@@ -172,10 +172,7 @@ class Mamba2Mixer(nn.Module):
         xr, Br, Cr = xBC.split(xbc, dim=-1)
         q, k = self._heads(Cr, self.n_head), self._heads(Br, self.n_kv_head)
         if self.window_rotary:
-            if position_embeddings is None:
-                raise SurgeryError("mamba2 window_rotary: no rotary position embeddings reached the mixer (a source "
-                                   "without rotary embeddings, such as GPT-2, has none); set window_rotary: false")
-            q, k = rotate(q, *position_embeddings), rotate(k, *position_embeddings)
+            q, k = rotate_window(q, k, position_embeddings)
         o_win, past = window_attention(q * self.d_state**-0.5, k, self._heads(xr, self.n_kv_head),
                                        self.window, None if state is None else state[2:], self.window_summary)
         return self.out_proj(y + o_win.transpose(1, 2).reshape(Bsz, T, -1)), (conv_state, S, *past)

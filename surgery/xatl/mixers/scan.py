@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from surgery.errors import SurgeryError
+
 
 # ----------------------------------------------------------------------------------------------- selective scan
 def selective_scan_sequential(a: torch.Tensor, u: torch.Tensor, c: torch.Tensor, h0: torch.Tensor | None = None):
@@ -202,6 +204,15 @@ def window_attention(q, k, v, window: int, past: tuple | None = None, summary: b
         new += (past[3] + (k_all[:, :, :keep] * w).sum(2), past[4] + (v_all[:, :, :keep] * w).sum(2),
                 past[5] + w[:, 0, :, 0].sum(1))
     return torch.cat(outs, 2), new
+
+
+def rotate_window(q: torch.Tensor, k: torch.Tensor, position_embeddings: tuple | None):
+    """A window's query and key rotated by a source's rotary (cos, sin); a mixer with `window_rotary` that was
+    handed none is refused."""
+    if position_embeddings is None:
+        raise SurgeryError("window_rotary: no rotary position embeddings reached the mixer (a source without rotary "
+                           "embeddings, such as GPT-2, has none); set window_rotary: false")
+    return rotate(q, *position_embeddings), rotate(k, *position_embeddings)
 
 
 def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
